@@ -1,0 +1,76 @@
+// Top-p (cumulative-mass) expert routing for one token on the CPU.
+// Torch-free: LogitT is float or any type with an explicit conversion to float
+// (c10::Half, c10::BFloat16). The caller parallelises over tokens.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "prunepath/routing_common.h"
+
+namespace prunepath {
+
+// Scratch reused across the tokens one thread handles, so the hot loop does
+// not allocate.
+struct ToppRouteCpuScratch {
+  std::vector<float> logit;
+  std::vector<float> prob;
+  std::vector<int32_t> order;
+  void resize(int32_t num_experts) {
+    logit.resize(num_experts);
+    prob.resize(num_experts);
+    order.resize(num_experts);
+  }
+};
+
+template <typename LogitT>
+void topp_route_cpu_token(const ToppRouteParams& p, const LogitT* logits, int64_t t,
+                          ToppRouteCpuScratch& s) {
+  const int32_t E = p.num_experts;
+  const LogitT* row = logits + t * p.logits_stride;
+  float row_max = -INFINITY;
+  for (int32_t e = 0; e < E; ++e) {
+    s.logit[e] = sanitize_logit(static_cast<float>(row[e]));
+    row_max = std::max(row_max, s.logit[e]);
+  }
+  float total = 0.0f;
+  for (int32_t e = 0; e < E; ++e) {
+    s.prob[e] = softmax_weight(s.logit[e], row_max);
+    total += s.prob[e];
+  }
+  for (int32_t e = 0; e < E; ++e) s.prob[e] /= total;
+
+  // Largest probability first; the stable sort keeps the lower index first on ties.
+  std::iota(s.order.begin(), s.order.end(), 0);
+  std::stable_sort(s.order.begin(), s.order.end(),
+                   [&](int32_t a, int32_t b) { return s.prob[a] > s.prob[b]; });
+
+  const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
+  int32_t first_crossing = E;
+  float cumulative = 0.0f;
+  for (int32_t j = 0; j < E; ++j) {
+    cumulative += s.prob[s.order[j]];
+    if (!(cumulative < tau)) {
+      first_crossing = j;
+      break;
+    }
+  }
+  const int32_t n = clamp_active(first_crossing, tau, E, p.min_experts, p.k);
+  float kept_mass = 0.0f;  // c[n-1]: same order, same rounding as the scan above
+  for (int32_t j = 0; j < n; ++j) kept_mass += s.prob[s.order[j]];
+
+  int32_t* ids = p.expert_ids + t * p.k;
+  float* gates = p.gates + t * p.k;
+  for (int32_t j = 0; j < n; ++j) {
+    const int32_t e = s.order[j];
+    ids[j] = e;
+    gates[j] = gate_value(p.gate, s.logit[e], s.prob[e], kept_mass);
+  }
+  std::fill(ids + n, ids + p.k, -1);
+  std::fill(gates + n, gates + p.k, 0.0f);
+  p.num_active[t] = n;
+}
+
+}  // namespace prunepath

@@ -1,0 +1,24 @@
+// Declarations of every op implementation, bound in csrc/torch_bindings.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace prunepath {
+
+using RouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+RouteOutputs topp_route_cpu(const at::Tensor& logits, double tau,
+                            const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
+                            std::optional<int64_t> max_experts, c10::string_view gate);
+
+#ifdef PRUNEPATH_WITH_CUDA
+RouteOutputs topp_route_cuda(const at::Tensor& logits, double tau,
+                             const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
+                             std::optional<int64_t> max_experts, c10::string_view gate);
+#endif
+
+}  // namespace prunepath

@@ -1,0 +1,112 @@
+"""Fake (meta) kernels and autograd formulas for the ops defined in C++.
+
+The fake kernels validate shapes exactly like the C++ glue so that
+``torch.compile`` rejects bad input at trace time with the same messages.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prunepath_ops.reference.routing import GATE_MODES, routing_probabilities, sanitize_logits
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_topp_route_args(logits: Tensor, tau_per_token: Tensor | None, min_experts: int, max_experts: int | None, gate: str) -> int:
+    if logits.dim() != 2:
+        raise ValueError(f"topp_route: logits must be 2-D [T, E]; got shape {list(logits.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"topp_route: logits must be float32, float16 or bfloat16; got {logits.dtype}")
+    T, E = logits.shape
+    if E < 1:
+        raise ValueError(f"topp_route: logits must have at least one expert column (E >= 1); got shape {list(logits.shape)}")
+    K = E if max_experts is None else max_experts
+    if not 1 <= K <= E:
+        raise ValueError(f"topp_route: max_experts must lie in [1, E = {E}]; got {K}")
+    if not 0 <= min_experts <= K:
+        raise ValueError(f"topp_route: min_experts must lie in [0, max_experts or E = {K}]; got {min_experts}")
+    if gate not in GATE_MODES:
+        raise ValueError(f"topp_route: gate must be one of {GATE_MODES}; got {gate!r}")
+    if tau_per_token is not None:
+        if tau_per_token.dtype != torch.float32:
+            raise TypeError(f"topp_route: a tau tensor must be float32; got {tau_per_token.dtype}")
+        if tau_per_token.device != logits.device:
+            raise ValueError(f"topp_route: the tau tensor is on {tau_per_token.device} but logits are on {logits.device}")
+        broadcast = tau_per_token.numel() == 1 and tau_per_token.dim() <= 1
+        if not broadcast and not (tau_per_token.dim() == 1 and tau_per_token.shape[0] == T):
+            raise ValueError(
+                f"topp_route: a tau tensor must have shape [T] = [{T}] (or hold a single value); got shape {list(tau_per_token.shape)}"
+            )
+    return K
+
+
+@torch.library.register_fake("prunepath::topp_route")
+def _topp_route_fake(logits, tau, tau_per_token, min_experts, max_experts, gate):
+    K = _check_topp_route_args(logits, tau_per_token, min_experts, max_experts, gate)
+    T = logits.shape[0]
+    return (
+        logits.new_empty((T, K), dtype=torch.int32),
+        logits.new_empty((T, K), dtype=torch.float32),
+        logits.new_empty((T,), dtype=torch.int32),
+    )
+
+
+def topp_route_backward(grad_gates: Tensor, logits: Tensor, expert_ids: Tensor, gates: Tensor, gate: str) -> Tensor:
+    """Gradient of the gates with respect to the logits, selection held fixed.
+
+    Parameters
+    ----------
+    grad_gates : Tensor
+        ``[T, K]`` upstream gradient of ``gates``.
+    logits, expert_ids, gates : Tensor
+        The op's input ``[T, E]`` and outputs ``[T, K]``.
+    gate : str
+        The gate mode of the forward call.
+
+    Returns
+    -------
+    Tensor
+        ``[T, E]`` gradient, in the dtype of ``grad_gates`` (fp32 or fp64).
+    """
+    kept = expert_ids >= 0  # [T, K]
+    idx = expert_ids.clamp(min=0).long()  # [T, K]
+    dtype = grad_gates.dtype
+    grad = torch.zeros(logits.shape, dtype=dtype, device=logits.device)  # [T, E]
+    u = torch.where(kept, grad_gates, torch.zeros_like(grad_gates))
+    if gate == "one":
+        return grad
+    if gate == "sigmoid":
+        s = torch.sigmoid(sanitize_logits(logits).to(dtype).gather(1, idx))
+        return grad.scatter_add_(1, idx, u * s * (1 - s))
+    if gate == "prob":
+        # d p_a / d g_b = p_a (delta_ab - p_b)
+        p = routing_probabilities(logits).to(dtype)  # [T, E]
+        up = u * p.gather(1, idx)  # [T, K]
+        return grad.scatter_add_(1, idx, up) - p * up.sum(dim=-1, keepdim=True)
+    # renorm: the gates are a softmax over the kept logits alone, so
+    # d q_a / d g_b = q_a (delta_ab - q_b) for kept b, and 0 for the others.
+    q = gates.to(dtype)
+    uq = u * q
+    return grad.scatter_add_(1, idx, torch.where(kept, uq - q * uq.sum(dim=-1, keepdim=True), torch.zeros_like(uq)))
+
+
+def _topp_route_setup_context(ctx, inputs, output):
+    logits, _tau, _tau_per_token, _min_experts, _max_experts, gate = inputs
+    expert_ids, gates, _num_active = output
+    ctx.save_for_backward(logits, expert_ids, gates)
+    ctx.gate = gate
+
+
+def _topp_route_autograd_backward(ctx, grad_ids, grad_gates, grad_num_active):
+    logits, expert_ids, gates = ctx.saved_tensors
+    if grad_gates is None:
+        return None, None, None, None, None, None
+    grad_logits = topp_route_backward(grad_gates.float(), logits, expert_ids, gates, ctx.gate)
+    return grad_logits.to(logits.dtype), None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "prunepath::topp_route", _topp_route_autograd_backward, setup_context=_topp_route_setup_context
+)
