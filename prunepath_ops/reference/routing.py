@@ -105,8 +105,9 @@ def topp_route(
     p = routing_probabilities(logits)  # [T, E]
     # 2. Largest first; the stable sort keeps the lower index first on ties.
     p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)  # [T, E]
-    # 3. Inclusive cumulative sum in sorted order, fp32.
-    c = torch.cumsum(p_sorted, dim=-1)  # [T, E]
+    # 3. Inclusive cumulative sum in sorted order, fp32. Summed in float64 and
+    # rounded once: the correctly rounded fp32 value every kernel is held to.
+    c = torch.cumsum(p_sorted.double(), dim=-1).float()  # [T, E]
     # 4. n = length of the prefix with c < tau, then the clamps.
     if isinstance(tau, Tensor):
         tau_col = tau.to(device=logits.device, dtype=torch.float32).reshape(-1, 1).expand(T, 1)

@@ -23,18 +23,18 @@ enum class GateMode : int32_t {
 
 // Arguments of one routing call, identical for both backends.
 struct ToppRouteParams {
-  int64_t num_tokens;      // T
-  int32_t num_experts;     // E
-  int32_t k;               // K = max_experts or E: width of the padded outputs
-  int64_t logits_stride;   // elements between consecutive rows of logits
-  float tau;               // used when tau_per_token is null
+  int64_t num_tokens;          // T
+  int32_t num_experts;         // E
+  int32_t k;                   // K = max_experts or E: width of the padded outputs
+  int64_t logits_stride;       // elements between consecutive rows of logits
+  float tau;                   // used when tau_per_token is null
   const float* tau_per_token;  // optional; indexed as tau_per_token[t * tau_stride]
-  int64_t tau_stride;      // 0 broadcasts a single tau tensor element
+  int64_t tau_stride;          // 0 broadcasts a single tau tensor element
   int32_t min_experts;
   GateMode gate;
-  int32_t* expert_ids;     // [T, K], -1 padded
-  float* gates;            // [T, K], 0 padded
-  int32_t* num_active;     // [T]
+  int32_t* expert_ids;  // [T, K], -1 padded
+  float* gates;         // [T, K], 0 padded
+  int32_t* num_active;  // [T]
 };
 
 // A NaN logit counts as minus infinity (SPEC.md section 3, ours).

@@ -28,7 +28,8 @@ struct MaxOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 struct SumOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
 };
 struct MinOp {
   __device__ __forceinline__ int32_t operator()(int32_t a, int32_t b) const { return a < b ? a : b; }
@@ -39,8 +40,7 @@ struct MinOp {
 __device__ __forceinline__ float load_logit(const void* logits, int64_t offset, LogitDType dtype) {
   switch (dtype) {
     case LogitDType::kFloat16: return __half2float(static_cast<const __half*>(logits)[offset]);
-    case LogitDType::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(logits)[offset]);
+    case LogitDType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(logits)[offset]);
     default: return static_cast<const float*>(logits)[offset];
   }
 }
@@ -57,6 +57,7 @@ __global__ void __launch_bounds__(BLOCK)
   using Sort = cub::BlockRadixSort<uint32_t, BLOCK, IPT, int32_t, RADIX_BITS>;
   using Scan = cub::BlockScan<float, BLOCK>;
   using Reduce = cub::BlockReduce<float, BLOCK>;
+  using ReduceD = cub::BlockReduce<double, BLOCK>;
   using ReduceInt = cub::BlockReduce<int32_t, BLOCK>;
   using StoreId = cub::BlockStore<int32_t, BLOCK, IPT, cub::BLOCK_STORE_WARP_TRANSPOSE>;
   using StoreGate = cub::BlockStore<float, BLOCK, IPT, cub::BLOCK_STORE_WARP_TRANSPOSE>;
@@ -64,6 +65,7 @@ __global__ void __launch_bounds__(BLOCK)
     typename Sort::TempStorage sort;
     typename Scan::TempStorage scan;
     typename Reduce::TempStorage reduce;
+    typename ReduceD::TempStorage reduce_d;
     typename ReduceInt::TempStorage reduce_int;
     typename StoreId::TempStorage store_id;
     typename StoreGate::TempStorage store_gate;
@@ -82,8 +84,7 @@ __global__ void __launch_bounds__(BLOCK)
 #pragma unroll
   for (int i = 0; i < IPT; ++i) {
     const int idx = tid * IPT + i;
-    g[i] = idx < E ? sanitize_logit(detail::load_logit(logits, t * p.logits_stride + idx, dtype))
-                   : -INFINITY;
+    g[i] = idx < E ? sanitize_logit(detail::load_logit(logits, t * p.logits_stride + idx, dtype)) : -INFINITY;
     if (idx < E) logit_smem[idx] = g[i];
   }
 
@@ -93,13 +94,17 @@ __global__ void __launch_bounds__(BLOCK)
   __syncthreads();
   row_max = broadcast_f;
   float w[IPT];
+  double w_sum = 0.0;  // the normaliser in double: its error would shift every cumulative sum
 #pragma unroll
-  for (int i = 0; i < IPT; ++i) w[i] = tid * IPT + i < E ? softmax_weight(g[i], row_max) : 0.0f;
+  for (int i = 0; i < IPT; ++i) {
+    w[i] = tid * IPT + i < E ? softmax_weight(g[i], row_max) : 0.0f;
+    w_sum += w[i];
+  }
   __syncthreads();  // broadcast_f and tmp are reused below
-  float total = Reduce(tmp.reduce).Reduce(w, detail::SumOp());
-  if (tid == 0) broadcast_f = total;
+  const double total_d = ReduceD(tmp.reduce_d).Reduce(w_sum, detail::SumOp());
+  if (tid == 0) broadcast_f = static_cast<float>(total_d);
   __syncthreads();
-  total = broadcast_f;
+  const float total = broadcast_f;
 
   // 3. Sort by probability, largest first. The radix sort is stable, so equal
   // probabilities keep the lower expert index first; padding (key 0, index >= E)
@@ -161,7 +166,8 @@ inline cudaError_t launch_topp_route(const ToppRouteParams& p, const void* logit
   if (p.num_experts < 1 || p.num_experts > kToppRouteCudaMaxExperts) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(p.num_tokens));
   const int32_t E = p.num_experts;
-#define PRUNEPATH_LAUNCH(BLOCK, IPT) topp_route_kernel<BLOCK, IPT><<<grid, BLOCK, 0, stream>>>(p, logits, dtype)
+#define PRUNEPATH_LAUNCH(BLOCK, IPT) \
+  topp_route_kernel<BLOCK, IPT><<<grid, BLOCK, 0, stream>>>(p, logits, dtype)
   if (E <= 64) {
     PRUNEPATH_LAUNCH(32, 2);
   } else if (E <= 128) {
@@ -175,7 +181,8 @@ inline cudaError_t launch_topp_route(const ToppRouteParams& p, const void* logit
   } else if (E <= 2048) {
     PRUNEPATH_LAUNCH(256, 8);
   } else {
-    topp_route_kernel<512, 8, 4><<<grid, 512, 0, stream>>>(p, logits, dtype);  // fewer radix bits: fits 48 KB of static shared memory
+    topp_route_kernel<512, 8, 4>
+        <<<grid, 512, 0, stream>>>(p, logits, dtype);  // fewer radix bits: fits 48 KB of static shared memory
   }
 #undef PRUNEPATH_LAUNCH
   return cudaGetLastError();

@@ -26,8 +26,7 @@ struct ToppRouteCpuScratch {
 };
 
 template <typename LogitT>
-void topp_route_cpu_token(const ToppRouteParams& p, const LogitT* logits, int64_t t,
-                          ToppRouteCpuScratch& s) {
+void topp_route_cpu_token(const ToppRouteParams& p, const LogitT* logits, int64_t t, ToppRouteCpuScratch& s) {
   const int32_t E = p.num_experts;
   const LogitT* row = logits + t * p.logits_stride;
   float row_max = -INFINITY;
@@ -35,12 +34,15 @@ void topp_route_cpu_token(const ToppRouteParams& p, const LogitT* logits, int64_
     s.logit[e] = sanitize_logit(static_cast<float>(row[e]));
     row_max = std::max(row_max, s.logit[e]);
   }
-  float total = 0.0f;
+  // Sums run in double and are rounded once: a sequential fp32 sum over
+  // thousands of experts drifts by more than the 1e-6 the selection can afford.
+  double total = 0.0;
   for (int32_t e = 0; e < E; ++e) {
     s.prob[e] = softmax_weight(s.logit[e], row_max);
     total += s.prob[e];
   }
-  for (int32_t e = 0; e < E; ++e) s.prob[e] /= total;
+  const float total_f = static_cast<float>(total);
+  for (int32_t e = 0; e < E; ++e) s.prob[e] /= total_f;
 
   // Largest probability first; the stable sort keeps the lower index first on ties.
   std::iota(s.order.begin(), s.order.end(), 0);
@@ -49,17 +51,18 @@ void topp_route_cpu_token(const ToppRouteParams& p, const LogitT* logits, int64_
 
   const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
   int32_t first_crossing = E;
-  float cumulative = 0.0f;
+  double cumulative = 0.0;
   for (int32_t j = 0; j < E; ++j) {
     cumulative += s.prob[s.order[j]];
-    if (!(cumulative < tau)) {
+    if (!(static_cast<float>(cumulative) < tau)) {
       first_crossing = j;
       break;
     }
   }
   const int32_t n = clamp_active(first_crossing, tau, E, p.min_experts, p.k);
-  float kept_mass = 0.0f;  // c[n-1]: same order, same rounding as the scan above
-  for (int32_t j = 0; j < n; ++j) kept_mass += s.prob[s.order[j]];
+  double kept = 0.0;  // c[n-1], summed exactly like the scan above
+  for (int32_t j = 0; j < n; ++j) kept += s.prob[s.order[j]];
+  const float kept_mass = static_cast<float>(kept);
 
   int32_t* ids = p.expert_ids + t * p.k;
   float* gates = p.gates + t * p.k;

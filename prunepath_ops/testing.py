@@ -1,0 +1,116 @@
+"""Shared helpers for the test suite and benchmarks (one module, not copies).
+
+Public so that downstream projects testing their own use of the ops can reuse
+the same tolerances and comparison rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from prunepath_ops import reference
+
+#: Devices the current process can test on.
+DEVICES: tuple[str, ...] = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+#: (atol, rtol) for outputs computed in a given input dtype.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-5, 1.3e-6 * 4),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (8e-3, 1.6e-2),
+}
+
+#: Cumulative sums this close to tau may round to either side of it.
+TAU_BAND = 1e-6
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None, msg: str = "") -> None:
+    """``torch.testing.assert_close`` with this project's per-dtype tolerances."""
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}" if msg else m)
+
+
+def random_logits(
+    T: int, E: int, dtype: torch.dtype = torch.float32, device: str = "cpu", *, scale: float = 2.0, seed: int = 0
+) -> Tensor:
+    """``[T, E]`` normal logits times ``scale``, drawn from a private generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, E, generator=gen) * scale).to(dtype=dtype, device=device)
+
+
+@dataclass
+class RouteComparison:
+    """What :func:`assert_route_matches_reference` saw."""
+
+    rows: int
+    near_tau_rows: int  # rows where some cumulative sum lies within TAU_BAND of tau
+    near_tie_rows: int  # rows whose kept prefix holds distinct probabilities within 1e-6 relative
+
+
+def assert_route_matches_reference(
+    route: tuple[Tensor, Tensor, Tensor],
+    logits: Tensor,
+    tau: float | Tensor,
+    *,
+    min_experts: int = 1,
+    max_experts: int | None = None,
+    gate: str = "sigmoid",
+) -> RouteComparison:
+    """Check a ``topp_route`` result against :func:`prunepath_ops.reference.topp_route`.
+
+    ``num_active`` and ``expert_ids`` must match exactly, except that (a) where a
+    reference cumulative sum lies within ``TAU_BAND`` of tau, ``num_active`` may
+    differ by one, and (b) experts whose probabilities differ by less than 1e-6
+    relative may swap places (two correct fp32 softmaxes can order them either
+    way). Even then every kept slot must hold an expert whose reference
+    probability is that slot's sorted probability up to 1e-6 relative. Gates
+    must equal the reference gates of the kernel's own selection to fp32
+    rounding. Padding must be exactly -1 / 0.
+    """
+    ids, gates, n = (x.cpu() for x in route)
+    ref_ids, _, ref_n = (x.cpu() for x in reference.topp_route(
+        logits, tau, min_experts=min_experts, max_experts=max_experts, gate=gate))
+    T, E = logits.shape
+    K = E if max_experts is None else max_experts
+    assert ids.shape == (T, K) and ids.dtype == torch.int32, (ids.shape, ids.dtype)
+    assert gates.shape == (T, K) and gates.dtype == torch.float32, (gates.shape, gates.dtype)
+    assert n.shape == (T,) and n.dtype == torch.int32, (n.shape, n.dtype)
+    if T == 0:
+        return RouteComparison(0, 0, 0)
+
+    p = reference.routing_probabilities(logits.cpu())  # [T, E]
+    p_sorted, _ = torch.sort(p, dim=-1, descending=True, stable=True)
+    c = torch.cumsum(p_sorted.double(), dim=-1).float()
+    tau_col = tau.cpu().float().reshape(-1, 1).expand(T, 1) if isinstance(tau, Tensor) else torch.full((T, 1), float(tau))
+    near_tau = ((c - tau_col).abs() <= TAU_BAND).any(dim=-1) & (tau_col[:, 0] < 1)
+    gap = p_sorted[:, :-1] - p_sorted[:, 1:]
+    near_tie_pos = (gap > 0) & (gap <= 1e-6 * p_sorted[:, :-1])  # [T, E-1]
+    reach = torch.maximum(n, ref_n).long().clamp(max=E - 1)  # only the kept prefix and its boundary show
+    pos = torch.arange(E - 1)
+    near_tie = (near_tie_pos & (pos[None, :] < reach[:, None])).any(dim=-1)
+
+    slot = torch.arange(K)
+    kept = slot[None, :] < n[:, None]
+    assert bool(((n - ref_n).abs() <= near_tau.int()).all()), (
+        f"num_active differs on rows {torch.nonzero((n != ref_n) & ~near_tau).flatten().tolist()[:10]}"
+    )
+    assert bool((ids[~kept] == -1).all()) and bool((gates[~kept] == 0).all()), "padding must be -1 / 0"
+    exact_rows = ~(near_tau | near_tie)
+    bad = (ids != ref_ids).any(dim=-1) & exact_rows
+    assert not bool(bad.any()), f"expert_ids differ on unambiguous rows {torch.nonzero(bad).flatten().tolist()[:10]}"
+    # Every kept slot holds an expert of (nearly) the right probability.
+    p_of_ids = p.gather(1, ids.clamp(min=0).long())[:, :K]
+    close = (p_of_ids - p_sorted[:, :K]).abs() <= 1e-6 * p_sorted[:, :K] + 1e-30
+    assert bool(close[kept].all()), "a kept slot holds an expert out of probability order"
+    assert bool((ids[kept] < E).all()) and bool((ids[kept] >= 0).all())
+    ids_by_value = ids.sort(dim=-1).values
+    repeated = (ids_by_value[:, 1:] == ids_by_value[:, :-1]) & (ids_by_value[:, 1:] >= 0)
+    assert not bool(repeated.any()), "an expert is selected twice"
+    # Gates: the reference gates of this very selection.
+    expected_gates = reference.topp_gates(logits.cpu(), ids, gate)
+    torch.testing.assert_close(gates, expected_gates, atol=2e-6, rtol=4e-6)
+    return RouteComparison(T, int(near_tau.sum()), int(near_tie.sum()))
