@@ -17,9 +17,8 @@ import os
 import sys
 import sysconfig
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +36,9 @@ def _want_cuda() -> bool:
         return False
     if flag == "1":
         if not torch_has_cuda:
-            sys.exit(f"PRUNEPATH_CUDA=1 but torch {torch.__version__} is a CPU-only build: install a CUDA build of torch.")
+            sys.exit(
+                f"PRUNEPATH_CUDA=1 but torch {torch.__version__} is a CPU-only build: install a CUDA build of torch."
+            )
         if toolkit is None:
             sys.exit("PRUNEPATH_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda).")
         return True
@@ -57,13 +58,17 @@ def _pip_cuda_includes() -> list[str]:
 CPP_SOURCES = _rel("csrc/torch_bindings.cpp") + _rel("csrc/ops/*.cpp") + _rel("csrc/python_module.cpp")
 CUDA_SOURCES = _rel("csrc/ops/*.cu")
 INCLUDES = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# No -std flag: torch.utils.cpp_extension adds the standard its headers need
+# (C++20 from torch 2.13 on; torch 2.14 headers refuse C++17).
+CXX_FLAGS = ["-O3"]
 
 
 def _extension():
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-        print(f"prunepath_ops: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        print(
+            f"prunepath_ops: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+        )
         return cpp_extension.CUDAExtension(
             "prunepath_ops._C",
             CPP_SOURCES + CUDA_SOURCES,
@@ -71,7 +76,7 @@ def _extension():
             define_macros=[("PRUNEPATH_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": CXX_FLAGS,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
         )
     print("prunepath_ops: building the CPU kernels only (CUDA kernels need a CUDA torch and toolkit)")

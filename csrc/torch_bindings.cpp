@@ -17,10 +17,26 @@ TORCH_LIBRARY(prunepath, m) {
   m.def(
       "topp_route(Tensor logits, float tau, Tensor? tau_per_token, int min_experts, int? max_experts, "
       "str gate) -> (Tensor expert_ids, Tensor gates, Tensor num_active)");
+  // Token-to-expert alignment for the grouped expert GEMM (variable k per token).
+  //   expert_ids [T, K] int32, num_active [T] int32 (only slots j < num_active[t]
+  //   are read). Returns sorted_pairs [P_max] int32 (t * K + j grouped by expert,
+  //   token order within an expert, each group padded to block_m rows with -1),
+  //   block_expert [B_max] int32 (-1 past the end), expert_offsets [E + 1] int32
+  //   (padded first row per expert), expert_counts [E] int32, with
+  //   B_max = (T*K + min(E, T*K) * (block_m - 1)) / block_m and P_max = B_max * block_m.
+  m.def(
+      "align_experts(Tensor expert_ids, Tensor num_active, int num_experts, int block_m) -> (Tensor sorted_pairs, "
+      "Tensor block_expert, Tensor expert_offsets, Tensor expert_counts)");
 }
 
-TORCH_LIBRARY_IMPL(prunepath, CPU, m) { m.impl("topp_route", &prunepath::topp_route_cpu); }
+TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
+  m.impl("topp_route", &prunepath::topp_route_cpu);
+  m.impl("align_experts", &prunepath::align_experts_cpu);
+}
 
 #ifdef PRUNEPATH_WITH_CUDA
-TORCH_LIBRARY_IMPL(prunepath, CUDA, m) { m.impl("topp_route", &prunepath::topp_route_cuda); }
+TORCH_LIBRARY_IMPL(prunepath, CUDA, m) {
+  m.impl("topp_route", &prunepath::topp_route_cuda);
+  m.impl("align_experts", &prunepath::align_experts_cuda);
+}
 #endif

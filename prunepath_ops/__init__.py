@@ -15,8 +15,12 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "`pip install --no-build-isolation -e .` (after installing torch)."
     ) from exc
 
-from prunepath_ops import _registration  # noqa: E402,F401  (fake kernels, autograd)
-from prunepath_ops import reference  # noqa: E402
+from prunepath_ops import (
+    _registration,  # noqa: E402,F401  (fake kernels, autograd)
+    reference,  # noqa: E402
+)
+from prunepath_ops.ffn import Alignment, PackedExperts, align_experts, pack_experts, sparse_ffn  # noqa: E402
+from prunepath_ops.modules import PrunePathMLP  # noqa: E402
 from prunepath_ops.routing import Route, topp_route  # noqa: E402
 
 __version__ = "0.1.0"
@@ -48,4 +52,15 @@ def backends() -> dict[str, bool]:
     }
 
 
-__all__ = ["Route", "backends", "reference", "topp_route"]
+__all__ = [
+    "Alignment",
+    "PackedExperts",
+    "PrunePathMLP",
+    "Route",
+    "align_experts",
+    "backends",
+    "pack_experts",
+    "reference",
+    "sparse_ffn",
+    "topp_route",
+]

@@ -12,16 +12,25 @@ from torch import Tensor
 from prunepath_ops.reference.routing import GATE_MODES, routing_probabilities, sanitize_logits
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_MAX_EXPERTS = 4096  # kToppRouteCudaMaxExperts in csrc/include/prunepath/topp_route_common.cuh
 
 
-def _check_topp_route_args(logits: Tensor, tau_per_token: Tensor | None, min_experts: int, max_experts: int | None, gate: str) -> int:
+def check_topp_route_args(
+    logits: Tensor, tau_per_token: Tensor | None, min_experts: int, max_experts: int | None, gate: str
+) -> int:
     if logits.dim() != 2:
         raise ValueError(f"topp_route: logits must be 2-D [T, E]; got shape {list(logits.shape)}")
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"topp_route: logits must be float32, float16 or bfloat16; got {logits.dtype}")
     T, E = logits.shape
     if E < 1:
-        raise ValueError(f"topp_route: logits must have at least one expert column (E >= 1); got shape {list(logits.shape)}")
+        raise ValueError(
+            f"topp_route: logits must have at least one expert column (E >= 1); got shape {list(logits.shape)}"
+        )
+    if logits.device.type == "cuda" and E > CUDA_MAX_EXPERTS:
+        raise ValueError(
+            f"topp_route: the CUDA kernel handles E <= {CUDA_MAX_EXPERTS}; got E = {E} (the CPU kernel has no limit)"
+        )
     K = E if max_experts is None else max_experts
     if not 1 <= K <= E:
         raise ValueError(f"topp_route: max_experts must lie in [1, E = {E}]; got {K}")
@@ -33,7 +42,9 @@ def _check_topp_route_args(logits: Tensor, tau_per_token: Tensor | None, min_exp
         if tau_per_token.dtype != torch.float32:
             raise TypeError(f"topp_route: a tau tensor must be float32; got {tau_per_token.dtype}")
         if tau_per_token.device != logits.device:
-            raise ValueError(f"topp_route: the tau tensor is on {tau_per_token.device} but logits are on {logits.device}")
+            raise ValueError(
+                f"topp_route: the tau tensor is on {tau_per_token.device} but logits are on {logits.device}"
+            )
         broadcast = tau_per_token.numel() == 1 and tau_per_token.dim() <= 1
         if not broadcast and not (tau_per_token.dim() == 1 and tau_per_token.shape[0] == T):
             raise ValueError(
@@ -44,7 +55,7 @@ def _check_topp_route_args(logits: Tensor, tau_per_token: Tensor | None, min_exp
 
 @torch.library.register_fake("prunepath::topp_route")
 def _topp_route_fake(logits, tau, tau_per_token, min_experts, max_experts, gate):
-    K = _check_topp_route_args(logits, tau_per_token, min_experts, max_experts, gate)
+    K = check_topp_route_args(logits, tau_per_token, min_experts, max_experts, gate)
     T = logits.shape[0]
     return (
         logits.new_empty((T, K), dtype=torch.int32),

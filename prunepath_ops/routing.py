@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from prunepath_ops._registration import check_topp_route_args
+
 
 class Route(NamedTuple):
     """A routing decision for T tokens over E experts, padded to K slots.
@@ -94,8 +96,13 @@ def topp_route(
         tau_scalar, tau_tensor = 0.0, tau
     elif isinstance(tau, (int, float)):
         tau_scalar, tau_tensor = float(tau), None
+        if tau_scalar != tau_scalar:  # NaN (math.isnan breaks torch.compile graphs)
+            raise ValueError("topp_route: tau must be a number; got NaN")
     else:
         raise TypeError(f"topp_route: tau must be a float or a float32 tensor; got {type(tau).__name__}")
+    # The C++ glue checks the same things; checking here first gives the same
+    # messages on every backend and under torch.compile.
+    check_topp_route_args(logits, tau_tensor, min_experts, max_experts, gate)
     expert_ids, gates, num_active = torch.ops.prunepath.topp_route(
         logits, tau_scalar, tau_tensor, min_experts, max_experts, gate
     )

@@ -17,11 +17,9 @@ GateMode parse_gate_mode(c10::string_view gate) {
 }
 
 ToppRouteCall prepare_topp_route(const at::Tensor& logits, double tau,
-                                 const std::optional<at::Tensor>& tau_per_token,
-                                 int64_t min_experts, std::optional<int64_t> max_experts,
-                                 c10::string_view gate) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "topp_route: logits must be 2-D [T, E]; got shape ",
-                    logits.sizes());
+                                 const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
+                                 std::optional<int64_t> max_experts, c10::string_view gate) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "topp_route: logits must be 2-D [T, E]; got shape ", logits.sizes());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
                    "topp_route: logits must be float32, float16 or bfloat16; got ", dtype);
@@ -33,8 +31,7 @@ ToppRouteCall prepare_topp_route(const at::Tensor& logits, double tau,
   const int64_t K = max_experts.has_value() ? *max_experts : E;
   TORCH_CHECK_VALUE(K >= 1 && K <= E, "topp_route: max_experts must lie in [1, E = ", E, "]; got ", K);
   TORCH_CHECK_VALUE(min_experts >= 0 && min_experts <= K,
-                    "topp_route: min_experts must lie in [0, max_experts or E = ", K, "]; got ",
-                    min_experts);
+                    "topp_route: min_experts must lie in [0, max_experts or E = ", K, "]; got ", min_experts);
   const GateMode mode = parse_gate_mode(gate);
 
   ToppRouteCall call;

@@ -1,9 +1,10 @@
 // CPU glue for topp_route: parallel over tokens, one scratch buffer per chunk.
+#include "prunepath/topp_route_cpu.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include "ops.h"
-#include "prunepath/topp_route_cpu.h"
 #include "topp_route_args.h"
 
 namespace prunepath {

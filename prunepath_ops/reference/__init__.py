@@ -11,5 +11,26 @@ from prunepath_ops.reference.routing import (
     topp_gates,
     topp_route,
 )
+from prunepath_ops.reference.sparse_ffn import (
+    ACTIVATIONS,
+    align_experts,
+    dense_ffn,
+    index_select_ffn,
+    masked_dense_ffn,
+    neuron_mask,
+    sparse_ffn,
+)
 
-__all__ = ["GATE_MODES", "routing_probabilities", "topp_gates", "topp_route"]
+__all__ = [
+    "ACTIVATIONS",
+    "GATE_MODES",
+    "align_experts",
+    "dense_ffn",
+    "index_select_ffn",
+    "masked_dense_ffn",
+    "neuron_mask",
+    "routing_probabilities",
+    "sparse_ffn",
+    "topp_gates",
+    "topp_route",
+]

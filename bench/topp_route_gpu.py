@@ -1,0 +1,445 @@
+#!/usr/bin/env python
+"""Roofline benchmark of ``prunepath_ops.topp_route`` against the PyTorch composite, for the H200.
+
+For every shape of the grid (T in {1, 64, 4096, 65536} x E in {48, 448, 1024}, bf16 logits,
+tau = 0.5; plus tau = 1.05 at E = 448 for T = 4096 and 65536, and fp32 logits at
+T = 65536 / E = 448) the script
+
+1. checks the op against ``prunepath_ops.reference.topp_route`` (``routing_bench.check_route``:
+   exact ``expert_ids`` / ``num_active`` except rows numerically ambiguous per the reference
+   probabilities), so a wrong kernel cannot report a time;
+2. times the op and the composite with ``triton.testing.do_bench`` (median of per-call CUDA-event
+   times, L2 flushed before every call; CUDA events with the same flush if triton is missing;
+   ``time.perf_counter`` on the CPU);
+3. reports the op's time, the composite's, the speedup, the memory floor (bytes the op must read
+   and write over the measured 4.24 TB/s H200 copy bandwidth), the achieved TB/s and time/floor.
+
+It prints a markdown table and writes ``<name>.json`` and ``<name>.md`` (GPU, versions, command
+line, date) to ``--out``. Acceptance (the issue): at T = 65536, E = 448, bf16, speedup >= 20x and
+time <= 2x the floor; ``--strict`` turns a miss into exit status 2. A correctness failure is exit
+status 1.
+
+    python bench/topp_route_gpu.py --out bench/results/h200          # on the H200, ~1 minute
+    python bench/topp_route_gpu.py --device cpu --quick --out /tmp/x  # smoke test of the code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from routing_bench import (  # noqa: E402
+    DTYPES,
+    E_VALUES,
+    H200_COPY_BW,
+    T_VALUES,
+    TAU,
+    TAU_ALL,
+    TAU_ALL_SHAPES,
+    check_route,
+    composite_fn,
+    make_logits,
+    op_fn,
+    route_bytes,
+)
+
+import prunepath_ops  # noqa: E402
+
+QUICK_T = (1, 64, 512)
+QUICK_E = (48, 448, 1024)
+TARGET = {"T": 65536, "E": 448, "dtype": "bf16", "tau": TAU, "min_speedup": 20.0, "max_floor_ratio": 2.0}
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    t, e = text.lower().split("x")
+    return int(t), int(e)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", choices=("cuda", "cpu", "auto"), default="cuda")
+    ap.add_argument(
+        "--quick", action="store_true", help=f"small grid (T in {QUICK_T}) and short timing, for smoke tests"
+    )
+    ap.add_argument("--T", type=int, nargs="+", default=None, help=f"token counts (default {T_VALUES})")
+    ap.add_argument("--E", type=int, nargs="+", default=None, help=f"expert counts (default {E_VALUES})")
+    ap.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="grid dtype (default bf16 on cuda, fp32 on cpu)"
+    )
+    ap.add_argument("--tau", type=float, default=TAU)
+    ap.add_argument("--no-extras", action="store_true", help="skip the tau=1.05 and fp32 extra shapes")
+    ap.add_argument(
+        "--fp32-shape", type=parse_shape, default=None, help="TxE also run with fp32 logits (default 65536x448)"
+    )
+    ap.add_argument("--warmup", type=float, default=None, help="warmup per measurement, ms (default 25; quick 5)")
+    ap.add_argument(
+        "--rep", type=float, default=None, help="timed repetitions per measurement, ms (default 200; quick 20)"
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs; default: torch's)")
+    ap.add_argument("--timer", choices=("auto", "do_bench", "events"), default="auto")
+    ap.add_argument(
+        "--peak-tbps",
+        type=float,
+        default=H200_COPY_BW / 1e12,
+        help="bandwidth of the floor, TB/s (default: measured H200 copy)",
+    )
+    ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
+    ap.add_argument("--name", default=None, help="output file stem (default topp_route_<device>)")
+    ap.add_argument("--strict", action="store_true", help="exit 2 when the acceptance target is missed")
+    args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device (use --device cpu for a smoke test)")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.T = args.T or list(QUICK_T if args.quick else T_VALUES)
+    args.E = args.E or list(QUICK_E if args.quick else E_VALUES)
+    args.warmup = args.warmup if args.warmup is not None else (5.0 if args.quick else 25.0)
+    args.rep = args.rep if args.rep is not None else (20.0 if args.quick else 200.0)
+    args.name = args.name or f"topp_route_{args.device}"
+    return args
+
+
+def build_cases(args: argparse.Namespace) -> list[dict]:
+    cases = [{"T": T, "E": E, "dtype": args.dtype, "tau": args.tau} for T in args.T for E in args.E]
+    if not args.no_extras:
+        big_t, mid_e = max(args.T), (448 if 448 in args.E else args.E[len(args.E) // 2])
+        tau_shapes = [(T, E) for (T, E) in TAU_ALL_SHAPES if T in args.T and E in args.E] or [(big_t, mid_e)]
+        cases += [{"T": T, "E": E, "dtype": args.dtype, "tau": TAU_ALL} for (T, E) in tau_shapes]
+        fp32_shape = args.fp32_shape or ((65536, 448) if (65536 in args.T and 448 in args.E) else (big_t, mid_e))
+        if args.dtype != "fp32":
+            cases.append({"T": fp32_shape[0], "E": fp32_shape[1], "dtype": "fp32", "tau": args.tau})
+    return cases
+
+
+# ----------------------------------------------------------------------------- timers
+
+
+def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(times_ms, n=10, method="inclusive") if len(times_ms) > 1 else [times_ms[0]] * 9
+    return statistics.median(times_ms), q[1], q[7]  # median, p20, p80
+
+
+def make_timer(args: argparse.Namespace) -> tuple[str, Callable[[Callable[[], object]], tuple[float, float, float]]]:
+    """Returns (description, timer); timer(fn) -> (median, p20, p80) in ms of one call of fn."""
+    warmup, rep = args.warmup, args.rep
+    if args.device == "cpu":
+
+        def cpu_timer(fn):
+            fn()
+            start = time.perf_counter()
+            fn()
+            est = max(time.perf_counter() - start, 1e-7) * 1e3
+            for _ in range(max(0, int(warmup / est))):
+                fn()
+            times = []
+            for _ in range(max(3, int(rep / est))):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return _quantiles(times)
+
+        return "time.perf_counter per call (CPU)", cpu_timer
+
+    do_bench = None
+    if args.timer in ("auto", "do_bench"):
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            if args.timer == "do_bench":
+                raise
+    if do_bench is not None:
+
+        def triton_timer(fn):
+            try:
+                med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+            except TypeError:  # an older signature: median only
+                med = p20 = p80 = do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+            return med, p20, p80
+
+        return f"triton.testing.do_bench (warmup {warmup:g} ms, rep {rep:g} ms, L2 flushed, median)", triton_timer
+
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+
+    def event_timer(fn):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            flush.zero_()
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        est = max(start.elapsed_time(end) / 5, 1e-4)
+        for _ in range(max(1, int(warmup / est))):
+            fn()
+        n = max(1, int(rep / est))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
+
+    return f"CUDA events (warmup {warmup:g} ms, rep {rep:g} ms, L2 flushed, median; triton missing)", event_timer
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _git(*cmd: str) -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(
+            ["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(args: argparse.Namespace, timer_desc: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": "python " + shlex.join(sys.argv),
+        "device": args.device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "prunepath_ops": prunepath_ops.__version__,
+        "backends": prunepath_ops.backends(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None,
+        "timer": timer_desc,
+        "floor_bandwidth_TBps": args.peak_tbps,
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch_num_threads": torch.get_num_threads(),
+    }
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env["git_dirty"] = None if status is None else bool(status)
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_sms"] = props.multi_processor_count
+        env["gpu_memory_GiB"] = round(props.total_memory / 2**30, 1)
+        env["cuda_driver"] = _nvidia_smi_driver()
+    return env
+
+
+def _nvidia_smi_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+# ----------------------------------------------------------------------------- main
+
+
+COLUMNS = (
+    ("T", "T"),
+    ("E", "E"),
+    ("dtype", "dtype"),
+    ("tau", "tau"),
+    ("active", "mean active"),
+    ("op_us", "op (us)"),
+    ("composite_us", "composite (us)"),
+    ("speedup", "speedup"),
+    ("floor_us", "floor (us)"),
+    ("op_TBps", "op TB/s"),
+    ("op_over_floor", "op / floor"),
+)
+
+
+def fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key in ("op_us", "composite_us", "floor_us"):
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    if key == "speedup":
+        return f"{value:.1f}x"
+    if key == "op_over_floor":
+        return f"{value:.2f}"
+    if key == "op_TBps":
+        return f"{value:.3g}"
+    if key == "active":
+        return f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(label for _, label in COLUMNS) + " |"
+    sep = "|" + "|".join("---:" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(fmt(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def run_case(case: dict, args: argparse.Namespace, timer) -> dict:
+    T, E, dtype, tau = case["T"], case["E"], case["dtype"], case["tau"]
+    logits = make_logits(T, E, DTYPES[dtype], args.device)
+    row = dict(case)
+    row["K"] = E
+    row["bytes"] = nbytes = route_bytes(T, E, logits.dtype)
+    row["floor_us"] = nbytes / (args.peak_tbps * 1e12) * 1e6
+    try:
+        result = check_route(logits, tau)
+    except AssertionError as exc:
+        row["check"] = f"FAILED: {exc}"
+        row["check_ok"] = False
+        return row
+    row["check"] = result.summary()
+    row["check_ok"] = True
+    row["active"] = result.mean_active
+    op_med, op_p20, op_p80 = timer(op_fn(logits, tau))
+    ref_med, ref_p20, ref_p80 = timer(composite_fn(logits, tau))
+    row.update(
+        op_us=op_med * 1e3,
+        op_us_p20=op_p20 * 1e3,
+        op_us_p80=op_p80 * 1e3,
+        composite_us=ref_med * 1e3,
+        composite_us_p20=ref_p20 * 1e3,
+        composite_us_p80=ref_p80 * 1e3,
+    )
+    row["speedup"] = row["composite_us"] / row["op_us"]
+    row["op_TBps"] = nbytes / (row["op_us"] * 1e-6) / 1e12
+    row["op_over_floor"] = row["op_us"] / row["floor_us"]
+    del logits
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def evaluate_target(rows: list[dict]) -> dict | None:
+    for r in rows:
+        if all(r.get(k) == TARGET[k] for k in ("T", "E", "dtype", "tau")) and r.get("check_ok"):
+            speed_ok = r["speedup"] >= TARGET["min_speedup"]
+            floor_ok = r["op_over_floor"] <= TARGET["max_floor_ratio"]
+            return {
+                **TARGET,
+                "speedup": r["speedup"],
+                "op_over_floor": r["op_over_floor"],
+                "speedup_ok": speed_ok,
+                "floor_ok": floor_ok,
+                "pass": speed_ok and floor_ok,
+            }
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    timer_desc, timer = make_timer(args)
+    env = environment(args, timer_desc)
+    cases = build_cases(args)
+    print(f"# topp_route: prunepath vs PyTorch composite on {env.get('gpu') or env['cpu']} ({args.device})")
+    print(f"torch {env['torch']}, CUDA {env['torch_cuda']}, triton {env['triton']}; timer: {timer_desc}")
+    print(f"floor = (T*E*sizeof(logit) + T*K*8 + T*4) bytes / {args.peak_tbps} TB/s, K = E\n", flush=True)
+    rows, failures = [], []
+    start = time.perf_counter()
+    for case in cases:
+        try:
+            row = run_case(case, args, timer)
+        except Exception:  # a crash on one shape should not hide the others
+            row = {**case, "check": "ERROR: " + traceback.format_exc(limit=3), "check_ok": False}
+        rows.append(row)
+        label = f"T={case['T']} E={case['E']} {case['dtype']} tau={case['tau']}"
+        if not row["check_ok"]:
+            failures.append(row)
+            print(f"{label}: {row['check']}", flush=True)
+        else:
+            print(
+                f"{label}: op {fmt('op_us', row['op_us'])} us, composite {fmt('composite_us', row['composite_us'])} us, "
+                f"{fmt('speedup', row['speedup'])}, {fmt('op_over_floor', row['op_over_floor'])}x floor "
+                f"[check: {row['check']}]",
+                flush=True,
+            )
+    elapsed = time.perf_counter() - start
+    target = evaluate_target(rows)
+
+    table = markdown_table([r for r in rows if r["check_ok"]])
+    lines = [
+        f"# topp_route on {env.get('gpu') or env['cpu']}",
+        "",
+        f"- command: `{env['command']}`",
+        f"- date: {env['date_utc']}; git {env['git_commit']} (dirty: {env['git_dirty']})",
+        f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, python {env['python']}"
+        + (f", driver {env.get('cuda_driver')}" if args.device == "cuda" else f", {env['torch_num_threads']} threads"),
+        f"- timer: {timer_desc}",
+        "- op: `prunepath_ops.topp_route(logits, tau)` (sigmoid gates, K = E); composite: "
+        "`prunepath_ops.reference.topp_route` (softmax, stable sort, cumsum, mask, gather, sigmoid)",
+        f"- floor: bytes the op must move (read logits, write int32 ids + fp32 gates [T, K], int32 num_active [T]) "
+        f"over {args.peak_tbps} TB/s (measured H200 device copy); logits ~ N(0, 1)",
+        f"- every shape was checked against the reference before timing; total {elapsed:.1f} s",
+        "",
+        table,
+        "",
+    ]
+    if target is not None:
+        verdict = "PASS" if target["pass"] else "FAIL"
+        lines.append(
+            f"**Target (T={TARGET['T']}, E={TARGET['E']}, {TARGET['dtype']}, tau={TARGET['tau']}): {verdict}** - "
+            f"speedup {target['speedup']:.1f}x (need >= {TARGET['min_speedup']:g}x: {'ok' if target['speedup_ok'] else 'MISS'}), "
+            f"time / floor {target['op_over_floor']:.2f} (need <= {TARGET['max_floor_ratio']:g}: "
+            f"{'ok' if target['floor_ok'] else 'MISS'})"
+        )
+    if failures:
+        lines.append("")
+        lines.append(f"**{len(failures)} shape(s) FAILED the correctness check (not timed):**")
+        lines += [f"- T={r['T']} E={r['E']} {r['dtype']} tau={r['tau']}: {r['check']}" for r in failures]
+    report = "\n".join(lines) + "\n"
+    print()
+    print(report)
+
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, args.name + ".json"), "w") as f:
+            json.dump({"environment": env, "target": target, "rows": rows}, f, indent=2)
+        with open(os.path.join(args.out, args.name + ".md"), "w") as f:
+            f.write(report)
+        print(f"wrote {os.path.join(args.out, args.name)}.json and .md")
+    if failures:
+        return 1
+    if args.strict and target is not None and not target["pass"]:
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

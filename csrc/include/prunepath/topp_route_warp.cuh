@@ -1,0 +1,370 @@
+// Top-p routing for rows of up to kToppRouteWarpMaxExperts experts: one warp
+// per token, the whole row in registers (IPL = items per lane, 32 * IPL >= E).
+//
+// Sorting is a register bitonic network on keys that embed the expert index,
+// so every key is distinct and the order is deterministic. 16-bit logits are
+// sorted on 32-bit keys (the logit's 16 bits, then the inverted index): half
+// the work of 64-bit keys. Ordering by logit equals ordering by probability
+// except where two different logits round to the same fp32 probability; such a
+// pair inside the kept prefix is detected after the scan and the row is sorted
+// again on exact (probability, index) keys. fp32 logits use those exact keys
+// directly. Torch-free.
+#pragma once
+
+#include "prunepath/topp_route_common.cuh"
+
+namespace prunepath {
+
+constexpr int kToppRouteWarpsPerBlock = 4;
+
+namespace detail {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, m));
+  return v;
+}
+
+// Butterfly sum: lanes l and l^m add the same two values (addition commutes),
+// so every lane ends with identical bits, run after run.
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(kFullMask, v, m);
+  return v;
+}
+
+__device__ __forceinline__ double warp_exclusive_scan(double v, int lane) {
+  double inclusive = v;  // Kogge-Stone: a fixed shape, so the same bits every run
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const double up = __shfl_up_sync(kFullMask, inclusive, d);
+    if (lane >= d) inclusive += up;
+  }
+  const double previous = __shfl_up_sync(kFullMask, inclusive, 1);
+  return lane == 0 ? 0.0 : previous;
+}
+
+template <typename Key>
+__device__ __forceinline__ Key key_max(Key a, Key b) { return a > b ? a : b; }
+template <typename Key>
+__device__ __forceinline__ Key key_min(Key a, Key b) { return a < b ? a : b; }
+
+// Sorts the warp's 32 * IPL keys into descending order; after the call lane l
+// holds sorted positions l * IPL .. l * IPL + IPL - 1.
+template <int IPL, typename Key>
+__device__ __forceinline__ void warp_bitonic_sort_desc(Key (&a)[IPL], int lane) {
+  constexpr int N = 32 * IPL;
+#pragma unroll
+  for (int k = 2; k <= N; k <<= 1) {
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      if (j >= IPL) {  // partner lives in lane ^ (j / IPL), same slot
+        const int lane_mask = j / IPL;
+        const bool lower = (lane & lane_mask) == 0;
+#pragma unroll
+        for (int i = 0; i < IPL; ++i) {
+          const bool desc = ((lane * IPL + i) & k) == 0;
+          const Key other = __shfl_xor_sync(kFullMask, a[i], lane_mask);
+          a[i] = lower == desc ? key_max(a[i], other) : key_min(a[i], other);
+        }
+      } else {  // partner is slot i ^ j of this lane
+#pragma unroll
+        for (int i = 0; i < IPL; ++i) {
+          if ((i & j) == 0) {
+            const bool desc = ((lane * IPL + i) & k) == 0;
+            const Key hi = key_max(a[i], a[i | j]);
+            const Key lo = key_min(a[i], a[i | j]);
+            a[i] = desc ? hi : lo;
+            a[i | j] = desc ? lo : hi;
+          }
+        }
+      }
+    }
+  }
+}
+
+// 16-bit keys ordered like the logits they encode (sign-magnitude to offset).
+__device__ __forceinline__ uint32_t ordered_bits16(float g, LogitDType dtype) {
+  const uint32_t bits = dtype == LogitDType::kBFloat16 ? (__float_as_uint(g) >> 16)
+                                                        : static_cast<uint32_t>(__half_as_ushort(__float2half_rn(g)));
+  return bits ^ ((bits & 0x8000u) ? 0xffffu : 0x8000u);
+}
+
+struct LogitKey32 {  // (logit desc, index asc) for 16-bit logits; 0 is padding
+  using Key = uint32_t;
+  __device__ static Key make(float g, float, int e, LogitDType dtype) {
+    return (ordered_bits16(g, dtype) << 16) | static_cast<uint32_t>(0xffff - e);
+  }
+  __device__ static int expert(Key k) { return 0xffff - static_cast<int>(k & 0xffffu); }
+};
+
+struct ProbKey64 {  // (probability desc, index asc), exact; 0 is padding
+  using Key = unsigned long long;
+  __device__ static Key make(float, float prob, int e, LogitDType) {
+    return (static_cast<Key>(__float_as_uint(prob)) << 32) | static_cast<Key>(0xffffffffu - static_cast<uint32_t>(e));
+  }
+  __device__ static int expert(Key k) { return static_cast<int>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffull)); }
+};
+
+// Scans and selects one row whose `count` largest experts are sorted in `key`
+// (descending, blocked: lane l holds positions l * IPL + i), then writes the
+// outputs and returns true. Returns false, writing nothing, when the answer is
+// not decided by these keys: `partial` (the keys are only a candidate prefix)
+// and the threshold or min_experts reaches past them, or `check_order` finds
+// two kept experts out of (probability desc, index asc) order.
+template <int IPL, typename KeyPolicy>
+__device__ __forceinline__ bool select_sorted_row(const ToppRouteParams& p, int64_t t, int lane,
+                                                  const typename KeyPolicy::Key (&key)[IPL], int count,
+                                                  const float* row_logit, float row_max, float total, float tau,
+                                                  bool partial, bool check_order) {
+  const int E = p.num_experts;
+  // Probabilities in sorted order, then the inclusive cumulative sum: each lane
+  // sums its slots in order in double, offset by an exclusive scan of the
+  // lane totals; every c is rounded once to fp32.
+  float prob[IPL];
+  double lane_total = 0.0;
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    const int pos = lane * IPL + i;
+    prob[i] = pos < count ? softmax_weight(row_logit[KeyPolicy::expert(key[i])], row_max) / total : 0.0f;
+    lane_total += prob[i];
+  }
+  double running = warp_exclusive_scan(lane_total, lane);
+  float cumulative[IPL];
+  int first = E;
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    running += prob[i];
+    cumulative[i] = static_cast<float>(running);
+    const int pos = lane * IPL + i;
+    if (pos < count && !(cumulative[i] < tau) && pos < first) first = pos;
+  }
+  first = static_cast<int>(__reduce_min_sync(kFullMask, static_cast<unsigned>(first)));
+  if (partial && first >= count) return false;
+  const int n = clamp_active(first, tau, E, p.min_experts, p.k);
+  if (partial && n > count) return false;
+
+  if (check_order) {
+    // Kept slot pos must precede pos + 1 in (probability desc, index asc).
+    const float next_prob = __shfl_down_sync(kFullMask, prob[0], 1);
+    const int next_expert = __shfl_down_sync(kFullMask, KeyPolicy::expert(key[0]), 1);
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      const int pos = lane * IPL + i;
+      const float q = i + 1 < IPL ? prob[i + 1 < IPL ? i + 1 : i] : next_prob;
+      const int f = i + 1 < IPL ? KeyPolicy::expert(key[i + 1 < IPL ? i + 1 : i]) : next_expert;
+      if (pos < n && pos + 1 < count) bad |= prob[i] < q || (prob[i] == q && KeyPolicy::expert(key[i]) > f);
+    }
+    if (__any_sync(kFullMask, bad)) return false;
+  }
+
+  float kept_mass = 0.0f;
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    if (lane * IPL + i == n - 1) kept_mass = cumulative[i];
+  }
+  kept_mass = __shfl_sync(kFullMask, kept_mass, n > 0 ? (n - 1) / IPL : 0);
+
+  int32_t ids[IPL];
+  float gates[IPL];
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    const bool kept = lane * IPL + i < n;
+    const int e = kept ? KeyPolicy::expert(key[i]) : 0;
+    ids[i] = kept ? e : -1;
+    gates[i] = kept ? gate_value(p.gate, row_logit[e], prob[i], kept_mass) : 0.0f;
+  }
+  int32_t* out_ids = p.expert_ids + t * p.k;
+  float* out_gates = p.gates + t * p.k;
+  const int base = lane * IPL;
+  const bool vector_rows = (p.k & 3) == 0;  // rows start 16-byte aligned
+  if (IPL % 4 == 0 && vector_rows) {
+#pragma unroll
+    for (int i = 0; i < IPL; i += 4) {
+      if (base + i < p.k) {
+        *reinterpret_cast<int4*>(out_ids + base + i) =
+            make_int4(ids[i], ids[(i + 1) % IPL], ids[(i + 2) % IPL], ids[(i + 3) % IPL]);
+        *reinterpret_cast<float4*>(out_gates + base + i) =
+            make_float4(gates[i], gates[(i + 1) % IPL], gates[(i + 2) % IPL], gates[(i + 3) % IPL]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      if (base + i < p.k) {
+        out_ids[base + i] = ids[i];
+        out_gates[base + i] = gates[i];
+      }
+    }
+  }
+  // Slots past the sorted keys (candidate path only) are all padding.
+  int pos = 32 * IPL + (vector_rows ? 4 * lane : lane);
+  if (vector_rows) {
+    for (; pos < p.k; pos += 128) {
+      *reinterpret_cast<int4*>(out_ids + pos) = make_int4(-1, -1, -1, -1);
+      *reinterpret_cast<float4*>(out_gates + pos) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  } else {
+    for (; pos < p.k; pos += 32) {
+      out_ids[pos] = -1;
+      out_gates[pos] = 0.0f;
+    }
+  }
+  if (lane == 0) p.num_active[t] = n;
+  return true;
+}
+
+// Full sort of the row (every expert), then selection.
+template <int IPL, typename KeyPolicy>
+__device__ __forceinline__ bool route_row_full(const ToppRouteParams& p, int64_t t, int lane, const float* row_logit,
+                                               float row_max, float total, float tau, LogitDType dtype,
+                                               bool check_order) {
+  typename KeyPolicy::Key key[IPL];
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    const int e = i * 32 + lane;
+    const float g = e < p.num_experts ? row_logit[e] : 0.0f;
+    key[i] = e < p.num_experts ? KeyPolicy::make(g, softmax_weight(g, row_max) / total, e, dtype) : 0;
+  }
+  warp_bitonic_sort_desc<IPL>(key, lane);
+  return select_sorted_row<IPL, KeyPolicy>(p, t, lane, key, p.num_experts, row_logit, row_max, total, tau, false,
+                                           check_order);
+}
+
+// Candidate path: the experts with p >= theta, already compacted into
+// `cand` (count of them, count <= 32 * IPL; 32-bit keys stored widened),
+// sorted alone.
+template <int IPL, typename KeyPolicy>
+__device__ __forceinline__ bool route_row_candidates(const ToppRouteParams& p, int64_t t, int lane,
+                                                     const unsigned long long* cand, int count,
+                                                     const float* row_logit, float row_max, float total, float tau,
+                                                     bool check_order) {
+  typename KeyPolicy::Key key[IPL];
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    const int j = i * 32 + lane;
+    key[i] = j < count ? static_cast<typename KeyPolicy::Key>(cand[j]) : 0;
+  }
+  warp_bitonic_sort_desc<IPL>(key, lane);
+  return select_sorted_row<IPL, KeyPolicy>(p, t, lane, key, count, row_logit, row_max, total, tau, true,
+                                           check_order);
+}
+
+}  // namespace detail
+
+// Largest candidate set the partial-sort path sorts (a multiple of 32).
+constexpr int kToppRouteMaxCandidates = 128;
+// Bisection steps on the probability threshold: each halves the range of its
+// fp32 bit pattern, so 14 steps leave theta within about 0.2% of the best.
+constexpr int kThresholdSteps = 14;
+
+// One warp per token. For tau < 1 the kept prefix is usually a small part of
+// the row: a bisection on a probability threshold theta (warp sums of the
+// mass above it) finds a set {p >= theta} that holds at least tau of the mass,
+// and only that set is sorted; the set is closed under ties, so it is exactly
+// a prefix of the full order and its cumulative sums are the full row's. When
+// the set is too large, or tau >= 1, or min_experts reaches past it, the
+// whole row is sorted instead.
+template <int IPL>
+__global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32)
+    topp_route_warp_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype) {
+  __shared__ float logit_smem[kToppRouteWarpsPerBlock][32 * IPL];  // sanitised row, for gates and re-sorts
+  __shared__ unsigned long long cand_smem[kToppRouteWarpsPerBlock][kToppRouteMaxCandidates];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kToppRouteWarpsPerBlock + warp;
+  if (t >= p.num_tokens) return;  // whole warps only: no shuffle below loses a lane
+  float* row_logit = logit_smem[warp];
+  const int E = p.num_experts;
+  const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
+
+  // Striped, coalesced load (expert i * 32 + lane); the sort does not care
+  // where an expert starts.
+  float g[IPL];
+  float local_max = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    const int e = i * 32 + lane;
+    g[i] = e < E ? sanitize_logit(detail::load_logit(logits, t * p.logits_stride + e, dtype)) : -INFINITY;
+    if (e < E) row_logit[e] = g[i];
+    local_max = fmaxf(local_max, g[i]);
+  }
+  const float row_max = detail::warp_max(local_max);
+  double local_sum = 0.0;
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    if (i * 32 + lane < E) local_sum += softmax_weight(g[i], row_max);
+  }
+  // Normaliser in double, rounded once: its error would shift every cumulative sum.
+  const float total = static_cast<float>(detail::warp_sum(local_sum));
+  __syncwarp();
+  const bool narrow = dtype != LogitDType::kFloat32;
+
+  if (tau < 1.0f && E > kToppRouteMaxCandidates / 2 && p.min_experts <= kToppRouteMaxCandidates) {
+    float prob[IPL];
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) prob[i] = i * 32 + lane < E ? softmax_weight(g[i], row_max) / total : 0.0f;
+    // Largest theta (on its bit pattern) whose mass {p >= theta} still reaches
+    // tau with a little slack; fp32 sums suffice, the exact scan decides.
+    const float target = tau + 1e-5f;
+    unsigned lo = 0, hi = __float_as_uint(1.0f / total) + 1;  // mass(lo) >= target > mass(hi), if any theta works
+#pragma unroll 1
+    for (int step = 0; step < kThresholdSteps; ++step) {
+      const unsigned mid = lo + (hi - lo) / 2;
+      const float theta = __uint_as_float(mid);
+      float mass = 0.0f;
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) mass += prob[i] >= theta ? prob[i] : 0.0f;
+#pragma unroll
+      for (int m = 16; m > 0; m >>= 1) mass += __shfl_xor_sync(detail::kFullMask, mass, m);
+      if (mass >= target) lo = mid; else hi = mid;
+    }
+    const float theta = __uint_as_float(lo);
+    int count = 0;
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) count += __popc(__ballot_sync(detail::kFullMask, prob[i] >= theta));
+    if (lo > 0 && count <= kToppRouteMaxCandidates) {
+      // Compact the candidates' keys in expert order (deterministic positions).
+      unsigned long long* cand = cand_smem[warp];
+      int offset = 0;
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) {
+        const bool take = prob[i] >= theta;
+        const unsigned ballot = __ballot_sync(detail::kFullMask, take);
+        if (take) {
+          const int at = offset + __popc(ballot & ((1u << lane) - 1u));
+          const int e = i * 32 + lane;
+          cand[at] = narrow ? detail::LogitKey32::make(g[i], prob[i], e, dtype)
+                            : detail::ProbKey64::make(g[i], prob[i], e, dtype);
+        }
+        offset += __popc(ballot);
+      }
+      __syncwarp();
+      bool done;
+      if (narrow) {
+        done = count <= 64 ? detail::route_row_candidates<2, detail::LogitKey32>(p, t, lane, cand, count, row_logit,
+                                                                                 row_max, total, tau, true)
+                           : detail::route_row_candidates<4, detail::LogitKey32>(p, t, lane, cand, count, row_logit,
+                                                                                 row_max, total, tau, true);
+      } else {
+        done = count <= 64 ? detail::route_row_candidates<2, detail::ProbKey64>(p, t, lane, cand, count, row_logit,
+                                                                                row_max, total, tau, false)
+                           : detail::route_row_candidates<4, detail::ProbKey64>(p, t, lane, cand, count, row_logit,
+                                                                                row_max, total, tau, false);
+      }
+      if (done) return;
+      __syncwarp();
+    }
+  }
+
+  if (narrow && detail::route_row_full<IPL, detail::LogitKey32>(p, t, lane, row_logit, row_max, total, tau, dtype,
+                                                                  true)) {
+    return;
+  }
+  detail::route_row_full<IPL, detail::ProbKey64>(p, t, lane, row_logit, row_max, total, tau, dtype, false);
+}
+
+}  // namespace prunepath

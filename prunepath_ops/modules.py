@@ -1,0 +1,149 @@
+"""``nn.Module`` front end: :class:`PrunePathMLP`, a dense FFN turned into a routed expert FFN.
+
+Legend: T tokens, E experts, S expert width, d hidden, F FFN width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from prunepath_ops.ffn.api import sparse_ffn
+from prunepath_ops.ffn.packing import PackedExperts, pack_experts
+from prunepath_ops.reference.routing import GATE_MODES
+from prunepath_ops.routing import topp_route
+
+_ACT_OF_MODULE = {nn.SiLU: "silu", nn.ReLU: "relu"}
+
+
+def _activation_name(module: nn.Module, default: str) -> str:
+    act = getattr(module, "act_fn", None) or getattr(module, "act", None) or getattr(module, "activation", None)
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    for cls, name in _ACT_OF_MODULE.items():
+        if isinstance(act, cls):
+            return name
+    return default
+
+
+def _dense_weights(mlp: nn.Module) -> dict:
+    """Weights of a Llama-style (gate/up/down), fc1/fc2 or GPT-2 (c_fc/c_proj Conv1D) FFN, ``nn.Linear`` layout."""
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return {"w_in": mlp.gate_proj.weight, "w_up": mlp.up_proj.weight, "w_out": mlp.down_proj.weight, "gated": True}
+    if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
+        return {"w_in": mlp.fc1.weight, "b_in": mlp.fc1.bias, "w_out": mlp.fc2.weight, "b_out": mlp.fc2.bias, "gated": False}
+    if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):  # GPT-2 Conv1D stores weight as [in, out]
+        return {
+            "w_in": mlp.c_fc.weight.t(), "b_in": mlp.c_fc.bias,
+            "w_out": mlp.c_proj.weight.t(), "b_out": mlp.c_proj.bias, "gated": False,
+        }  # fmt: skip
+    raise TypeError(
+        f"PrunePathMLP.from_dense: {type(mlp).__name__} has neither gate_proj/up_proj/down_proj, fc1/fc2 nor c_fc/c_proj"
+    )
+
+
+class PrunePathMLP(nn.Module):
+    """Router -> top-p routing -> sparse expert FFN, with ``tau`` settable at any time.
+
+    Parameters
+    ----------
+    packed : PackedExperts
+        The FFN's weights in expert-major layout (see :func:`prunepath_ops.pack_experts`).
+    router_weight : Tensor, optional
+        ``[E, d]`` router weight; default zeros (the paper's initialisation).
+    tau : float
+        Top-p threshold; ``tau >= 1`` keeps every expert.
+    gate : {"sigmoid", "prob", "renorm", "one"}
+    min_experts, max_experts : int
+        Bounds on the experts kept per token (see :func:`prunepath_ops.topp_route`).
+    path, backend : str
+        Forwarded to :func:`prunepath_ops.sparse_ffn`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> class Llama(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.gate_proj, self.up_proj = nn.Linear(8, 32, bias=False), nn.Linear(8, 32, bias=False)
+    ...         self.down_proj, self.act_fn = nn.Linear(32, 8, bias=False), nn.SiLU()
+    >>> mlp = PrunePathMLP.from_dense(Llama(), expert_width=16, tau=0.9)
+    >>> mlp.tau = 0.5
+    >>> mlp(torch.randn(2, 3, 8)).shape
+    torch.Size([2, 3, 8])
+    """
+
+    def __init__(
+        self,
+        packed: PackedExperts,
+        router_weight: Tensor | None = None,
+        *,
+        tau: float = 1.05,
+        gate: str = "sigmoid",
+        min_experts: int = 1,
+        max_experts: int | None = None,
+        path: str = "auto",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if gate not in GATE_MODES:
+            raise ValueError(f"PrunePathMLP: gate must be one of {GATE_MODES}; got {gate!r}")
+        E, d = packed.num_experts, packed.hidden
+        self.router = nn.Linear(d, E, bias=False, device=packed.w_in.device, dtype=packed.w_in.dtype)
+        with torch.no_grad():
+            self.router.weight.copy_(router_weight if router_weight is not None else torch.zeros(E, d))
+        self.register_buffer("w_in", packed.w_in)
+        self.register_buffer("w_down", packed.w_down)
+        self.register_buffer("b_in", packed.b_in)
+        self.register_buffer("b_out", packed.b_out)
+        self.gated, self.act = packed.gated, packed.act
+        self.tau, self.gate, self.min_experts, self.max_experts = float(tau), gate, min_experts, max_experts
+        self.path, self.backend = path, backend
+
+    @classmethod
+    def from_dense(
+        cls,
+        mlp: nn.Module,
+        expert_width: int,
+        permutation: Tensor | None = None,
+        *,
+        act: str | None = None,
+        router_weight: Tensor | None = None,
+        **kwargs,
+    ) -> PrunePathMLP:
+        """Pack a dense FFN module (Llama ``gate/up/down_proj``, ``fc1/fc2`` or GPT-2 ``c_fc/c_proj``).
+
+        ``permutation`` ``[F]`` groups neurons into experts (packed neuron i is dense
+        neuron ``permutation[i]``); ``act`` overrides the activation found on the
+        module (``act_fn``/``act``/``activation``; default silu for gated, gelu for plain).
+        """
+        w = _dense_weights(mlp)
+        gated = w.pop("gated")
+        name = act or _activation_name(mlp, "silu" if gated else "gelu")
+        with torch.no_grad():
+            packed = pack_experts(
+                w["w_in"].detach(), w["w_out"].detach(), expert_width, w_up=w.get("w_up"), b_in=w.get("b_in"),
+                b_out=w.get("b_out"), permutation=permutation, act=name,
+            )  # fmt: skip
+        packed = PackedExperts(*(t.detach() if isinstance(t, Tensor) else t for t in vars(packed).values()))
+        return cls(packed, router_weight, **kwargs)
+
+    @property
+    def packed(self) -> PackedExperts:
+        return PackedExperts(self.w_in, self.w_down, self.b_in, self.b_out, self.gated, self.act)
+
+    def route(self, x: Tensor):
+        """The routing of ``x [T, d]`` at the current ``tau``."""
+        logits = self.router(x)  # [T, E]
+        return topp_route(logits, self.tau, min_experts=self.min_experts, max_experts=self.max_experts, gate=self.gate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., d] -> [..., d]``."""
+        x2 = x.reshape(-1, x.shape[-1])
+        y = sparse_ffn(x2, self.route(x2), self.packed, path=self.path, backend=self.backend)
+        return y.view(x.shape)
+
+    def extra_repr(self) -> str:
+        E, S, d = self.w_down.shape
+        return f"d={d}, experts={E}x{S}, gated={self.gated}, act={self.act}, tau={self.tau}, gate={self.gate}"

@@ -1,0 +1,308 @@
+"""Routed expert FFN (issue 3) against two oracles: the expert-loop reference and the masked dense FFN.
+
+CPU: the sparse PyTorch path, and the Triton kernels under TRITON_INTERPRET=1 (fp32/fp16, tiny
+shapes). GPU: everything, bf16 and Llama-like shapes included, and bitwise determinism.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import prunepath_ops as pp
+from prunepath_ops import reference as R
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def make_ffn(d, F, S, *, gated=True, act="silu", bias=False, dtype=torch.float32, device="cpu", seed=0):
+    """Dense weights (nn.Linear layout), a random permutation and the packed experts."""
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        "w_in": torch.randn(F, d, generator=g) / d**0.5,
+        "w_out": torch.randn(d, F, generator=g) / F**0.5,
+        "w_up": torch.randn(F, d, generator=g) / d**0.5 if gated else None,
+        "b_in": torch.randn(F, generator=g) * 0.1 if bias else None,
+        "b_out": torch.randn(d, generator=g) * 0.1 if bias else None,
+    }
+    w = {k: None if v is None else v.to(dtype=dtype, device=device) for k, v in w.items()}
+    perm = torch.randperm(F, generator=g).to(device)
+    packed = pp.pack_experts(w["w_in"], w["w_out"], S, w_up=w["w_up"], b_in=w["b_in"], b_out=w["b_out"], permutation=perm, act=act)
+    return w, perm, packed
+
+
+def poison_padding(route, K, E, seed=1):
+    """Fill slots beyond num_active with out-of-range ids and NaN gates: they must never be read."""
+    ids, gates, n = (t.clone() for t in route)
+    pad = torch.arange(K, device=ids.device)[None, :] >= n[:, None]
+    g = torch.Generator().manual_seed(seed)
+    junk = torch.randint(-5, 3 * E, ids.shape, generator=g, dtype=torch.int32).to(ids.device)
+    return ids.masked_fill(pad, 0) + junk * pad, gates.masked_fill(pad, float("nan")), n
+
+
+def oracles(x, w, perm, packed, route, S, act):
+    """(expert-loop reference, masked dense FFN) outputs."""
+    ref = R.sparse_ffn(x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=packed.gated, act=act)
+    mask = R.masked_dense_ffn(
+        x, w["w_in"][perm], w["w_out"][:, perm], *route, S,
+        w_up=None if w["w_up"] is None else w["w_up"][perm], b_in=None if w["b_in"] is None else w["b_in"][perm],
+        b_out=w["b_out"], act=act,
+    )  # fmt: skip
+    return ref, mask
+
+
+def check(out, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+BACKENDS = [("cpu", "auto"), pytest.param("triton", "decode", marks=needs_triton), pytest.param("triton", "prefill", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend,path", BACKENDS)
+@pytest.mark.parametrize(
+    "T,d,F,S,tau,gated,act,bias",
+    [
+        (0, 32, 64, 16, 0.7, True, "silu", False),  # no tokens
+        (1, 32, 64, 16, 0.7, True, "silu", False),  # a single token (decode)
+        (13, 40, 96, 16, 0.6, True, "silu", False),  # prime T, d not a multiple of 16
+        (13, 24, 64, 32, 0.8, False, "gelu", True),  # plain FFN, exact gelu, both biases
+        (7, 40, 48, 16, 0.5, False, "gelu_tanh", True),  # gelu tanh, 3 experts (F = 48)
+        (5, 32, 64, 16, 0.9, False, "relu", False),  # relu, no bias
+        (21, 32, 128, 16, 0.0, True, "silu", False),  # one expert per token (tau <= 0), T > tile
+        (6, 32, 64, 16, 2.0, True, "silu", False),  # every expert for every token
+    ],
+)
+def test_matches_both_oracles(backend, path, T, d, F, S, tau, gated, act, bias):
+    if backend == "triton" and path == "decode" and T > 16:
+        pytest.skip("decode handles T <= 16")
+    dtype = torch.float32
+    w, perm, packed = make_ffn(d, F, S, gated=gated, act=act, bias=bias, dtype=dtype)
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    E = F // S
+    route = pp.topp_route(torch.randn(T, E, generator=torch.Generator().manual_seed(3)) * 2, tau)
+    ref, masked = oracles(x, w, perm, packed, route, S, act)
+    out = pp.sparse_ffn(x, poison_padding(route, E, E), packed, path=path, backend=backend)
+    assert out.shape == (T, d) and out.dtype == dtype
+    check(out, ref, dtype)
+    check(out, masked, dtype)
+
+
+@pytest.mark.parametrize("backend,path", BACKENDS)
+@pytest.mark.parametrize("S", [16, 32])
+def test_tau_one_gate_one_is_the_dense_ffn(backend, path, S):
+    d, F, T = 24, 4 * S, 5
+    w, _, packed = make_ffn(d, F, S)
+    x = torch.randn(T, d)
+    route = pp.topp_route(torch.randn(T, F // S), 1.0, gate="one")
+    dense = R.dense_ffn(x, w["w_in"], w["w_out"], w_up=w["w_up"])
+    check(pp.sparse_ffn(x, route, packed, path=path, backend=backend), dense, torch.float32)
+
+
+def _custom_route(T, E, K, rows):
+    ids = torch.full((T, K), -1, dtype=torch.int32)
+    gates = torch.zeros(T, K)
+    n = torch.zeros(T, dtype=torch.int32)
+    for t, experts in enumerate(rows):
+        ids[t, : len(experts)] = torch.tensor(experts, dtype=torch.int32)
+        gates[t, : len(experts)] = torch.linspace(0.9, 0.3, len(experts)) if experts else gates[t, :0]
+        n[t] = len(experts)
+    return ids, gates, n
+
+
+@pytest.mark.parametrize("backend,path", BACKENDS)
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [[2]] * 9,  # every token to the same expert; experts 0, 1, 3 unselected
+        [[3, 0], [], [1], [3, 2, 1, 0], [0]],  # a token with no expert, one with all, one with one
+        [[], [], []],  # nothing selected at all
+    ],
+)
+def test_edge_routings(backend, path, rows):
+    E, S, d = 4, 16, 20
+    w, perm, packed = make_ffn(d, E * S, S, bias=False)
+    T = len(rows)
+    x = torch.randn(T, d)
+    route = _custom_route(T, E, E, rows)
+    ref, masked = oracles(x, w, perm, packed, route, S, "silu")
+    out = pp.sparse_ffn(x, poison_padding(route, E, E), packed, path=path, backend=backend)
+    check(out, ref, torch.float32)
+    check(out, masked, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_triton_fp16(path):
+    d, F, S, T = 40, 64, 16, 11
+    w, perm, packed = make_ffn(d, F, S, dtype=torch.float16, device=DEVICE)
+    x = torch.randn(T, d).half().to(DEVICE)
+    route = pp.topp_route(torch.randn(T, F // S, device=DEVICE), 0.7)
+    ref, masked = oracles(x, w, perm, packed, route, S, "silu")
+    out = pp.sparse_ffn(x, route, packed, path=path, backend="triton")
+    check(out, ref, torch.float16)
+    check(out, masked, torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [1, 3])
+def test_decode_split_reduction(split):
+    from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
+
+    d, F, S, T = 48, 128, 16, 3
+    w, _, packed = make_ffn(d, F, S, bias=True, gated=False, act="gelu", device=DEVICE)
+    x = torch.randn(T, d, device=DEVICE)
+    route = pp.topp_route(torch.randn(T, F // S, device=DEVICE), 0.8)
+    ref = R.sparse_ffn(x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=False, act="gelu")
+    out = sparse_ffn_decode_triton(x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "gelu", split=split)
+    check(out, ref, torch.float32)
+
+
+def test_leading_dims_and_errors():
+    w, _, packed = make_ffn(16, 32, 16)
+    x = torch.randn(2, 3, 16)
+    route = pp.topp_route(torch.randn(6, 2), 0.9)
+    assert pp.sparse_ffn(x, route, packed).shape == (2, 3, 16)
+    with pytest.raises(ValueError, match="path"):
+        pp.sparse_ffn(x, route, packed, path="fast")
+    with pytest.raises(ValueError, match="backend"):
+        pp.sparse_ffn(x, route, packed, backend="gpu")
+    with pytest.raises(TypeError, match="dtype"):
+        pp.sparse_ffn(x.half(), route, packed)
+    with pytest.raises(ValueError, match="expert id"):
+        bad = (torch.tensor([[5, 0]] * 6, dtype=torch.int32), route[1], torch.ones(6, dtype=torch.int32))
+        pp.sparse_ffn(x, bad, packed, backend="cpu")
+    with pytest.raises(ValueError, match="divide"):
+        pp.pack_experts(torch.randn(30, 8), torch.randn(8, 30), 16)
+
+
+def test_cpu_path_is_sparse_in_the_weights_it_reads():
+    """Weights of unselected experts may be NaN: a sparse path never touches them."""
+    w, _, packed = make_ffn(16, 64, 16)
+    packed.w_in[1:3] = float("nan")
+    packed.w_down[1:3] = float("nan")
+    route = _custom_route(3, 4, 4, [[0], [3, 0], [3]])
+    out = pp.sparse_ffn(torch.randn(3, 16), route, packed, backend="cpu")
+    assert torch.isfinite(out).all()
+
+
+def test_opcheck_sparse_ffn_cpu():
+    w, _, packed = make_ffn(16, 32, 16, gated=False, bias=True, act="relu")
+    x = torch.randn(4, 16)
+    ids, gates, n = pp.topp_route(torch.randn(4, 2), 0.8)
+    args = (x, ids, gates, n, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "relu", "auto", "cpu")
+    torch.library.opcheck(torch.ops.prunepath.sparse_ffn.default, args)
+
+
+@needs_triton
+def test_opcheck_sparse_ffn_triton():
+    w, _, packed = make_ffn(16, 32, 16, device=DEVICE)
+    x = torch.randn(3, 16, device=DEVICE)
+    ids, gates, n = pp.topp_route(torch.randn(3, 2, device=DEVICE), 0.8)
+    args = (x, ids, gates, n, packed.w_in, None, packed.w_down, None, True, "silu", "decode", "triton")
+    torch.library.opcheck(torch.ops.prunepath.sparse_ffn.default, args)
+
+
+def test_compile_fullgraph_router_route_ffn():
+    torch._dynamo.reset()
+    w, _, packed = make_ffn(16, 64, 16)
+    wr = torch.randn(4, 16)
+
+    def routed(x, tau: float):
+        route = pp.topp_route(x @ wr.t(), tau)
+        return pp.sparse_ffn(x, route, packed)
+
+    x = torch.randn(5, 16)
+    compiled = torch.compile(routed, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, 0.6), routed(x, 0.6))
+
+
+class _Llama(nn.Module):
+    def __init__(self, d, F):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, F, bias=False), nn.Linear(d, F, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(F, d, bias=False), nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Bert(nn.Module):
+    def __init__(self, d, F):
+        super().__init__()
+        self.fc1, self.fc2, self.activation = nn.Linear(d, F), nn.Linear(F, d), nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+@pytest.mark.parametrize("cls", [_Llama, _Bert])
+def test_module_from_dense(cls):
+    torch.manual_seed(0)
+    d, F, S = 24, 64, 16
+    dense = cls(d, F)
+    perm = torch.randperm(F)
+    mlp = pp.PrunePathMLP.from_dense(dense, S, perm, router_weight=torch.randn(F // S, d), tau=2.0, gate="one")
+    x = torch.randn(2, 5, d)
+    with torch.no_grad():
+        check(mlp(x), dense(x), torch.float32)  # tau >= 1, gate one: the dense FFN
+        mlp.tau, mlp.gate = 0.5, "sigmoid"
+        x2 = x.reshape(-1, d)
+        route = mlp.route(x2)
+        assert int(route.num_active.max()) < F // S
+        packed = mlp.packed
+        ref = R.sparse_ffn(x2, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=packed.gated, act=packed.act)
+        check(mlp(x).reshape(-1, d), ref, torch.float32)
+
+
+# ---- GPU only: bf16, Llama-like shapes, determinism ---------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("S", [16, 32, 64, 128])
+@pytest.mark.parametrize("T", [1, 4, 16, 17, 331])  # decode sizes, just above, a prime prefill
+def test_gpu_against_reference(dtype, S, T):
+    d, F = 1000, 32 * 128  # d not a multiple of any tile
+    w, perm, packed = make_ffn(d, F, S, dtype=dtype, device="cuda")
+    x = torch.randn(T, d, device="cuda").to(dtype)
+    route = pp.topp_route(torch.randn(T, F // S, device="cuda") * 3, 0.5)
+    ref = R.sparse_ffn(x.cpu(), *(t.cpu() for t in route), packed.w_in.cpu(), packed.w_down.cpu(), act="silu")
+    check(pp.sparse_ffn(x, route, packed).cpu(), ref, dtype)
+    if T <= 16:
+        check(pp.sparse_ffn(x, route, packed, path="prefill").cpu(), ref, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 16, 1024])
+def test_gpu_bitwise_deterministic(T):
+    d, F, S = 4096, 14336 // 4, 32
+    _, _, packed = make_ffn(d, F, S, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(T, d, device="cuda").bfloat16()
+    route = pp.topp_route(torch.randn(T, F // S, device="cuda"), 0.3)
+    first = pp.sparse_ffn(x, route, packed)
+    for _ in range(5):
+        assert torch.equal(pp.sparse_ffn(x, route, packed), first)
+
+
+@needs_cuda
+def test_gpu_cuda_graph_capture_decode():
+    d, F, S = 512, 1024, 32
+    _, _, packed = make_ffn(d, F, S, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(4, d, device="cuda").bfloat16()
+    route = pp.topp_route(torch.randn(4, F // S, device="cuda"), 0.4)
+    expected = pp.sparse_ffn(x, route, packed)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pp.sparse_ffn(x, route, packed)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
