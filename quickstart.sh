@@ -45,8 +45,10 @@ quiet() {
   mkdir -p "$LOGS"
   local log=$LOGS/$name.log
   if ! "$@" >"$log" 2>&1; then
-    say "error: '$*' failed; the end of its output ($log):"
-    tail -n 150 "$log" >&2
+    say "error: '${*#"$VENV/bin/"}' failed; its first errors and its last lines follow (all of it: $log)"
+    grep -m 40 -E '(error|Error|ERROR)\b' "$log" >&2 || true
+    echo "[...]" >&2
+    tail -n 60 "$log" >&2
     exit 1
   fi
 }

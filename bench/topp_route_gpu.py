@@ -289,7 +289,7 @@ def fmt(key: str, value) -> str:
     if value is None:
         return "-"
     if key in ("op_us", "composite_us", "floor_us"):
-        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+        return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
     if key == "speedup":
         return f"{value:.1f}x"
     if key == "op_over_floor":

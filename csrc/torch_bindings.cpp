@@ -25,7 +25,8 @@ TORCH_LIBRARY(prunepath, m) {
   //   (padded first row per expert), expert_counts [E] int32, with
   //   B_max = (T*K + min(E, T*K) * (block_m - 1)) / block_m and P_max = B_max * block_m.
   m.def(
-      "align_experts(Tensor expert_ids, Tensor num_active, int num_experts, int block_m) -> (Tensor sorted_pairs, "
+      "align_experts(Tensor expert_ids, Tensor num_active, int num_experts, int block_m) -> (Tensor "
+      "sorted_pairs, "
       "Tensor block_expert, Tensor expert_offsets, Tensor expert_counts)");
 }
 

@@ -31,7 +31,13 @@ def _dense_weights(mlp: nn.Module) -> dict:
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
         return {"w_in": mlp.gate_proj.weight, "w_up": mlp.up_proj.weight, "w_out": mlp.down_proj.weight, "gated": True}
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
-        return {"w_in": mlp.fc1.weight, "b_in": mlp.fc1.bias, "w_out": mlp.fc2.weight, "b_out": mlp.fc2.bias, "gated": False}
+        return {
+            "w_in": mlp.fc1.weight,
+            "b_in": mlp.fc1.bias,
+            "w_out": mlp.fc2.weight,
+            "b_out": mlp.fc2.bias,
+            "gated": False,
+        }
     if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):  # GPT-2 Conv1D stores weight as [in, out]
         return {
             "w_in": mlp.c_fc.weight.t(), "b_in": mlp.c_fc.bias,

@@ -12,7 +12,11 @@ from prunepath_ops import reference as R
 def random_routing(T, E, K, seed=0, device="cpu"):
     """Distinct experts per token, random num_active, junk (incl. out-of-range ids) beyond it."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int() if T else torch.zeros(0, K, dtype=torch.int32)
+    ids = (
+        torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
+        if T
+        else torch.zeros(0, K, dtype=torch.int32)
+    )
     n = torch.randint(0, K + 1, (T,), generator=g).int()
     pad = torch.arange(K)[None, :] >= n[:, None]
     junk = torch.randint(-3, 3 * E, ids.shape, generator=g, dtype=torch.int32)

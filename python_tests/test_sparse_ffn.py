@@ -35,7 +35,9 @@ def make_ffn(d, F, S, *, gated=True, act="silu", bias=False, dtype=torch.float32
     }
     w = {k: None if v is None else v.to(dtype=dtype, device=device) for k, v in w.items()}
     perm = torch.randperm(F, generator=g).to(device)
-    packed = pp.pack_experts(w["w_in"], w["w_out"], S, w_up=w["w_up"], b_in=w["b_in"], b_out=w["b_out"], permutation=perm, act=act)
+    packed = pp.pack_experts(
+        w["w_in"], w["w_out"], S, w_up=w["w_up"], b_in=w["b_in"], b_out=w["b_out"], permutation=perm, act=act
+    )
     return w, perm, packed
 
 
@@ -50,7 +52,9 @@ def poison_padding(route, K, E, seed=1):
 
 def oracles(x, w, perm, packed, route, S, act):
     """(expert-loop reference, masked dense FFN) outputs."""
-    ref = R.sparse_ffn(x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=packed.gated, act=act)
+    ref = R.sparse_ffn(
+        x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=packed.gated, act=act
+    )
     mask = R.masked_dense_ffn(
         x, w["w_in"][perm], w["w_out"][:, perm], *route, S,
         w_up=None if w["w_up"] is None else w["w_up"][perm], b_in=None if w["b_in"] is None else w["b_in"][perm],
@@ -64,7 +68,16 @@ def check(out, expected, dtype):
     torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=rtol)
 
 
-BACKENDS = [("cpu", "auto"), pytest.param("triton", "decode", marks=needs_triton), pytest.param("triton", "prefill", marks=needs_triton)]
+BACKENDS = [
+    ("cpu", "auto"),
+    pytest.param("triton", "decode", marks=needs_triton),
+    pytest.param("triton", "prefill", marks=needs_triton),
+]
+
+
+def device_for(backend):
+    """Triton runs on the GPU when there is one, else on CPU tensors under the interpreter."""
+    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
 
 
 @pytest.mark.parametrize("backend,path", BACKENDS)
@@ -84,11 +97,11 @@ BACKENDS = [("cpu", "auto"), pytest.param("triton", "decode", marks=needs_triton
 def test_matches_both_oracles(backend, path, T, d, F, S, tau, gated, act, bias):
     if backend == "triton" and path == "decode" and T > 16:
         pytest.skip("decode handles T <= 16")
-    dtype = torch.float32
-    w, perm, packed = make_ffn(d, F, S, gated=gated, act=act, bias=bias, dtype=dtype)
-    x = torch.randn(T, d, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    dtype, device = torch.float32, device_for(backend)
+    w, perm, packed = make_ffn(d, F, S, gated=gated, act=act, bias=bias, dtype=dtype, device=device)
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(2), dtype=dtype).to(device)
     E = F // S
-    route = pp.topp_route(torch.randn(T, E, generator=torch.Generator().manual_seed(3)) * 2, tau)
+    route = pp.topp_route((torch.randn(T, E, generator=torch.Generator().manual_seed(3)) * 2).to(device), tau)
     ref, masked = oracles(x, w, perm, packed, route, S, act)
     out = pp.sparse_ffn(x, poison_padding(route, E, E), packed, path=path, backend=backend)
     assert out.shape == (T, d) and out.dtype == dtype
@@ -100,9 +113,10 @@ def test_matches_both_oracles(backend, path, T, d, F, S, tau, gated, act, bias):
 @pytest.mark.parametrize("S", [16, 32])
 def test_tau_one_gate_one_is_the_dense_ffn(backend, path, S):
     d, F, T = 24, 4 * S, 5
-    w, _, packed = make_ffn(d, F, S)
-    x = torch.randn(T, d)
-    route = pp.topp_route(torch.randn(T, F // S), 1.0, gate="one")
+    device = device_for(backend)
+    w, _, packed = make_ffn(d, F, S, device=device)
+    x = torch.randn(T, d, device=device)
+    route = pp.topp_route(torch.randn(T, F // S, device=device), 1.0, gate="one")
     dense = R.dense_ffn(x, w["w_in"], w["w_out"], w_up=w["w_up"])
     check(pp.sparse_ffn(x, route, packed, path=path, backend=backend), dense, torch.float32)
 
@@ -129,10 +143,11 @@ def _custom_route(T, E, K, rows):
 )
 def test_edge_routings(backend, path, rows):
     E, S, d = 4, 16, 20
-    w, perm, packed = make_ffn(d, E * S, S, bias=False)
+    device = device_for(backend)
+    w, perm, packed = make_ffn(d, E * S, S, bias=False, device=device)
     T = len(rows)
-    x = torch.randn(T, d)
-    route = _custom_route(T, E, E, rows)
+    x = torch.randn(T, d, device=device)
+    route = tuple(r.to(device) for r in _custom_route(T, E, E, rows))
     ref, masked = oracles(x, w, perm, packed, route, S, "silu")
     out = pp.sparse_ffn(x, poison_padding(route, E, E), packed, path=path, backend=backend)
     check(out, ref, torch.float32)
@@ -161,8 +176,12 @@ def test_decode_split_reduction(split):
     w, _, packed = make_ffn(d, F, S, bias=True, gated=False, act="gelu", device=DEVICE)
     x = torch.randn(T, d, device=DEVICE)
     route = pp.topp_route(torch.randn(T, F // S, device=DEVICE), 0.8)
-    ref = R.sparse_ffn(x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=False, act="gelu")
-    out = sparse_ffn_decode_triton(x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "gelu", split=split)
+    ref = R.sparse_ffn(
+        x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=False, act="gelu"
+    )
+    out = sparse_ffn_decode_triton(
+        x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "gelu", split=split
+    )
     check(out, ref, torch.float32)
 
 
@@ -259,7 +278,16 @@ def test_module_from_dense(cls):
         route = mlp.route(x2)
         assert int(route.num_active.max()) < F // S
         packed = mlp.packed
-        ref = R.sparse_ffn(x2, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=packed.gated, act=packed.act)
+        ref = R.sparse_ffn(
+            x2,
+            *route,
+            packed.w_in,
+            packed.w_down,
+            b_in=packed.b_in,
+            b_out=packed.b_out,
+            gated=packed.gated,
+            act=packed.act,
+        )
         check(mlp(x).reshape(-1, d), ref, torch.float32)
 
 

@@ -132,7 +132,9 @@ def test_tau_tensor_per_token_and_broadcast(device):
     assert route.num_active[5].item() == 2  # a NaN budget keeps min_experts
     for shape in ((), (1,)):
         one = torch.full(shape, 0.7, device=device)
-        assert torch.equal(prunepath_ops.topp_route(logits, one).expert_ids, prunepath_ops.topp_route(logits, 0.7).expert_ids)
+        assert torch.equal(
+            prunepath_ops.topp_route(logits, one).expert_ids, prunepath_ops.topp_route(logits, 0.7).expert_ids
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -147,7 +149,10 @@ def test_non_contiguous_inputs(device):
         for a, b in zip(route, expected, strict=True):
             assert torch.equal(a, b)
     taus = torch.linspace(0.1, 0.9, 18, device=device)[::2]  # strided tau tensor
-    assert torch.equal(prunepath_ops.topp_route(row_view, taus).num_active, prunepath_ops.topp_route(row_view, taus.contiguous()).num_active)
+    assert torch.equal(
+        prunepath_ops.topp_route(row_view, taus).num_active,
+        prunepath_ops.topp_route(row_view, taus.contiguous()).num_active,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -253,7 +258,9 @@ def test_opcheck_with_grad(device):
     # test_torch_compile_backward below.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     for gate in GATES:
-        torch.library.opcheck(torch.ops.prunepath.topp_route.default, (logits, 0.7, None, 1, None, gate), test_utils=utils)
+        torch.library.opcheck(
+            torch.ops.prunepath.topp_route.default, (logits, 0.7, None, 1, None, gate), test_utils=utils
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -389,3 +396,23 @@ def test_backends_report():
     assert info["cuda_available"] == torch.cuda.is_available()
     if torch.cuda.is_available():
         assert info["cuda"], "a GPU is visible but the CUDA kernels were not built"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((torch.zeros(4), 0.5, None, 1, None, "sigmoid"), ValueError, r"2-D \[T, E\]; got shape \[4\]"),  # rank
+        ((torch.zeros(4, 8, dtype=torch.int32), 0.5, None, 1, None, "sigmoid"), TypeError, "Int"),  # dtype
+        ((torch.zeros(4, 8), 0.5, None, 1, 9, "sigmoid"), ValueError, r"\[1, E = 8\]; got 9"),  # cap
+        ((torch.zeros(4, 8), 0.5, None, 5, 3, "sigmoid"), ValueError, "min_experts"),  # floor above cap
+        ((torch.zeros(4, 8), 0.5, None, 1, None, "max"), ValueError, "got 'max'"),  # gate mode
+        ((torch.zeros(4, 8), 0.5, torch.ones(5), 1, None, "sigmoid"), ValueError, r"\[T\] = \[4\]"),  # tau length
+    ],
+)
+def test_cpp_checks_raise_cleanly(device, args, error, match):
+    # The raw op, bypassing the Python wrapper's checks: the C++ glue must raise
+    # the same kind of error (and not crash) before any kernel runs.
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    with pytest.raises(error, match=match):
+        torch.ops.prunepath.topp_route(*args)

@@ -23,12 +23,12 @@ RouteOutputs topp_route_cuda(const at::Tensor& logits, double tau,
 
 using AlignOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-AlignOutputs align_experts_cpu(const at::Tensor& expert_ids, const at::Tensor& num_active, int64_t num_experts,
-                               int64_t block_m);
+AlignOutputs align_experts_cpu(const at::Tensor& expert_ids, const at::Tensor& num_active,
+                               int64_t num_experts, int64_t block_m);
 
 #ifdef PRUNEPATH_WITH_CUDA
-AlignOutputs align_experts_cuda(const at::Tensor& expert_ids, const at::Tensor& num_active, int64_t num_experts,
-                                int64_t block_m);
+AlignOutputs align_experts_cuda(const at::Tensor& expert_ids, const at::Tensor& num_active,
+                                int64_t num_experts, int64_t block_m);
 #endif
 
 }  // namespace prunepath

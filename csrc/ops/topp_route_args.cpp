@@ -5,6 +5,8 @@
 #include <cmath>
 #include <limits>
 
+#include "check.h"
+
 namespace prunepath {
 
 GateMode parse_gate_mode(c10::string_view gate) {
@@ -12,26 +14,28 @@ GateMode parse_gate_mode(c10::string_view gate) {
   if (gate == "prob") return GateMode::kProb;
   if (gate == "renorm") return GateMode::kRenorm;
   if (gate == "one") return GateMode::kOne;
-  TORCH_CHECK_VALUE(false, "topp_route: gate must be one of 'sigmoid', 'prob', 'renorm', 'one'; got '",
-                    std::string(gate), "'");
+  PRUNEPATH_CHECK_VALUE(false, "topp_route: gate must be one of 'sigmoid', 'prob', 'renorm', 'one'; got '",
+                        std::string(gate), "'");
 }
 
 ToppRouteCall prepare_topp_route(const at::Tensor& logits, double tau,
                                  const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
                                  std::optional<int64_t> max_experts, c10::string_view gate) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "topp_route: logits must be 2-D [T, E]; got shape ", logits.sizes());
+  PRUNEPATH_CHECK_VALUE(logits.dim() == 2, "topp_route: logits must be 2-D [T, E]; got shape ",
+                        logits.sizes());
   const auto dtype = logits.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "topp_route: logits must be float32, float16 or bfloat16; got ", dtype);
+  PRUNEPATH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                       "topp_route: logits must be float32, float16 or bfloat16; got ", dtype);
   const int64_t T = logits.size(0);
   const int64_t E = logits.size(1);
-  TORCH_CHECK_VALUE(E >= 1, "topp_route: logits must have at least one expert column (E >= 1); got shape ",
-                    logits.sizes());
-  TORCH_CHECK_VALUE(E <= std::numeric_limits<int32_t>::max(), "topp_route: E = ", E, " is too large");
+  PRUNEPATH_CHECK_VALUE(
+      E >= 1, "topp_route: logits must have at least one expert column (E >= 1); got shape ", logits.sizes());
+  PRUNEPATH_CHECK_VALUE(E <= std::numeric_limits<int32_t>::max(), "topp_route: E = ", E, " is too large");
   const int64_t K = max_experts.has_value() ? *max_experts : E;
-  TORCH_CHECK_VALUE(K >= 1 && K <= E, "topp_route: max_experts must lie in [1, E = ", E, "]; got ", K);
-  TORCH_CHECK_VALUE(min_experts >= 0 && min_experts <= K,
-                    "topp_route: min_experts must lie in [0, max_experts or E = ", K, "]; got ", min_experts);
+  PRUNEPATH_CHECK_VALUE(K >= 1 && K <= E, "topp_route: max_experts must lie in [1, E = ", E, "]; got ", K);
+  PRUNEPATH_CHECK_VALUE(min_experts >= 0 && min_experts <= K,
+                        "topp_route: min_experts must lie in [0, max_experts or E = ", K, "]; got ",
+                        min_experts);
   const GateMode mode = parse_gate_mode(gate);
 
   ToppRouteCall call;
@@ -39,19 +43,19 @@ ToppRouteCall prepare_topp_route(const at::Tensor& logits, double tau,
   int64_t tau_stride = 0;
   if (tau_per_token.has_value()) {
     const at::Tensor& tt = *tau_per_token;
-    TORCH_CHECK_TYPE(tt.scalar_type() == at::kFloat, "topp_route: a tau tensor must be float32; got ",
-                     tt.scalar_type());
-    TORCH_CHECK_VALUE(tt.device() == logits.device(), "topp_route: the tau tensor is on ", tt.device(),
-                      " but logits are on ", logits.device());
+    PRUNEPATH_CHECK_TYPE(tt.scalar_type() == at::kFloat, "topp_route: a tau tensor must be float32; got ",
+                         tt.scalar_type());
+    PRUNEPATH_CHECK_VALUE(tt.device() == logits.device(), "topp_route: the tau tensor is on ", tt.device(),
+                          " but logits are on ", logits.device());
     const bool broadcast = tt.numel() == 1 && tt.dim() <= 1;
-    TORCH_CHECK_VALUE(broadcast || (tt.dim() == 1 && tt.size(0) == T),
-                      "topp_route: a tau tensor must have shape [T] = [", T,
-                      "] (or hold a single value); got shape ", tt.sizes());
+    PRUNEPATH_CHECK_VALUE(broadcast || (tt.dim() == 1 && tt.size(0) == T),
+                          "topp_route: a tau tensor must have shape [T] = [", T,
+                          "] (or hold a single value); got shape ", tt.sizes());
     call.tau_per_token = tt;
     tau_ptr = tt.data_ptr<float>();
     tau_stride = broadcast ? 0 : tt.stride(0);
   } else {
-    TORCH_CHECK_VALUE(!std::isnan(tau), "topp_route: tau must be a number; got NaN");
+    PRUNEPATH_CHECK_VALUE(!std::isnan(tau), "topp_route: tau must be a number; got NaN");
   }
 
   // A unit inner stride is all the kernels need: row-strided views (slices of

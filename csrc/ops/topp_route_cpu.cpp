@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "check.h"
 #include "ops.h"
 #include "topp_route_args.h"
 
@@ -12,8 +13,8 @@ namespace prunepath {
 RouteOutputs topp_route_cpu(const at::Tensor& logits, double tau,
                             const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
                             std::optional<int64_t> max_experts, c10::string_view gate) {
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), "topp_route_cpu: logits must be on the CPU; got ",
-                    logits.device());
+  PRUNEPATH_CHECK_VALUE(logits.device().is_cpu(), "topp_route_cpu: logits must be on the CPU; got ",
+                        logits.device());
   ToppRouteCall call = prepare_topp_route(logits, tau, tau_per_token, min_experts, max_experts, gate);
   const ToppRouteParams& p = call.params;
   // Roughly 16k logits per task keeps scheduling overhead small at any E.

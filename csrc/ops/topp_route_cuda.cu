@@ -2,6 +2,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "check.h"
 #include "ops.h"
 #include "prunepath/topp_route.cuh"
 #include "topp_route_args.h"
@@ -11,20 +12,21 @@ namespace prunepath {
 RouteOutputs topp_route_cuda(const at::Tensor& logits, double tau,
                              const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
                              std::optional<int64_t> max_experts, c10::string_view gate) {
-  TORCH_CHECK_VALUE(logits.is_cuda(), "topp_route_cuda: logits must be a CUDA tensor; got ", logits.device());
+  PRUNEPATH_CHECK_VALUE(logits.is_cuda(), "topp_route_cuda: logits must be a CUDA tensor; got ",
+                        logits.device());
   const c10::cuda::CUDAGuard device_guard(logits.device());
   ToppRouteCall call = prepare_topp_route(logits, tau, tau_per_token, min_experts, max_experts, gate);
-  TORCH_CHECK_VALUE(call.params.num_experts <= kToppRouteCudaMaxExperts,
-                    "topp_route: the CUDA kernel handles E <= ", kToppRouteCudaMaxExperts,
-                    "; got E = ", call.params.num_experts, " (the CPU kernel has no limit)");
-  TORCH_CHECK_VALUE(call.params.num_tokens <= std::numeric_limits<int32_t>::max(),
-                    "topp_route: the CUDA kernel handles T < 2^31 tokens; got ", call.params.num_tokens);
+  PRUNEPATH_CHECK_VALUE(call.params.num_experts <= kToppRouteCudaMaxExperts,
+                        "topp_route: the CUDA kernel handles E <= ", kToppRouteCudaMaxExperts,
+                        "; got E = ", call.params.num_experts, " (the CPU kernel has no limit)");
+  PRUNEPATH_CHECK_VALUE(call.params.num_tokens <= std::numeric_limits<int32_t>::max(),
+                        "topp_route: the CUDA kernel handles T < 2^31 tokens; got ", call.params.num_tokens);
   LogitDType dtype = LogitDType::kFloat32;
   if (call.logits.scalar_type() == at::kHalf) dtype = LogitDType::kFloat16;
   if (call.logits.scalar_type() == at::kBFloat16) dtype = LogitDType::kBFloat16;
   const cudaError_t err =
       launch_topp_route(call.params, call.logits.data_ptr(), dtype, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "topp_route: CUDA launch failed: ", cudaGetErrorString(err));
+  PRUNEPATH_CHECK(err == cudaSuccess, "topp_route: CUDA launch failed: ", cudaGetErrorString(err));
   return {call.expert_ids, call.gates, call.num_active};
 }
 

@@ -145,9 +145,7 @@ def down_blocksparse_kernel(
         if tl.max(sel.to(tl.int32), axis=0) > 0:
             h = tl.load(h_ptr + rows64[:, None] * F + e * S + offs_s[None, :], mask=sel[:, None], other=0.0)
             a = (h.to(tl.float32) * g[:, None]).to(w_down_ptr.dtype.element_ty)
-            w = tl.load(
-                w_down_ptr + e * S * d + offs_s[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0
-            )
+            w = tl.load(w_down_ptr + e * S * d + offs_s[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -204,7 +202,9 @@ def decode_up_kernel(
         for k0 in range(0, d, BLOCK_K):
             kk = k0 + offs_k
             k_ok = kk < d
-            xt = tl.load(x_ptr + offs_t[:, None] * stride_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            xt = tl.load(
+                x_ptr + offs_t[:, None] * stride_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
+            )
             wg = tl.load(w_base + offs_r[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, R]
             if USE_DOT:
                 acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)

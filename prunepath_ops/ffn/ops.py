@@ -20,7 +20,9 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_sparse_ffn_args(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act, path, backend) -> None:
+def check_sparse_ffn_args(
+    x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act, path, backend
+) -> None:
     """Raise on inconsistent shapes, dtypes or devices (shared by the real and the fake kernel)."""
     if x.dim() != 2:
         raise ValueError(f"sparse_ffn: x must be [T, d]; got shape {list(x.shape)}")
@@ -32,13 +34,19 @@ def check_sparse_ffn_args(x, expert_ids, gates, num_active, w_in, b_in, w_down, 
     E, S, _ = w_down.shape
     rows = 2 * S if gated else S
     if tuple(w_in.shape) != (E, rows, d):
-        raise ValueError(f"sparse_ffn: w_in must be [E, {'2S' if gated else 'S'}, d] = {[E, rows, d]}; got {list(w_in.shape)}")
+        raise ValueError(
+            f"sparse_ffn: w_in must be [E, {'2S' if gated else 'S'}, d] = {[E, rows, d]}; got {list(w_in.shape)}"
+        )
     if w_in.dtype != x.dtype or w_down.dtype != x.dtype:
         raise TypeError(f"sparse_ffn: weights must have the dtype of x ({x.dtype}); got {w_in.dtype}, {w_down.dtype}")
     if expert_ids.dim() != 2 or expert_ids.shape[0] != T or expert_ids.dtype != torch.int32:
-        raise ValueError(f"sparse_ffn: expert_ids must be int32 [T = {T}, K]; got {expert_ids.dtype} {list(expert_ids.shape)}")
+        raise ValueError(
+            f"sparse_ffn: expert_ids must be int32 [T = {T}, K]; got {expert_ids.dtype} {list(expert_ids.shape)}"
+        )
     if tuple(gates.shape) != tuple(expert_ids.shape) or gates.dtype != torch.float32:
-        raise ValueError(f"sparse_ffn: gates must be float32 {list(expert_ids.shape)}; got {gates.dtype} {list(gates.shape)}")
+        raise ValueError(
+            f"sparse_ffn: gates must be float32 {list(expert_ids.shape)}; got {gates.dtype} {list(gates.shape)}"
+        )
     if tuple(num_active.shape) != (T,) or num_active.dtype != torch.int32:
         raise ValueError(f"sparse_ffn: num_active must be int32 [{T}]; got {num_active.dtype} {list(num_active.shape)}")
     if b_in is not None and (gated or tuple(b_in.shape) != (E, S)):

@@ -61,7 +61,9 @@ class PackedExperts:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(*args, **kwargs).contiguous()
 
-        return PackedExperts(move(self.w_in), move(self.w_down), move(self.b_in), move(self.b_out), self.gated, self.act)
+        return PackedExperts(
+            move(self.w_in), move(self.w_down), move(self.b_in), move(self.b_out), self.gated, self.act
+        )
 
 
 def pack_experts(
@@ -112,7 +114,9 @@ def pack_experts(
     if act not in ACTIVATIONS:
         raise ValueError(f"pack_experts: act must be one of {ACTIVATIONS}; got {act!r}")
     if w_in.dim() != 2 or w_out.dim() != 2:
-        raise ValueError(f"pack_experts: w_in [F, d] and w_out [d, F] must be 2-D; got {list(w_in.shape)}, {list(w_out.shape)}")
+        raise ValueError(
+            f"pack_experts: w_in [F, d] and w_out [d, F] must be 2-D; got {list(w_in.shape)}, {list(w_out.shape)}"
+        )
     F, d = w_in.shape
     if tuple(w_out.shape) != (d, F):
         raise ValueError(f"pack_experts: w_out must be [d, F] = [{d}, {F}]; got {list(w_out.shape)}")
@@ -126,7 +130,9 @@ def pack_experts(
     if permutation is None:
         permutation = torch.arange(F, device=w_in.device)
     permutation = permutation.to(device=w_in.device, dtype=torch.long)
-    if permutation.shape != (F,) or not torch.equal(torch.sort(permutation).values, torch.arange(F, device=w_in.device)):
+    if permutation.shape != (F,) or not torch.equal(
+        torch.sort(permutation).values, torch.arange(F, device=w_in.device)
+    ):
         raise ValueError(f"pack_experts: permutation must be a permutation of range(F = {F})")
     S, E = expert_width, F // expert_width
     wi = w_in.index_select(0, permutation).view(E, S, d)  # [E, S, d]

@@ -147,8 +147,10 @@ def sparse_ffn_decode_triton(
     n_d = triton.cdiv(d, bd)
     if split is None:
         split = 1 if interp else max(1, min(8, (2 * _num_sms(x.device)) // n_d))
-    out = torch.empty(T, d, dtype=x.dtype, device=x.device) if split == 1 else torch.empty(
-        split, T, d, dtype=torch.float32, device=x.device
+    out = (
+        torch.empty(T, d, dtype=x.dtype, device=x.device)
+        if split == 1
+        else torch.empty(split, T, d, dtype=torch.float32, device=x.device)
     )
     kernels.decode_down_kernel[(n_d, split)](
         hbuf, w_down, b_out if b_out is not None else dummy, out, block_expert, expert_offsets, T, d, E,

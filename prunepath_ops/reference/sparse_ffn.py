@@ -301,4 +301,3 @@ def align_experts(
     block_expert = torch.searchsorted(offsets[1:], block_of_expert, right=True)  # [B_max]
     block_expert = torch.where(block_of_expert < offsets[E], block_expert, torch.full_like(block_expert, -1)).int()
     return sorted_pairs[:P_max], block_expert, offsets.int(), counts.int()
-

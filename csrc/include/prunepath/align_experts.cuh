@@ -52,8 +52,8 @@ __global__ void align_bitmap_kernel(const AlignParams p, uint32_t* __restrict__ 
 }
 
 __global__ void __launch_bounds__(kAlignScanThreads)
-    align_scan_kernel(const AlignParams p, const uint32_t* __restrict__ bitmap, int32_t* __restrict__ chunk_base,
-                      int64_t num_chunks) {
+    align_scan_kernel(const AlignParams p, const uint32_t* __restrict__ bitmap,
+                      int32_t* __restrict__ chunk_base, int64_t num_chunks) {
   using Scan = cub::BlockScan<int32_t, kAlignScanThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   const int32_t E = p.num_experts;
@@ -88,7 +88,10 @@ __global__ void __launch_bounds__(kAlignScanThreads)
       int32_t lo = 0, hi = E;
       while (hi - lo > 1) {
         const int32_t mid = (lo + hi) / 2;
-        if (p.expert_offsets[mid] <= row) lo = mid; else hi = mid;
+        if (p.expert_offsets[mid] <= row)
+          lo = mid;
+        else
+          hi = mid;
       }
       expert = lo;
     }

@@ -14,12 +14,12 @@
 namespace prunepath {
 
 struct AlignParams {
-  int64_t num_tokens;   // T
-  int32_t k;            // K: slots per token (row length of expert_ids)
-  int32_t num_experts;  // E
-  int32_t block_m;      // rows per block
-  int64_t max_rows;     // P_max = max_blocks * block_m
-  int64_t max_blocks;   // B_max
+  int64_t num_tokens;         // T
+  int32_t k;                  // K: slots per token (row length of expert_ids)
+  int32_t num_experts;        // E
+  int32_t block_m;            // rows per block
+  int64_t max_rows;           // P_max = max_blocks * block_m
+  int64_t max_blocks;         // B_max
   const int32_t* expert_ids;  // [T, K] contiguous; only slots j < num_active[t] are read
   const int32_t* num_active;  // [T], clamped to [0, K]
   int32_t* sorted_pairs;      // [P_max] out: t * K + j, -1 padded
@@ -67,7 +67,8 @@ inline int64_t align_experts_cpu(const AlignParams& p) {
   }
   int64_t b = 0;
   for (int32_t e = 0; e < E; ++e) {
-    for (int32_t r = p.expert_offsets[e]; r < p.expert_offsets[e + 1]; r += p.block_m) p.block_expert[b++] = e;
+    for (int32_t r = p.expert_offsets[e]; r < p.expert_offsets[e + 1]; r += p.block_m)
+      p.block_expert[b++] = e;
   }
   std::fill(p.block_expert + b, p.block_expert + p.max_blocks, -1);
   return -1;

@@ -17,7 +17,8 @@ inline cudaError_t launch_topp_route(const ToppRouteParams& p, const void* logit
   const int32_t E = p.num_experts;
   if (E < 1 || E > kToppRouteCudaMaxExperts) return cudaErrorInvalidValue;
   if (E <= kToppRouteWarpMaxExperts) {
-    const dim3 grid(static_cast<unsigned>((p.num_tokens + kToppRouteWarpsPerBlock - 1) / kToppRouteWarpsPerBlock));
+    const dim3 grid(
+        static_cast<unsigned>((p.num_tokens + kToppRouteWarpsPerBlock - 1) / kToppRouteWarpsPerBlock));
     const dim3 block(kToppRouteWarpsPerBlock * 32);
     if (E <= 32) {
       topp_route_warp_kernel<1><<<grid, block, 0, stream>>>(p, logits, dtype);

@@ -47,9 +47,13 @@ __device__ __forceinline__ double warp_exclusive_scan(double v, int lane) {
 }
 
 template <typename Key>
-__device__ __forceinline__ Key key_max(Key a, Key b) { return a > b ? a : b; }
+__device__ __forceinline__ Key key_max(Key a, Key b) {
+  return a > b ? a : b;
+}
 template <typename Key>
-__device__ __forceinline__ Key key_min(Key a, Key b) { return a < b ? a : b; }
+__device__ __forceinline__ Key key_min(Key a, Key b) {
+  return a < b ? a : b;
+}
 
 // Sorts the warp's 32 * IPL keys into descending order; after the call lane l
 // holds sorted positions l * IPL .. l * IPL + IPL - 1.
@@ -87,8 +91,9 @@ __device__ __forceinline__ void warp_bitonic_sort_desc(Key (&a)[IPL], int lane) 
 
 // 16-bit keys ordered like the logits they encode (sign-magnitude to offset).
 __device__ __forceinline__ uint32_t ordered_bits16(float g, LogitDType dtype) {
-  const uint32_t bits = dtype == LogitDType::kBFloat16 ? (__float_as_uint(g) >> 16)
-                                                        : static_cast<uint32_t>(__half_as_ushort(__float2half_rn(g)));
+  const uint32_t bits = dtype == LogitDType::kBFloat16
+                            ? (__float_as_uint(g) >> 16)
+                            : static_cast<uint32_t>(__half_as_ushort(__float2half_rn(g)));
   return bits ^ ((bits & 0x8000u) ? 0xffffu : 0x8000u);
 }
 
@@ -103,9 +108,12 @@ struct LogitKey32 {  // (logit desc, index asc) for 16-bit logits; 0 is padding
 struct ProbKey64 {  // (probability desc, index asc), exact; 0 is padding
   using Key = unsigned long long;
   __device__ static Key make(float, float prob, int e, LogitDType) {
-    return (static_cast<Key>(__float_as_uint(prob)) << 32) | static_cast<Key>(0xffffffffu - static_cast<uint32_t>(e));
+    return (static_cast<Key>(__float_as_uint(prob)) << 32) |
+           static_cast<Key>(0xffffffffu - static_cast<uint32_t>(e));
   }
-  __device__ static int expert(Key k) { return static_cast<int>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffull)); }
+  __device__ static int expert(Key k) {
+    return static_cast<int>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffull));
+  }
 };
 
 // Scans and selects one row whose `count` largest experts are sorted in `key`
@@ -117,8 +125,8 @@ struct ProbKey64 {  // (probability desc, index asc), exact; 0 is padding
 template <int IPL, typename KeyPolicy>
 __device__ __forceinline__ bool select_sorted_row(const ToppRouteParams& p, int64_t t, int lane,
                                                   const typename KeyPolicy::Key (&key)[IPL], int count,
-                                                  const float* row_logit, float row_max, float total, float tau,
-                                                  bool partial, bool check_order) {
+                                                  const float* row_logit, float row_max, float total,
+                                                  float tau, bool partial, bool check_order) {
   const int E = p.num_experts;
   // Probabilities in sorted order, then the inclusive cumulative sum: each lane
   // sums its slots in order in double, offset by an exclusive scan of the
@@ -219,9 +227,9 @@ __device__ __forceinline__ bool select_sorted_row(const ToppRouteParams& p, int6
 
 // Full sort of the row (every expert), then selection.
 template <int IPL, typename KeyPolicy>
-__device__ __forceinline__ bool route_row_full(const ToppRouteParams& p, int64_t t, int lane, const float* row_logit,
-                                               float row_max, float total, float tau, LogitDType dtype,
-                                               bool check_order) {
+__device__ __forceinline__ bool route_row_full(const ToppRouteParams& p, int64_t t, int lane,
+                                               const float* row_logit, float row_max, float total, float tau,
+                                               LogitDType dtype, bool check_order) {
   typename KeyPolicy::Key key[IPL];
 #pragma unroll
   for (int i = 0; i < IPL; ++i) {
@@ -230,8 +238,8 @@ __device__ __forceinline__ bool route_row_full(const ToppRouteParams& p, int64_t
     key[i] = e < p.num_experts ? KeyPolicy::make(g, softmax_weight(g, row_max) / total, e, dtype) : 0;
   }
   warp_bitonic_sort_desc<IPL>(key, lane);
-  return select_sorted_row<IPL, KeyPolicy>(p, t, lane, key, p.num_experts, row_logit, row_max, total, tau, false,
-                                           check_order);
+  return select_sorted_row<IPL, KeyPolicy>(p, t, lane, key, p.num_experts, row_logit, row_max, total, tau,
+                                           false, check_order);
 }
 
 // Candidate path: the experts with p >= theta, already compacted into
@@ -240,8 +248,8 @@ __device__ __forceinline__ bool route_row_full(const ToppRouteParams& p, int64_t
 template <int IPL, typename KeyPolicy>
 __device__ __forceinline__ bool route_row_candidates(const ToppRouteParams& p, int64_t t, int lane,
                                                      const unsigned long long* cand, int count,
-                                                     const float* row_logit, float row_max, float total, float tau,
-                                                     bool check_order) {
+                                                     const float* row_logit, float row_max, float total,
+                                                     float tau, bool check_order) {
   typename KeyPolicy::Key key[IPL];
 #pragma unroll
   for (int i = 0; i < IPL; ++i) {
@@ -256,23 +264,88 @@ __device__ __forceinline__ bool route_row_candidates(const ToppRouteParams& p, i
 }  // namespace detail
 
 // Largest candidate set the partial-sort path sorts (a multiple of 32).
-constexpr int kToppRouteMaxCandidates = 128;
-// Bisection steps on the probability threshold: each halves the range of its
-// fp32 bit pattern, so 14 steps leave theta within about 0.2% of the best.
-constexpr int kThresholdSteps = 14;
+constexpr int kToppRouteMaxCandidates = 256;
+
+namespace detail {
+
+// Striped, coalesced load of one row (expert i * 32 + lane), NaN -> -inf.
+// One switch per row, not per element.
+template <int IPL>
+__device__ __forceinline__ void load_row(const void* logits, int64_t offset, int E, int lane,
+                                         LogitDType dtype, float (&g)[IPL]) {
+#define PRUNEPATH_LOAD_ROW(T, CONVERT)                            \
+  {                                                               \
+    const T* row = static_cast<const T*>(logits) + offset;        \
+    _Pragma("unroll") for (int i = 0; i < IPL; ++i) {             \
+      const int e = i * 32 + lane;                                \
+      g[i] = e < E ? sanitize_logit(CONVERT(row[e])) : -INFINITY; \
+    }                                                             \
+  }
+  if (dtype == LogitDType::kBFloat16) {
+    PRUNEPATH_LOAD_ROW(__nv_bfloat16, __bfloat162float)
+  } else if (dtype == LogitDType::kFloat16) {
+    PRUNEPATH_LOAD_ROW(__half, __half2float)
+  } else {
+    PRUNEPATH_LOAD_ROW(float, static_cast<float>)
+  }
+#undef PRUNEPATH_LOAD_ROW
+}
+
+// One level of the threshold search: every value in `prob` whose bucket (0..31,
+// 0 holds the largest probabilities) is known, per-bucket masses summed in a
+// fixed order through shared memory (hist is [32 buckets][32 lanes], so each
+// lane writes its own bank), then the first bucket at which the running mass,
+// starting from `mass_before`, reaches `target`. Returns 32 if none does; the
+// mass of the buckets before the chosen one goes to `mass_above`.
+template <int IPL>
+__device__ __forceinline__ int threshold_bucket(const float (&prob)[IPL], const int (&bucket)[IPL],
+                                                float* hist, int lane, float mass_before, float target,
+                                                float& mass_above) {
+#pragma unroll
+  for (int b = 0; b < 32; ++b) hist[b * 32 + lane] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    if (bucket[i] < 32) hist[bucket[i] * 32 + lane] += prob[i];
+  }
+  __syncwarp();
+  float mass = 0.0f;  // lane b sums bucket b over the 32 lanes, in lane order
+#pragma unroll 8
+  for (int l = 0; l < 32; ++l) mass += hist[lane * 32 + ((l + lane) & 31)];
+  __syncwarp();
+  float inclusive = mass;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const float up = __shfl_up_sync(kFullMask, inclusive, d);
+    if (lane >= d) inclusive += up;
+  }
+  const unsigned reached = __ballot_sync(kFullMask, mass_before + inclusive >= target);
+  const int chosen = reached ? __ffs(reached) - 1 : 32;
+  mass_above = mass_before + __shfl_sync(kFullMask, inclusive - mass, chosen & 31);
+  return chosen;
+}
+
+}  // namespace detail
 
 // One warp per token. For tau < 1 the kept prefix is usually a small part of
-// the row: a bisection on a probability threshold theta (warp sums of the
-// mass above it) finds a set {p >= theta} that holds at least tau of the mass,
-// and only that set is sorted; the set is closed under ties, so it is exactly
-// a prefix of the full order and its cumulative sums are the full row's. When
-// the set is too large, or tau >= 1, or min_experts reaches past it, the
-// whole row is sorted instead.
+// the row, so the kernel first looks for a threshold theta such that the set
+// {p >= theta} holds at least tau of the mass but few experts: a histogram of
+// the probabilities by binary exponent, then by the top 5 mantissa bits inside
+// the chosen exponent, puts theta within about 3% of the smallest such value.
+// Only that set is sorted. It is closed under ties, so it is exactly a prefix
+// of the full order and its cumulative sums are the full row's; the exact scan
+// then confirms that the threshold is crossed inside it. When the set is too
+// large, tau >= 1, or min_experts reaches past it, the whole row is sorted.
+// Resident blocks per SM to ask of the register allocator: the full-sort
+// fallback holds the whole row in registers, but the common candidate path
+// needs far fewer, and occupancy is what hides the shuffle latency.
+constexpr int warp_kernel_min_blocks(int ipl) { return ipl <= 8 ? 8 : (ipl == 16 ? 5 : 2); }
+
 template <int IPL>
-__global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32)
+__global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, warp_kernel_min_blocks(IPL))
     topp_route_warp_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype) {
   __shared__ float logit_smem[kToppRouteWarpsPerBlock][32 * IPL];  // sanitised row, for gates and re-sorts
-  __shared__ unsigned long long cand_smem[kToppRouteWarpsPerBlock][kToppRouteMaxCandidates];
+  // Per warp: the 32 x 32 float histogram, then up to kToppRouteMaxCandidates keys.
+  __shared__ unsigned long long cand_smem[kToppRouteWarpsPerBlock][512];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kToppRouteWarpsPerBlock + warp;
@@ -281,52 +354,58 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32)
   const int E = p.num_experts;
   const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
 
-  // Striped, coalesced load (expert i * 32 + lane); the sort does not care
-  // where an expert starts.
   float g[IPL];
+  detail::load_row<IPL>(logits, t * p.logits_stride, E, lane, dtype, g);
   float local_max = -INFINITY;
 #pragma unroll
   for (int i = 0; i < IPL; ++i) {
-    const int e = i * 32 + lane;
-    g[i] = e < E ? sanitize_logit(detail::load_logit(logits, t * p.logits_stride + e, dtype)) : -INFINITY;
-    if (e < E) row_logit[e] = g[i];
+    if (i * 32 + lane < E) row_logit[i * 32 + lane] = g[i];
     local_max = fmaxf(local_max, g[i]);
   }
   const float row_max = detail::warp_max(local_max);
+  float prob[IPL];  // softmax weights, then probabilities
   double local_sum = 0.0;
 #pragma unroll
   for (int i = 0; i < IPL; ++i) {
-    if (i * 32 + lane < E) local_sum += softmax_weight(g[i], row_max);
+    prob[i] = i * 32 + lane < E ? softmax_weight(g[i], row_max) : 0.0f;
+    local_sum += prob[i];
   }
   // Normaliser in double, rounded once: its error would shift every cumulative sum.
   const float total = static_cast<float>(detail::warp_sum(local_sum));
+#pragma unroll
+  for (int i = 0; i < IPL; ++i)
+    prob[i] = prob[i] / total;  // the same expression as every later recomputation
   __syncwarp();
   const bool narrow = dtype != LogitDType::kFloat32;
 
-  if (tau < 1.0f && E > kToppRouteMaxCandidates / 2 && p.min_experts <= kToppRouteMaxCandidates) {
-    float prob[IPL];
-#pragma unroll
-    for (int i = 0; i < IPL; ++i) prob[i] = i * 32 + lane < E ? softmax_weight(g[i], row_max) / total : 0.0f;
-    // Largest theta (on its bit pattern) whose mass {p >= theta} still reaches
-    // tau with a little slack; fp32 sums suffice, the exact scan decides.
+  if (tau < 1.0f && E > 64 && p.min_experts <= kToppRouteMaxCandidates) {
+    // fp32 masses suffice for choosing theta: the exact scan decides.
     const float target = tau + 1e-5f;
-    unsigned lo = 0, hi = __float_as_uint(1.0f / total) + 1;  // mass(lo) >= target > mass(hi), if any theta works
-#pragma unroll 1
-    for (int step = 0; step < kThresholdSteps; ++step) {
-      const unsigned mid = lo + (hi - lo) / 2;
-      const float theta = __uint_as_float(mid);
-      float mass = 0.0f;
+    float* hist = reinterpret_cast<float*>(cand_smem[warp]);  // 32 x 32 floats, reused for keys below
+    int bucket[IPL];
 #pragma unroll
-      for (int i = 0; i < IPL; ++i) mass += prob[i] >= theta ? prob[i] : 0.0f;
-#pragma unroll
-      for (int m = 16; m > 0; m >>= 1) mass += __shfl_xor_sync(detail::kFullMask, mass, m);
-      if (mass >= target) lo = mid; else hi = mid;
+    for (int i = 0; i < IPL; ++i) {  // exponent buckets: [1/2^b, 2/2^b) for b < 31, the rest in 31
+      const int b = 127 - static_cast<int>(__float_as_uint(prob[i]) >> 23);
+      bucket[i] = b < 0 ? 0 : (b > 31 ? 31 : b);
     }
-    const float theta = __uint_as_float(lo);
+    float mass_above;
+    const int b_star = detail::threshold_bucket<IPL>(prob, bucket, hist, lane, 0.0f, target, mass_above);
+    unsigned theta_bits = 0;
+    if (b_star < 31) {
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) {  // inside it, by the top 5 mantissa bits, largest first
+        bucket[i] = bucket[i] == b_star ? 31 - static_cast<int>((__float_as_uint(prob[i]) >> 18) & 31u) : 32;
+      }
+      float unused;
+      const int s_star = detail::threshold_bucket<IPL>(prob, bucket, hist, lane, mass_above, target, unused);
+      const int s = s_star > 31 ? 31 : s_star;  // not reached by rounding: the whole exponent bucket
+      theta_bits = (static_cast<unsigned>(127 - b_star) << 23) | (static_cast<unsigned>(31 - s) << 18);
+    }
+    const float theta = __uint_as_float(theta_bits);
     int count = 0;
 #pragma unroll
     for (int i = 0; i < IPL; ++i) count += __popc(__ballot_sync(detail::kFullMask, prob[i] >= theta));
-    if (lo > 0 && count <= kToppRouteMaxCandidates) {
+    if (theta_bits > 0 && count <= kToppRouteMaxCandidates) {
       // Compact the candidates' keys in expert order (deterministic positions).
       unsigned long long* cand = cand_smem[warp];
       int offset = 0;
@@ -344,24 +423,28 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32)
       }
       __syncwarp();
       bool done;
+#define PRUNEPATH_CANDIDATES(N, POLICY, CHECK)                                                             \
+  detail::route_row_candidates<N, detail::POLICY>(p, t, lane, cand, count, row_logit, row_max, total, tau, \
+                                                  CHECK)
       if (narrow) {
-        done = count <= 64 ? detail::route_row_candidates<2, detail::LogitKey32>(p, t, lane, cand, count, row_logit,
-                                                                                 row_max, total, tau, true)
-                           : detail::route_row_candidates<4, detail::LogitKey32>(p, t, lane, cand, count, row_logit,
-                                                                                 row_max, total, tau, true);
+        done = count <= 32    ? PRUNEPATH_CANDIDATES(1, LogitKey32, true)
+               : count <= 64  ? PRUNEPATH_CANDIDATES(2, LogitKey32, true)
+               : count <= 128 ? PRUNEPATH_CANDIDATES(4, LogitKey32, true)
+                              : PRUNEPATH_CANDIDATES(8, LogitKey32, true);
       } else {
-        done = count <= 64 ? detail::route_row_candidates<2, detail::ProbKey64>(p, t, lane, cand, count, row_logit,
-                                                                                row_max, total, tau, false)
-                           : detail::route_row_candidates<4, detail::ProbKey64>(p, t, lane, cand, count, row_logit,
-                                                                                row_max, total, tau, false);
+        done = count <= 32    ? PRUNEPATH_CANDIDATES(1, ProbKey64, false)
+               : count <= 64  ? PRUNEPATH_CANDIDATES(2, ProbKey64, false)
+               : count <= 128 ? PRUNEPATH_CANDIDATES(4, ProbKey64, false)
+                              : PRUNEPATH_CANDIDATES(8, ProbKey64, false);
       }
+#undef PRUNEPATH_CANDIDATES
       if (done) return;
       __syncwarp();
     }
   }
 
-  if (narrow && detail::route_row_full<IPL, detail::LogitKey32>(p, t, lane, row_logit, row_max, total, tau, dtype,
-                                                                  true)) {
+  if (narrow && detail::route_row_full<IPL, detail::LogitKey32>(p, t, lane, row_logit, row_max, total, tau,
+                                                                dtype, true)) {
     return;
   }
   detail::route_row_full<IPL, detail::ProbKey64>(p, t, lane, row_logit, row_max, total, tau, dtype, false);
