@@ -25,7 +25,7 @@ from prunepath_ops.routing import Route, topp_route  # noqa: E402
 
 __version__ = "0.1.0"
 
-_OPS = ("topp_route",)
+_OPS = ("topp_route", "align_experts")
 
 
 def backends() -> dict[str, bool]:
