@@ -41,7 +41,9 @@ def _show_routing(logits: torch.Tensor, tau: float) -> None:
         n = int(route.num_active[t])
         ids = route.expert_ids[t, :n].tolist()
         mass = float(p[t, route.expert_ids[t, :n].long()].sum()) if n else 0.0
-        print(f"  token {t}: {n} expert(s) {ids}  kept mass {mass:.3f}  gates {[round(g, 3) for g in route.gates[t, :n].tolist()]}")
+        print(
+            f"  token {t}: {n} expert(s) {ids}  kept mass {mass:.3f}  gates {[round(g, 3) for g in route.gates[t, :n].tolist()]}"
+        )
 
 
 def _fit_router(packed: pp.PackedExperts, x_cal: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="route and run a sparse FFN on a small random model (CPU, seconds)")
     p_demo.add_argument("--hidden", type=int, default=256, help="hidden size d (default 256)")
-    p_demo.add_argument("--ffn", type=int, default=1024, help="FFN width F, a multiple of --expert-width (default 1024)")
+    p_demo.add_argument(
+        "--ffn", type=int, default=1024, help="FFN width F, a multiple of --expert-width (default 1024)"
+    )
     p_demo.add_argument("--expert-width", type=int, default=32, help="neurons per expert S (default 32)")
     p_demo.add_argument("--tokens", type=int, default=64, help="tokens per call (default 64)")
     p_demo.add_argument("--taus", type=float, nargs="+", default=[1.05, 0.9, 0.7, 0.5, 0.3], help="tau values to sweep")
