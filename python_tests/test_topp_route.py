@@ -75,6 +75,27 @@ def test_equal_logits_exact_sums(device, tau, expected_n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype, row, tau, expected",
+    [
+        # -0 and +0 are equal logits: four equal probabilities, index order (found by fuzzing on the H200)
+        (torch.float16, [-0.0, 0.0, 0.0, 0.0, -1.0, -2.0], 0.4784, [0, 1]),
+        (torch.bfloat16, [0.0, -0.0, -0.0, 0.0], 0.6, [0, 1]),
+        # different bf16 logits (subnormals) whose fp32 probabilities are equal: the tie goes to the
+        # lower index even though expert 1 has the largest logit and expert 0 the smallest
+        (torch.bfloat16, [0.0, 1.8e-40, 9.2e-41], 0.34, [0]),
+        (torch.bfloat16, [0.0, 1.8e-40, 9.2e-41], 0.67, [0, 1]),
+    ],
+)
+def test_ties_follow_probability_not_logit_bits(device, dtype, row, tau, expected):
+    logits = torch.tensor([row], dtype=dtype, device=device)
+    route = prunepath_ops.topp_route(logits, tau)
+    assert route.expert_ids[0, : len(expected)].tolist() == expected
+    assert route.num_active.tolist() == [len(expected)]
+    assert_route_matches_reference(route, logits, tau)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_min_max_clamps(device):
     logits = random_logits(16, 32, torch.float32, device, seed=3)
     # tau <= 0 keeps exactly min_experts, including zero of them.

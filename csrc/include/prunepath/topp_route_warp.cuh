@@ -91,6 +91,7 @@ __device__ __forceinline__ void warp_bitonic_sort_desc(Key (&a)[IPL], int lane) 
 
 // 16-bit keys ordered like the logits they encode (sign-magnitude to offset).
 __device__ __forceinline__ uint32_t ordered_bits16(float g, LogitDType dtype) {
+  if (g == 0.0f) g = 0.0f;  // -0 -> +0: equal logits need equal keys, or a tie loses index order
   const uint32_t bits = dtype == LogitDType::kBFloat16
                             ? (__float_as_uint(g) >> 16)
                             : static_cast<uint32_t>(__half_as_ushort(__float2half_rn(g)));
@@ -121,7 +122,7 @@ struct ProbKey64 {  // (probability desc, index asc), exact; 0 is padding
 // outputs and returns true. Returns false, writing nothing, when the answer is
 // not decided by these keys: `partial` (the keys are only a candidate prefix)
 // and the threshold or min_experts reaches past them, or `check_order` finds
-// two kept experts out of (probability desc, index asc) order.
+// two neighbouring experts out of (probability desc, index asc) order.
 template <int IPL, typename KeyPolicy>
 __device__ __forceinline__ bool select_sorted_row(const ToppRouteParams& p, int64_t t, int lane,
                                                   const typename KeyPolicy::Key (&key)[IPL], int count,
@@ -155,7 +156,10 @@ __device__ __forceinline__ bool select_sorted_row(const ToppRouteParams& p, int6
   if (partial && n > count) return false;
 
   if (check_order) {
-    // Kept slot pos must precede pos + 1 in (probability desc, index asc).
+    // Every slot must precede the next in (probability desc, index asc): a run of
+    // equal probabilities from different logits can straddle the kept prefix,
+    // so checking the kept slots alone is not enough (a lower index sorted to
+    // the end of such a run would be dropped in favour of a higher one).
     const float next_prob = __shfl_down_sync(kFullMask, prob[0], 1);
     const int next_expert = __shfl_down_sync(kFullMask, KeyPolicy::expert(key[0]), 1);
     bool bad = false;
@@ -164,7 +168,7 @@ __device__ __forceinline__ bool select_sorted_row(const ToppRouteParams& p, int6
       const int pos = lane * IPL + i;
       const float q = i + 1 < IPL ? prob[i + 1 < IPL ? i + 1 : i] : next_prob;
       const int f = i + 1 < IPL ? KeyPolicy::expert(key[i + 1 < IPL ? i + 1 : i]) : next_expert;
-      if (pos < n && pos + 1 < count) bad |= prob[i] < q || (prob[i] == q && KeyPolicy::expert(key[i]) > f);
+      if (pos + 1 < count) bad |= prob[i] < q || (prob[i] == q && KeyPolicy::expert(key[i]) > f);
     }
     if (__any_sync(kFullMask, bad)) return false;
   }
