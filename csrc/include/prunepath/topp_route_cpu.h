@@ -44,20 +44,34 @@ void topp_route_cpu_token(const ToppRouteParams& p, const LogitT* logits, int64_
   const float total_f = static_cast<float>(total);
   for (int32_t e = 0; e < E; ++e) s.prob[e] /= total_f;
 
-  // Largest probability first; the stable sort keeps the lower index first on ties.
-  std::iota(s.order.begin(), s.order.end(), 0);
-  std::stable_sort(s.order.begin(), s.order.end(),
-                   [&](int32_t a, int32_t b) { return s.prob[a] > s.prob[b]; });
-
+  // Largest probability first, the lower index first on ties: a strict total
+  // order, so a partial sort of the first m experts is exactly the first m of
+  // the full order. Usually the kept prefix is short: sort 32, then 4x more
+  // while the threshold (or min_experts) reaches past what is sorted.
+  const auto before = [&](int32_t a, int32_t b) {
+    return s.prob[a] > s.prob[b] || (s.prob[a] == s.prob[b] && a < b);
+  };
   const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
+  std::iota(s.order.begin(), s.order.end(), 0);
+  int32_t sorted = tau >= 1.0f ? E : std::min(E, std::max<int32_t>(32, p.min_experts));
   int32_t first_crossing = E;
-  double cumulative = 0.0;
-  for (int32_t j = 0; j < E; ++j) {
-    cumulative += s.prob[s.order[j]];
-    if (!(static_cast<float>(cumulative) < tau)) {
-      first_crossing = j;
-      break;
+  for (;;) {
+    if (sorted == E) {
+      std::sort(s.order.begin(), s.order.end(), before);
+    } else {
+      std::partial_sort(s.order.begin(), s.order.begin() + sorted, s.order.end(), before);
     }
+    double cumulative = 0.0;
+    first_crossing = E;
+    for (int32_t j = 0; j < sorted; ++j) {
+      cumulative += s.prob[s.order[j]];
+      if (!(static_cast<float>(cumulative) < tau)) {
+        first_crossing = j;
+        break;
+      }
+    }
+    if (sorted == E || (first_crossing < sorted && p.min_experts <= sorted)) break;
+    sorted = std::min(E, 4 * sorted);
   }
   const int32_t n = clamp_active(first_crossing, tau, E, p.min_experts, p.k);
   double kept = 0.0;  // c[n-1], summed exactly like the scan above
