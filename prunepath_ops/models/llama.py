@@ -1,0 +1,421 @@
+"""A gpt-fast style Llama decoder whose FFN slots hold dense ``LlamaMLP`` or :class:`PrunePathMLP` modules.
+
+RMSNorm, RoPE (Hugging Face ``rotate_half`` convention, so HF weights load unchanged), grouped-query
+attention through SDPA with a static preallocated KV cache, gated SiLU FFN. With dense FFNs this
+model is the dense oracle (no custom ops at all).
+
+Legend: B batch, T tokens, d hidden, F FFN width, H heads, Hkv kv heads, D head dim, V vocab,
+E experts, S expert width, S_max cache length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunepath_ops.modules import PrunePathMLP
+
+
+@dataclass
+class LlamaConfig:
+    """Shape and numerics of a Llama-architecture decoder.
+
+    Attributes
+    ----------
+    vocab : int
+        Vocabulary size V.
+    d : int
+        Hidden size d.
+    n_layers : int
+    n_heads : int
+        Query heads H.
+    n_kv_heads : int
+        Key/value heads Hkv (divides H; ``Hkv < H`` is grouped-query attention).
+    ffn : int
+        FFN width F.
+    head_dim : int, optional
+        D; default ``d // n_heads``.
+    rope_theta : float
+        RoPE base.
+    norm_eps : float
+        RMSNorm epsilon.
+    max_seq_len : int
+        Longest sequence the RoPE table (and so any KV cache) covers.
+    tie_embeddings : bool
+        The LM head shares the token embedding matrix.
+    """
+
+    vocab: int = 32000
+    d: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    ffn: int = 11008
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.d // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> LlamaConfig:
+        """A small random-weight configuration for tests (GQA 4/2, 2 layers, F=128)."""
+        kw = dict(vocab=128, d=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, max_seq_len=64)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, normalised in fp32 and cast back before the weight (as Hugging Face does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """Precomputed RoPE ``cos, sin`` tables, ``[S_max, D]`` each, fp32, halves duplicated (``rotate_half`` layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # [D/2]
+    freqs = torch.arange(max_seq_len, dtype=torch.float)[:, None] * inv_freq[None, :]  # [S_max, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [S_max, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B, T, H, D]`` by the positions' ``cos, sin [T, D]`` (Hugging Face ``rotate_half`` convention)."""
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]  # [T, 1, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Static preallocated key/value cache, ``[B, S_max, Hkv, D]`` each."""
+
+    def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None) -> None:
+        super().__init__()
+        shape = (batch, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k, v [B, T, Hkv, D]`` at positions ``input_pos [T]``; return the whole caches (no host sync)."""
+        self.k.index_copy_(1, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(1, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE, optionally reading and writing a static :class:`KVCache`."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.d, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.d, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.d, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None
+    ) -> Tensor:
+        """``x [B, T, d]`` -> ``[B, T, d]``.
+
+        ``cos, sin [T, D]`` are the RoPE rows of the T positions ``input_pos [T]``; ``mask [T, S_kv]``
+        (True = attend) covers the keys: the T new ones without a cache, else the first ``kv_len``
+        cache rows (``kv_len`` None: the whole cache).
+        """
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, T, H, D]
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, S_max, Hkv, D]
+            if kv_len is not None:
+                k, v = k[:, :kv_len], v[:, :kv_len]  # [B, S_kv, Hkv, D]
+        y = attention(q, k.to(q.dtype), v.to(q.dtype), mask)  # [B, T, H, D]
+        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Masked GQA attention through SDPA: ``q [B, T, H, D]``, ``k, v [B, S_kv, Hkv, D]``, ``mask [T, S_kv]``.
+
+    Query head ``h`` reads kv head ``h // (H / Hkv)`` (Hugging Face ``repeat_kv``). The mask is explicit
+    because SDPA's ``is_causal`` aligns the causal diagonal to key 0, which is wrong for queries at
+    offset positions (a single decode query would see only key 0). This is the slot the decode
+    attention kernel replaces.
+    """
+    H, Hkv = q.shape[2], k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T|S_kv, D]
+    if H != Hkv:  # repeat_kv; SDPA's enable_gqa is not on every backend/torch we support
+        kt, vt = kt.repeat_interleave(H // Hkv, dim=1), vt.repeat_interleave(H // Hkv, dim=1)
+    y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)  # [B, H, T, D]
+    return y.transpose(1, 2)
+
+
+class LlamaMLP(nn.Module):
+    """Dense gated FFN ``down(silu(gate(x)) * up(x))``, Hugging Face names (``gate_proj/up_proj/down_proj``)."""
+
+    def __init__(self, d: int, ffn: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d, ffn, bias=False)  # [F, d]
+        self.up_proj = nn.Linear(d, ffn, bias=False)  # [F, d]
+        self.down_proj = nn.Linear(ffn, d, bias=False)  # [d, F]
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d, config.norm_eps)
+        self.ffn: nn.Module = LlamaMLP(config.d, config.ffn)  # LlamaMLP or PrunePathMLP
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor, kv_len) -> Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, kv_len)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """Llama-architecture decoder (embedding, :class:`Block` x n_layers, final RMSNorm, LM head).
+
+    Parameters
+    ----------
+    config : LlamaConfig
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = Llama(LlamaConfig.tiny()).eval()
+    >>> model.setup_cache(batch=1, max_seq_len=16)
+    >>> logits = model(torch.tensor([[1, 2, 3]]), 0)  # prefill: positions 0..2
+    >>> logits = model(torch.tensor([[4]]), torch.tensor([3]))  # decode: position 3
+    >>> logits.shape
+    torch.Size([1, 1, 128])
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab, config.d)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d, config.norm_eps)
+        self.lm_head = nn.Linear(config.d, config.vocab, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [S_max, D]
+        self.register_buffer("rope_sin", sin, persistent=False)  # [S_max, D]
+        self.cache_len = 0
+
+    # -- KV cache ----------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
+        """Preallocate a static KV cache ``[B, S_max, Hkv, D]`` in every layer (zeros).
+
+        Parameters
+        ----------
+        batch : int
+        max_seq_len : int, optional
+            Cache length S_max; default (and at most) ``config.max_seq_len``.
+        dtype, device : optional
+            Default: those of the model's weights.
+        """
+        c = self.config
+        max_seq_len = max_seq_len or c.max_seq_len
+        if max_seq_len > c.max_seq_len:
+            raise ValueError(f"setup_cache: max_seq_len={max_seq_len} exceeds config.max_seq_len={c.max_seq_len}")
+        dtype = dtype or self.embed.weight.dtype
+        device = device or self.embed.weight.device
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+        self.cache_len = max_seq_len
+
+    def clear_cache(self) -> None:
+        """Drop the KV caches (the model then runs cache-free full forwards)."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+        self.cache_len = 0
+
+    @property
+    def cache_batch(self) -> int:
+        kv = self.layers[0].attn.kv_cache
+        return 0 if kv is None else kv.k.shape[0]
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, tokens: Tensor, input_pos: Tensor | int | None = None, last_only: bool = False) -> Tensor:
+        """Logits of ``tokens [B, T]`` at positions ``input_pos``.
+
+        Parameters
+        ----------
+        tokens : Tensor
+            ``[B, T]`` int token ids.
+        input_pos : Tensor or int, optional
+            ``[T]`` int64 positions, or the int position of the first token (default 0).
+            With a cache, the new keys/values are written at these positions and the queries
+            attend to every cache row at or before their own position: an int start attends
+            to the valid prefix ``[0, start + T)`` only; a tensor attends over the whole cache
+            under the mask (no host synchronisation, shapes fixed: the decode step). Without
+            a cache the T tokens attend causally to each other only.
+        last_only : bool
+            Return only the last position's logits (``[B, 1, V]``), e.g. after a prefill.
+
+        Returns
+        -------
+        Tensor
+            ``[B, T, V]`` logits in the model's dtype.
+        """
+        B, T = tokens.shape
+        device = tokens.device
+        cached = self.layers[0].attn.kv_cache is not None
+        if input_pos is None:
+            input_pos = 0
+        if isinstance(input_pos, int):
+            start = input_pos
+            pos = torch.arange(start, start + T, device=device)  # [T]
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # [T, D]
+            kv_len = start + T if cached else None
+        else:
+            pos = input_pos.to(device=device, dtype=torch.long)  # [T]
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [T, D]
+            kv_len = None
+        if cached:
+            n_keys = kv_len if kv_len is not None else self.cache_len
+            mask = torch.arange(n_keys, device=device)[None, :] <= pos[:, None]  # [T, S_kv]
+        else:
+            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # [T, T]
+        x = self.embed(tokens)  # [B, T, d]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, pos, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))  # [B, T|1, V]
+
+    # -- FFN conversion ----------------------------------------------------------------------
+    def convert_ffns(self, fn: Callable[[int, nn.Module], nn.Module]) -> list[nn.Module]:
+        """Replace every layer's FFN by ``fn(layer_index, ffn)``; return the new FFN modules."""
+        new = []
+        for i, layer in enumerate(self.layers):
+            layer.ffn = fn(i, layer.ffn)
+            new.append(layer.ffn)
+        return new
+
+    def ffns(self) -> list[nn.Module]:
+        """The FFN module of every layer."""
+        return [layer.ffn for layer in self.layers]
+
+
+def _per_layer(value, n: int, name: str) -> list:
+    if isinstance(value, Tensor) and value.ndim == 2:  # [n_layers, F]
+        value = list(value)
+    if value is None or not isinstance(value, Sequence):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"{name}: expected {n} entries (one per layer), got {len(value)}")
+    return list(value)
+
+
+def to_prunepath(
+    model: Llama,
+    expert_width: int = 32,
+    permutations: Sequence[Tensor] | None = None,
+    *,
+    tau: float = 1.05,
+    gate: str = "sigmoid",
+    **kwargs,
+) -> list[PrunePathMLP]:
+    """Swap every dense :class:`LlamaMLP` of ``model`` for a :class:`PrunePathMLP` (in place).
+
+    Parameters
+    ----------
+    model : Llama
+    expert_width : int
+        S, neurons per expert (must divide F).
+    permutations : sequence of Tensor, optional
+        One ``[F]`` neuron permutation per layer (identity if None): packed neuron ``i`` is dense
+        neuron ``permutations[layer][i]``.
+    tau : float
+        Top-p threshold; ``tau >= 1`` keeps every expert.
+    gate : {"sigmoid", "prob", "renorm", "one"}
+        ``"one"`` with ``tau >= 1`` reproduces the dense FFN.
+    **kwargs
+        Forwarded to :meth:`PrunePathMLP.from_dense` (``min_experts``, ``max_experts``, ``path``, ``backend``).
+
+    Returns
+    -------
+    list of PrunePathMLP
+        The new modules, in layer order (set ``.tau`` on them later, or use :func:`set_tau`).
+        Routers are zero-initialised.
+    """
+    perms = _per_layer(permutations, len(model.layers), "to_prunepath: permutations")
+
+    def convert(i: int, ffn: nn.Module) -> nn.Module:
+        if isinstance(ffn, PrunePathMLP):
+            return ffn
+        return PrunePathMLP.from_dense(ffn, expert_width, perms[i], tau=tau, gate=gate, **kwargs)
+
+    return model.convert_ffns(convert)
+
+
+def prunepath_to_dense(mlp: PrunePathMLP, permutation: Tensor | None = None) -> LlamaMLP:
+    """Rebuild a dense :class:`LlamaMLP` from a gated SiLU :class:`PrunePathMLP` (the router is dropped).
+
+    Without ``permutation`` the neurons stay in the packed (expert) order, which computes the same
+    function; with it the original dense order is restored.
+    """
+    if not mlp.gated or mlp.act != "silu" or mlp.b_in is not None or mlp.b_out is not None:
+        raise TypeError("prunepath_to_dense: only a bias-free gated SiLU PrunePathMLP maps back to a LlamaMLP")
+    E, S, d = mlp.w_down.shape
+    with torch.no_grad():
+        w_gate = mlp.w_in[:, :S].reshape(E * S, d)  # [F, d]
+        w_up = mlp.w_in[:, S:].reshape(E * S, d)  # [F, d]
+        w_down = mlp.w_down.reshape(E * S, d)  # [F, d] (down_proj transposed)
+        if permutation is not None:
+            inv = torch.argsort(permutation.to(w_gate.device))
+            w_gate, w_up, w_down = w_gate[inv], w_up[inv], w_down[inv]
+        dense = LlamaMLP(d, E * S).to(device=w_gate.device, dtype=w_gate.dtype)
+        dense.gate_proj.weight.copy_(w_gate)
+        dense.up_proj.weight.copy_(w_up)
+        dense.down_proj.weight.copy_(w_down.t())
+    return dense
+
+
+def to_dense(model: Llama, permutations: Sequence[Tensor] | None = None) -> list[LlamaMLP]:
+    """Swap every :class:`PrunePathMLP` of ``model`` back for a dense :class:`LlamaMLP` (in place)."""
+    perms = _per_layer(permutations, len(model.layers), "to_dense: permutations")
+
+    def convert(i: int, ffn: nn.Module) -> nn.Module:
+        return prunepath_to_dense(ffn, perms[i]) if isinstance(ffn, PrunePathMLP) else ffn
+
+    return model.convert_ffns(convert)
+
+
+def set_tau(modules: Llama | Sequence[nn.Module], tau: float) -> None:
+    """Set ``tau`` on every :class:`PrunePathMLP` of a model (or of a list of modules)."""
+    mods = modules.modules() if isinstance(modules, nn.Module) else modules
+    for m in mods:
+        if isinstance(m, PrunePathMLP):
+            m.tau = float(tau)
