@@ -60,7 +60,11 @@ CUDA_SOURCES = _rel("csrc/ops/*.cu")
 INCLUDES = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need
 # (C++20 from torch 2.13 on; torch 2.14 headers refuse C++17).
-CXX_FLAGS = ["-O3"]
+# OpenMP: at::parallel_for is inlined from ATen/ParallelOpenMP.h and runs serially unless the
+# including code is compiled with -fopenmp (torch's extension helpers do not add it). The
+# libgomp.so.1 that torch has already loaded then serves this library too (same soname).
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+CXX_FLAGS = ["-O3", *OPENMP_FLAGS]
 
 
 def _extension():
@@ -78,10 +82,15 @@ def _extension():
                 "cxx": CXX_FLAGS,
                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
+            extra_link_args=OPENMP_FLAGS,
         )
     print("prunepath_ops: building the CPU kernels only (CUDA kernels need a CUDA torch and toolkit)")
     return cpp_extension.CppExtension(
-        "prunepath_ops._C", CPP_SOURCES, include_dirs=INCLUDES, extra_compile_args={"cxx": CXX_FLAGS}
+        "prunepath_ops._C",
+        CPP_SOURCES,
+        include_dirs=INCLUDES,
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=OPENMP_FLAGS,
     )
 
 

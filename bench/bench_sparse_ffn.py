@@ -2,7 +2,9 @@
 
 Run: ``python -m pytest bench/bench_sparse_ffn.py --benchmark-group-by=param:case``.
 CPU target: SmolLM2-135M FFN (d=576, F=1536, S=32, E=48), batch 1, 30% of experts
-active: the sparse path at least 2x faster than dense. On a GPU the same cases run
+active: the sparse path (the C++ kernel ``prunepath::expert_ffn``) at least 2x faster
+than dense. ``torch_sparse_30`` is the sparse PyTorch composite (``backend="torch"``)
+for comparison. Results: ``bench/results/sparse_ffn_cpu.txt``. On a GPU the same cases run
 through the Triton kernels (the GPU script ``sparse_ffn_gpu.py`` gives the full table).
 """
 
@@ -37,7 +39,7 @@ def smollm_ffn(device: str, dtype: torch.dtype, d: int = 576, F: int = 1536, S: 
 
 
 @pytest.mark.parametrize("T", [1, 16])
-@pytest.mark.parametrize("impl", ["dense", "sparse_30", "sparse_10"])
+@pytest.mark.parametrize("impl", ["dense", "sparse_30", "sparse_10", "torch_sparse_30"])
 def test_smollm2_ffn(benchmark, impl, T):
     benchmark.group = f"smollm2 T={T} {DEVICE}"
     (wg, wu, wd), packed = smollm_ffn(DEVICE, DTYPE)
@@ -49,10 +51,14 @@ def test_smollm2_ffn(benchmark, impl, T):
             R.dense_ffn(x, wg, wd, w_up=wu)
             sync()
     else:
-        route = fixed_fraction_route(T, packed.num_experts, int(impl.split("_")[1]) / 100, DEVICE)
+        route = fixed_fraction_route(T, packed.num_experts, int(impl.split("_")[-1]) / 100, DEVICE)
+        # torch_sparse_*: the sparse PyTorch composite (backend="torch"), the CPU path before the C++ kernel
+        backend = "torch" if impl.startswith("torch") else "auto"
+        if backend == "torch" and DEVICE != "cpu":
+            pytest.skip("backend='torch' is the CPU composite")
 
         def run():
-            pp.sparse_ffn(x, route, packed)
+            pp.sparse_ffn(x, route, packed, backend=backend)
             sync()
 
     with torch.inference_mode():

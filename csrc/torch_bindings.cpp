@@ -28,11 +28,25 @@ TORCH_LIBRARY(prunepath, m) {
       "align_experts(Tensor expert_ids, Tensor num_active, int num_experts, int block_m) -> (Tensor "
       "sorted_pairs, "
       "Tensor block_expert, Tensor expert_offsets, Tensor expert_counts)");
+  // Routed expert FFN kernel on packed weights (SPEC.md sections 1 and 3), the
+  // CPU backend of prunepath::sparse_ffn (which picks a backend and is defined in
+  // Python, prunepath_ops/ffn/ops.py).
+  //   x [T, d] fp32/fp16/bf16; expert_ids [T, K] int32, gates [T, K] fp32,
+  //   num_active [T] int32 (only slots j < num_active[t] are read, ids in [0, E));
+  //   w_in [E, 2S, d] (gated: S gate rows, then S up rows) or [E, S, d] (plain);
+  //   b_in [E, S] (plain only); w_down [E, S, d]; b_out [d]; weights and biases in
+  //   the dtype of x. act: 'silu' | 'gelu' | 'gelu_tanh' | 'relu'.
+  // Returns y [T, d] in the dtype of x: sum over a token's active slots, in slot
+  // order, of gate * FFN_e(x) (+ b_out once), accumulated in fp32; deterministic.
+  m.def(
+      "expert_ffn(Tensor x, Tensor expert_ids, Tensor gates, Tensor num_active, Tensor w_in, Tensor? b_in, "
+      "Tensor w_down, Tensor? b_out, bool gated, str act) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
   m.impl("topp_route", &prunepath::topp_route_cpu);
   m.impl("align_experts", &prunepath::align_experts_cpu);
+  m.impl("expert_ffn", &prunepath::expert_ffn_cpu);
 }
 
 #ifdef PRUNEPATH_WITH_CUDA

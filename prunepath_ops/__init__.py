@@ -25,7 +25,7 @@ from prunepath_ops.routing import Route, topp_route  # noqa: E402
 
 __version__ = "0.1.0"
 
-_OPS = ("topp_route", "align_experts")
+_OPS = ("topp_route", "align_experts")  # C++ ops with CPU and CUDA kernels (expert_ffn: CPU only)
 
 
 def backends() -> dict[str, bool]:

@@ -10,8 +10,10 @@ import torch
 from torch import Tensor
 
 from prunepath_ops.reference.routing import GATE_MODES, routing_probabilities, sanitize_logits
+from prunepath_ops.reference.sparse_ffn import ACTIVATIONS
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FFN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_MAX_EXPERTS = 4096  # kToppRouteCudaMaxExperts in csrc/include/prunepath/topp_route_common.cuh
 
 
@@ -121,3 +123,56 @@ def _topp_route_autograd_backward(ctx, grad_ids, grad_gates, grad_num_active):
 torch.library.register_autograd(
     "prunepath::topp_route", _topp_route_autograd_backward, setup_context=_topp_route_setup_context
 )
+
+
+def check_expert_ffn_args(
+    x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act, op: str = "expert_ffn"
+) -> None:
+    """Raise on inconsistent shapes, dtypes or devices of a routed FFN call (messages prefixed by ``op``).
+
+    Shared by the fake kernel of ``expert_ffn`` (same checks as its C++ glue) and by
+    ``prunepath::sparse_ffn``. Expert ids are data and are checked by the kernels.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [T, d]; got shape {list(x.shape)}")
+    if x.dtype not in _FFN_DTYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16; got {x.dtype}")
+    T, d = x.shape
+    if w_down.dim() != 3 or w_down.shape[2] != d:
+        raise ValueError(f"{op}: w_down must be [E, S, d = {d}]; got {list(w_down.shape)}")
+    E, S, _ = w_down.shape
+    if E < 1 or S < 1:
+        raise ValueError(f"{op}: w_down must have E >= 1 experts of S >= 1 neurons; got {list(w_down.shape)}")
+    rows = 2 * S if gated else S
+    if tuple(w_in.shape) != (E, rows, d):
+        raise ValueError(
+            f"{op}: w_in must be [E, {'2S' if gated else 'S'}, d] = {[E, rows, d]}; got {list(w_in.shape)}"
+        )
+    if w_in.dtype != x.dtype or w_down.dtype != x.dtype:
+        raise TypeError(f"{op}: weights must have the dtype of x ({x.dtype}); got {w_in.dtype}, {w_down.dtype}")
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != T or expert_ids.dtype != torch.int32:
+        raise ValueError(
+            f"{op}: expert_ids must be int32 [T = {T}, K]; got {expert_ids.dtype} {list(expert_ids.shape)}"
+        )
+    if tuple(gates.shape) != tuple(expert_ids.shape) or gates.dtype != torch.float32:
+        raise ValueError(f"{op}: gates must be float32 {list(expert_ids.shape)}; got {gates.dtype} {list(gates.shape)}")
+    if tuple(num_active.shape) != (T,) or num_active.dtype != torch.int32:
+        raise ValueError(f"{op}: num_active must be int32 [{T}]; got {num_active.dtype} {list(num_active.shape)}")
+    if b_in is not None and (gated or tuple(b_in.shape) != (E, S)):
+        raise ValueError(f"{op}: b_in is for a plain FFN and must be [E, S] = {[E, S]}")
+    if b_out is not None and tuple(b_out.shape) != (d,):
+        raise ValueError(f"{op}: b_out must be [d] = [{d}]; got {list(b_out.shape)}")
+    for t in (b_in, b_out):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: biases must have the dtype of x ({x.dtype}); got {t.dtype}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{op}: act must be one of {ACTIVATIONS}; got {act!r}")
+    tensors = [t for t in (x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out) if t is not None]
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"{op}: every tensor must be on {x.device}")
+
+
+@torch.library.register_fake("prunepath::expert_ffn")
+def _expert_ffn_fake(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act):
+    check_expert_ffn_args(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,7 +1,7 @@
 """Routed expert FFN (issue 3) against two oracles: the expert-loop reference and the masked dense FFN.
 
-CPU: the sparse PyTorch path, and the Triton kernels under TRITON_INTERPRET=1 (fp32/fp16, tiny
-shapes). GPU: everything, bf16 and Llama-like shapes included, and bitwise determinism.
+CPU: the C++ kernel op ``prunepath::expert_ffn`` (backend "cpu"), the sparse PyTorch composite
+(backend "torch"), and the Triton kernels under TRITON_INTERPRET=1 (fp32/fp16, tiny shapes). GPU: everything, bf16 and Llama-like shapes included, and bitwise determinism.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def check(out, expected, dtype):
 
 BACKENDS = [
     ("cpu", "auto"),
+    ("torch", "auto"),
     pytest.param("triton", "decode", marks=needs_triton),
     pytest.param("triton", "prefill", marks=needs_triton),
 ]
@@ -219,6 +220,141 @@ def test_opcheck_sparse_ffn_cpu():
     ids, gates, n = pp.topp_route(torch.randn(4, 2), 0.8)
     args = (x, ids, gates, n, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "relu", "auto", "cpu")
     torch.library.opcheck(torch.ops.prunepath.sparse_ffn.default, args)
+
+
+# ---- the C++ CPU kernel op, torch.ops.prunepath.expert_ffn -----------------------------------------
+
+FAMILIES = {
+    "gated_silu": dict(gated=True, act="silu", bias=False),
+    "plain_gelu_bias": dict(gated=False, act="gelu", bias=True),
+    "plain_gelu_tanh_bias": dict(gated=False, act="gelu_tanh", bias=True),
+    "plain_relu": dict(gated=False, act="relu", bias=False),
+}
+
+
+def expert_ffn_args(x, route, packed):
+    return (x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, packed.gated, packed.act)
+
+
+def reference_of(x, route, packed):
+    return R.sparse_ffn(
+        x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=packed.gated, act=packed.act
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "T,d,F,S",
+    [
+        (0, 32, 64, 16),  # no tokens
+        (1, 40, 96, 16),  # a single token (decode), d not a multiple of 16
+        (13, 72, 128, 32),  # prime T, more than one token tile, d not a multiple of the column block
+        (37, 136, 96, 16),  # prime T past several tiles, d > one column block, 6 experts
+    ],
+)
+def test_expert_ffn_op_matches_reference(family, dtype, T, d, F, S):
+    cfg = FAMILIES[family]
+    w, perm, packed = make_ffn(d, F, S, gated=cfg["gated"], act=cfg["act"], bias=cfg["bias"], dtype=dtype)
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    E = F // S
+    route = pp.topp_route(torch.randn(T, E, generator=torch.Generator().manual_seed(3)) * 2, 0.7)
+    out = torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, poison_padding(route, E, E), packed))
+    assert out.shape == (T, d) and out.dtype == dtype
+    check(out, reference_of(x, route, packed), dtype)
+    if dtype == torch.float32:
+        _, masked = oracles(x, w, perm, packed, route, S, cfg["act"])
+        check(out, masked, dtype)
+
+
+@pytest.mark.parametrize("family", ["gated_silu", "plain_gelu_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_ffn_op_zero_expert_tokens_and_poison(family, dtype):
+    cfg = FAMILIES[family]
+    E, S, d = 5, 16, 24
+    _, _, packed = make_ffn(d, E * S, S, gated=cfg["gated"], act=cfg["act"], bias=cfg["bias"], dtype=dtype)
+    rows = [[], [4, 0], [], [1, 2, 3, 4, 0], [2]]  # tokens with no expert (first, middle), one with all
+    T = len(rows)
+    route = _custom_route(T, E, E, rows)
+    x = torch.randn(T, d).to(dtype)
+    out = torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, poison_padding(route, E, E, seed=7), packed))
+    check(out, reference_of(x, route, packed), dtype)
+    b_out = torch.zeros(d, dtype=dtype) if packed.b_out is None else packed.b_out
+    for t in (0, 2):  # no expert: exactly b_out (or zeros)
+        assert torch.equal(out[t], b_out)
+    # num_active beyond [0, K] is clamped, as in the other backends
+    ids, gates, n = route
+    clamped = (ids, gates, n.masked_fill(n == 0, -3).masked_fill(n == E, E + 4))
+    assert torch.equal(torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, clamped, packed)), out)
+
+
+def test_expert_ffn_op_deterministic_across_threads_and_batch():
+    """Fixed-order fp32 sums: bitwise equal for 1 or 2 threads and for a token alone or in a batch."""
+    _, _, packed = make_ffn(200, 48 * 16, 16)
+    T = 19
+    x = torch.randn(T, 200)
+    route = pp.topp_route(torch.randn(T, 48), 0.4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, route, packed))
+    finally:
+        torch.set_num_threads(threads)
+    multi = torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, route, packed))
+    assert torch.equal(single, multi)
+    for t in (0, 7, 18):
+        alone = torch.ops.prunepath.expert_ffn(
+            *expert_ffn_args(x[t : t + 1], tuple(r[t : t + 1] for r in route), packed)
+        )
+        assert torch.equal(alone[0], multi[t])
+
+
+def test_expert_ffn_op_reads_only_selected_experts():
+    _, _, packed = make_ffn(16, 64, 16, gated=False, act="gelu", bias=True)
+    for weight in (packed.w_in, packed.w_down, packed.b_in):
+        weight[1:3] = float("nan")
+    route = _custom_route(3, 4, 4, [[0], [3, 0], [3]])
+    out = torch.ops.prunepath.expert_ffn(*expert_ffn_args(torch.randn(3, 16), route, packed))
+    assert torch.isfinite(out).all()
+
+
+def test_expert_ffn_op_errors():
+    _, _, packed = make_ffn(16, 32, 16)
+    x = torch.randn(3, 16)
+    route = pp.topp_route(torch.randn(3, 2), 0.9)
+    args = expert_ffn_args(x, route, packed)
+    op = torch.ops.prunepath.expert_ffn
+    with pytest.raises(ValueError, match="expert id 2 outside"):
+        op(x, torch.tensor([[0, 1], [2, 0], [0, 1]], dtype=torch.int32), *args[2:])
+    with pytest.raises(TypeError, match="dtype of x"):
+        op(x.half(), *args[1:])
+    with pytest.raises(ValueError, match="w_in must be"):
+        op(x, *args[1:4], packed.w_in[:, :16], *args[5:])
+    with pytest.raises(ValueError, match="b_in is for a plain FFN"):
+        op(*args[:5], torch.zeros(2, 16), *args[6:])
+    with pytest.raises(ValueError, match="num_active must be int32"):
+        op(*args[:3], route[2].long(), *args[4:])
+    with pytest.raises(ValueError, match="act must be one of"):
+        op(*args[:-1], "tanh")
+    with pytest.raises(ValueError, match="x must be"):
+        op(x[None], *args[1:])
+
+
+@pytest.mark.parametrize(
+    "family,dtype,T",
+    [
+        ("gated_silu", torch.float32, 5),  # gated, fp32
+        ("gated_silu", torch.bfloat16, 1),  # gated, bf16, one token
+        ("plain_gelu_bias", torch.float32, 0),  # plain with both biases, no tokens
+        ("plain_relu", torch.bfloat16, 3),  # plain without bias, bf16
+    ],
+)
+def test_opcheck_expert_ffn(family, dtype, T):
+    cfg = FAMILIES[family]
+    _, _, packed = make_ffn(16, 48, 16, gated=cfg["gated"], act=cfg["act"], bias=cfg["bias"], dtype=dtype)
+    x = torch.randn(T, 16).to(dtype)
+    route = poison_padding(pp.topp_route(torch.randn(T, 3), 0.6), 3, 3)
+    torch.library.opcheck(torch.ops.prunepath.expert_ffn.default, expert_ffn_args(x, route, packed))
 
 
 @needs_triton

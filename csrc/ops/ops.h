@@ -31,4 +31,9 @@ AlignOutputs align_experts_cuda(const at::Tensor& expert_ids, const at::Tensor& 
                                 int64_t num_experts, int64_t block_m);
 #endif
 
+at::Tensor expert_ffn_cpu(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& gates,
+                          const at::Tensor& num_active, const at::Tensor& w_in,
+                          const std::optional<at::Tensor>& b_in, const at::Tensor& w_down,
+                          const std::optional<at::Tensor>& b_out, bool gated, c10::string_view act);
+
 }  // namespace prunepath

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prunepath_ops.ffn import ops as _ops  # noqa: F401  (registers torch.ops.prunepath.sparse_ffn)
+from prunepath_ops.ffn import ops as _ops  # registers torch.ops.prunepath.sparse_ffn
 from prunepath_ops.ffn.packing import PackedExperts
 
 
@@ -36,10 +36,12 @@ def sparse_ffn(
     path : {"auto", "decode", "prefill"}
         ``auto`` takes the decode kernels (weights read once for the batch, tuned
         for bandwidth) up to 16 tokens and the grouped-GEMM prefill kernels above.
-    backend : {"auto", "triton", "cpu", "reference"}
-        ``auto``: Triton on CUDA, the sparse PyTorch CPU path on the CPU.
-        ``triton`` on the CPU runs under ``TRITON_INTERPRET=1`` only; ``reference``
-        is the expert loop of :func:`prunepath_ops.reference.sparse_ffn`.
+    backend : {"auto", "triton", "cpu", "torch", "reference"}
+        ``auto``: Triton on CUDA, ``cpu`` on the CPU. ``cpu`` is the C++ kernel
+        ``torch.ops.prunepath.expert_ffn`` (parallel over experts and output
+        columns, fp32 accumulation, deterministic); ``torch`` the sparse PyTorch
+        composite (CPU); ``triton`` on the CPU runs under ``TRITON_INTERPRET=1``
+        only; ``reference`` is the expert loop of :func:`prunepath_ops.reference.sparse_ffn`.
 
     Returns
     -------
@@ -58,8 +60,26 @@ def sparse_ffn(
     """
     expert_ids, gates, num_active = route
     shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if backend in ("auto", "cpu") and x.device.type == "cpu":
+        # The C++ kernel op directly: one opaque node for torch.compile as well, without the
+        # Python dispatch of prunepath::sparse_ffn (tens of microseconds, a lot at batch 1).
+        _ops.check_path_backend(path, backend, x2.shape[0])
+        y = torch.ops.prunepath.expert_ffn(
+            x2,
+            expert_ids,
+            gates,
+            num_active,
+            packed.w_in,
+            packed.b_in,
+            packed.w_down,
+            packed.b_out,
+            packed.gated,
+            packed.act,
+        )
+        return y.view(shape)
     y = torch.ops.prunepath.sparse_ffn(
-        x.reshape(-1, shape[-1]), expert_ids, gates, num_active,
+        x2, expert_ids, gates, num_active,
         packed.w_in, packed.b_in, packed.w_down, packed.b_out, packed.gated, packed.act, path, backend,
     )  # fmt: skip
     return y.view(shape)

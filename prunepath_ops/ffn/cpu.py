@@ -1,4 +1,8 @@
-"""Genuinely sparse routed FFN in PyTorch for the CPU: only the selected experts' weights are read.
+"""Sparse routed FFN as a PyTorch composite for the CPU (``backend="torch"``): only the selected experts' weights are read.
+
+The default CPU backend is the C++ kernel ``torch.ops.prunepath.expert_ffn``
+(csrc/include/prunepath/expert_ffn_cpu.h); this composite stays as a second,
+independent implementation and a benchmark baseline.
 
 Legend: T tokens, E experts, S expert width, d hidden, K slots per token, P selected (token, slot) pairs.
 """
@@ -33,7 +37,7 @@ def _first_layer_by_expert(x: Tensor, tok: Tensor, exp: Tensor, w_in: Tensor, b_
     return out
 
 
-def sparse_ffn_cpu(
+def sparse_ffn_torch(
     x: Tensor,
     expert_ids: Tensor,
     gates: Tensor,
