@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from prunepath_ops.ffn.api import sparse_ffn
 from prunepath_ops.ffn.packing import PackedExperts, pack_experts
 from prunepath_ops.reference.routing import GATE_MODES
+from prunepath_ops.reference.sparse_ffn import activation
 from prunepath_ops.routing import topp_route
 
 _ACT_OF_MODULE = {nn.SiLU: "silu", nn.ReLU: "relu"}
@@ -48,6 +49,67 @@ def _dense_weights(mlp: nn.Module) -> dict:
     )
 
 
+def expert_gate_mask(
+    route: tuple[Tensor, Tensor, Tensor], num_experts: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Per-expert scale ``[T, E]`` of a routing: a selected expert's gate, 0 for the others.
+
+    Differentiable with respect to ``route.gates``; only slots ``j < num_active[t]`` are read.
+    ``dtype``: of the result (default float32, the gates' dtype).
+    """
+    expert_ids, gates, num_active = route
+    T, K = expert_ids.shape
+    valid = torch.arange(K, device=expert_ids.device)[None, :] < num_active[:, None].long()  # [T, K]
+    idx = torch.where(valid, expert_ids.long(), torch.full_like(expert_ids, num_experts, dtype=torch.long))
+    src = torch.where(valid, gates.to(dtype), torch.zeros((), dtype=dtype, device=gates.device))  # [T, K]
+    # Valid slots of one token hold distinct experts; column E collects the unused slots (zeros).
+    mask = torch.zeros(T, num_experts + 1, dtype=dtype, device=gates.device).scatter(1, idx, src)
+    return mask[:, :num_experts]  # [T, E]
+
+
+def masked_expert_ffn(x: Tensor, route: tuple[Tensor, Tensor, Tensor], packed: PackedExperts) -> Tensor:
+    """The routed FFN computed densely on packed weights: every neuron, scaled by its expert's gate.
+
+    ``y = ((act(x Wg^T) * (x Wu^T)) * m) Wd^T (+ b_out)`` with ``m [T, F]`` the gate of a selected
+    expert on its S neurons and 0 elsewhere (plain FFN: ``act(x Wi^T + bi)``). Equal in value to
+    :func:`prunepath_ops.sparse_ffn` (up to rounding) but built from differentiable PyTorch ops, so
+    gradients reach ``x``, the weights and the gates (hence the router logits, through
+    :func:`prunepath_ops.topp_route`'s autograd formula). It computes all F neurons: the training path.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[T, d]``.
+    route : Route or tuple
+        ``(expert_ids [T, K], gates [T, K], num_active [T])``.
+    packed : PackedExperts
+
+    Returns
+    -------
+    Tensor
+        ``[T, d]`` in the dtype of ``x``.
+    """
+    E, S, d = packed.w_down.shape
+    T = x.shape[0]
+    w_in = packed.w_in.to(x.dtype)
+    if packed.gated:
+        gu = x @ w_in.reshape(E * 2 * S, d).t()  # [T, E*2S], expert-major: S gate then S up per expert
+        gu = gu.view(T, E, 2, S)
+        h = activation(gu[:, :, 0], packed.act) * gu[:, :, 1]  # [T, E, S]
+    else:
+        z = (x @ w_in.reshape(E * S, d).t()).view(T, E, S)  # [T, E, S]
+        if packed.b_in is not None:
+            z = z + packed.b_in.to(x.dtype)
+        h = activation(z, packed.act)
+    acc = torch.promote_types(x.dtype, torch.float32)  # gates applied in fp32 (fp64 for fp64 inputs)
+    m = expert_gate_mask(route, E, acc)  # [T, E]
+    h = (h.to(acc) * m[:, :, None]).to(x.dtype)  # [T, E, S]
+    y = h.reshape(T, E * S) @ packed.w_down.to(x.dtype).reshape(E * S, d)  # [T, d]
+    if packed.b_out is not None:
+        y = y + packed.b_out.to(x.dtype)
+    return y
+
+
 class PrunePathMLP(nn.Module):
     """Router -> top-p routing -> sparse expert FFN, with ``tau`` settable at any time.
 
@@ -64,6 +126,13 @@ class PrunePathMLP(nn.Module):
         Bounds on the experts kept per token (see :func:`prunepath_ops.topp_route`).
     path, backend : str
         Forwarded to :func:`prunepath_ops.sparse_ffn`.
+    differentiable : bool or "auto"
+        ``True``: the forward runs :func:`masked_expert_ffn` (every neuron, masked by the gates),
+        which autograd differentiates w.r.t. the input, the router and the FFN weights; the
+        training path (see :func:`prunepath_ops.train.differentiable_ffns`). ``False`` (default):
+        :func:`prunepath_ops.sparse_ffn`, which has no autograd formula (no gradient reaches the
+        router through it). ``"auto"``: the differentiable path when grad mode is on and the
+        input, the router or an FFN weight requires grad.
 
     Examples
     --------
@@ -91,6 +160,7 @@ class PrunePathMLP(nn.Module):
         max_experts: int | None = None,
         path: str = "auto",
         backend: str = "auto",
+        differentiable: bool | str = False,
     ) -> None:
         super().__init__()
         if gate not in GATE_MODES:
@@ -106,6 +176,7 @@ class PrunePathMLP(nn.Module):
         self.gated, self.act = packed.gated, packed.act
         self.tau, self.gate, self.min_experts, self.max_experts = float(tau), gate, min_experts, max_experts
         self.path, self.backend = path, backend
+        self.differentiable = differentiable
 
     @classmethod
     def from_dense(
@@ -144,10 +215,25 @@ class PrunePathMLP(nn.Module):
         logits = self.router(x)  # [T, E]
         return topp_route(logits, self.tau, min_experts=self.min_experts, max_experts=self.max_experts, gate=self.gate)
 
+    def _use_differentiable(self, x: Tensor) -> bool:
+        mode = getattr(self, "differentiable", False)  # modules pickled before the attribute existed
+        if mode == "auto":
+            if not torch.is_grad_enabled():
+                return False
+            tensors = (x, self.router.weight, self.w_in, self.w_down, self.b_in, self.b_out)
+            return any(t is not None and t.requires_grad for t in tensors)
+        if not isinstance(mode, bool):
+            raise ValueError(f"PrunePathMLP: differentiable must be True, False or 'auto'; got {mode!r}")
+        return mode
+
     def forward(self, x: Tensor) -> Tensor:
         """``[..., d] -> [..., d]``."""
         x2 = x.reshape(-1, x.shape[-1])
-        y = sparse_ffn(x2, self.route(x2), self.packed, path=self.path, backend=self.backend)
+        route = self.route(x2)
+        if self._use_differentiable(x2):
+            y = masked_expert_ffn(x2, route, self.packed)
+        else:
+            y = sparse_ffn(x2, route, self.packed, path=self.path, backend=self.backend)
         return y.view(x.shape)
 
     def extra_repr(self) -> str:

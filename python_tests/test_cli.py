@@ -1,0 +1,123 @@
+"""Command line (issue 5): every command end to end with --fast, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prunepath_ops.__main__ import build_parser, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ckpt") / "c")
+    assert main(["convert", "--fast", "--no-progress", "--out", out]) == 0
+    return out
+
+
+def test_every_command_has_help(capsys):
+    for cmd in ("demo", "convert", "train", "calibrate", "eval", "generate", "bench", "info"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: prunepath" in capsys.readouterr().out
+    assert set(build_parser()._subparsers._group_actions[0].choices) >= {"demo", "eval", "bench"}
+
+
+def test_demo_default_stays_fast(capsys):
+    assert main(["demo", "--hidden", "64", "--ffn", "128", "--tokens", "8"]) == 0
+    assert "s_FFN" in capsys.readouterr().out
+
+
+def test_convert_calibrate_eval_generate_fast(ckpt, tmp_path, capsys):
+    assert os.path.isfile(os.path.join(ckpt, "prunepath_config.json"))
+    assert main(["calibrate", "--fast", "--checkpoint", ckpt, "--target", "0.5", "--out", str(tmp_path / "cal")]) == 0
+    measured = float(capsys.readouterr().out.split("measured s_FFN ")[1].split()[0])
+    assert abs(measured - 0.5) <= 0.01
+    assert main(["calibrate", "--fast", "--checkpoint", ckpt, "--target", "0.4", "--per-layer",
+                 "--out", str(tmp_path / "cal2")]) == 0  # fmt: skip
+    out_dir = tmp_path / "ev"
+    argv = ["eval", "--fast", "--no-progress", "--checkpoint", ckpt, "--taus", "1.05,0.8", "--ks", "4",
+            "--static-fractions", "0.5", "--static-methods", "wanda,magnitude", "--max-tokens", "200",
+            "--out-dir", str(out_dir)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| prunepath | tau=0.8 |" in out and "| topk | k=4 | 0.500 |" in out and "static-magnitude" in out
+    assert (out_dir / "sweep.md").is_file() and (out_dir / "sweep.csv").is_file()
+    if (out_dir / "sweep.png").exists():
+        assert (out_dir / "sweep.png").stat().st_size > 0
+    assert main(["generate", "--fast", "--checkpoint", ckpt, "--tau", "0.7", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The capital of France is") and "s_FFN" in captured.err
+
+
+def test_eval_dense_only_and_bench_and_info(tmp_path, capsys):
+    argv = ["eval", "--fast", "--no-progress", "--static-fractions", "0.5", "--max-tokens", "150",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert "| dense |" in capsys.readouterr().out
+    assert main(["bench", "--fast", "--seconds", "0.01"]) == 0
+    assert "speed-up" in capsys.readouterr().out
+    assert main(["info"]) == 0
+
+
+def test_train_fast(ckpt, tmp_path, capsys):
+    pytest.importorskip("prunepath_ops.train")
+    out = str(tmp_path / "trained")
+    argv = ["train", "--fast", "--no-progress", "--checkpoint", ckpt, "--steps", "2", "--seq-len", "32",
+            "--batch-size", "1", "--out", out]  # fmt: skip
+    assert main(argv) == 0
+    assert os.path.isfile(os.path.join(out, "prunepath.safetensors"))
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["eval", "--model", "/nonexistent/model.gguf"], "model file not found"),
+        (["generate", "--fast", "--checkpoint", "/nonexistent/ckpt"], "checkpoint directory not found"),
+        (["eval", "--fast", "--text", "/nonexistent/text.txt"], "text file not found"),
+        (["generate", "--fast", "--tau", "-0.5"], "bad --tau"),
+        (["generate", "--fast", "--tau", "nan"], "bad --tau"),
+        (["eval", "--fast", "--taus", "1.05,7"], "bad --tau"),
+        (["demo", "--ffn", "100"], "multiple of --expert-width"),
+    ],
+)
+def test_errors_are_one_line(argv, match, capsys):
+    assert main(argv) == 1
+    assert match in _error_line(capsys)
+
+
+def test_unloadable_model(tmp_path, capsys):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"this is not a gguf file" * 10)
+    assert main(["generate", "--model", str(bad)]) == 1
+    assert "cannot load model" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("target", ["1.5", "-0.1", "0.99"])
+def test_impossible_target(ckpt, target, capsys):
+    # 0.99 > 1 - 1/8 = 0.875, the most a tau can give with 8 experts and min_experts 1
+    assert main(["calibrate", "--fast", "--checkpoint", ckpt, "--target", target]) == 1
+    assert "impossible target sparsity" in _error_line(capsys)
+
+
+def test_python_m_entry_point(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ok = subprocess.run([sys.executable, "-m", "prunepath_ops", "generate", "--fast", "--max-new-tokens", "3"],
+                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "prunepath_ops", "generate", "--fast", "--tau", "2"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "bad --tau" in bad.stderr
