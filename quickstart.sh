@@ -25,7 +25,7 @@ VENV=${PRUNEPATH_VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 LOGS=$VENV/quickstart-logs
 TORCH_REQ=${PRUNEPATH_TORCH:-torch==2.13.0+cpu}
-DEPS=("$TORCH_REQ" triton numpy pytest pytest-benchmark hypothesis ninja setuptools wheel safetensors tqdm gguf transformers matplotlib)
+DEPS=("$TORCH_REQ" triton numpy pytest pytest-benchmark hypothesis ninja setuptools wheel safetensors tqdm gguf transformers accelerate matplotlib)
 
 say() { echo "quickstart: $*" >&2; }
 die() {
