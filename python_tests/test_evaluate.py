@@ -182,3 +182,21 @@ def test_sweep_rejects_bad_tau_and_wanda_without_calibration():
         sweep(model, tokens, taus=(float("nan"),), window=16, stride=8, progress=False)
     with pytest.raises(ValueError, match="calib_tokens"):
         sweep(model, tokens, taus=(), ks=(), static_fractions=(0.5,), window=16, stride=8, progress=False)
+
+
+def test_text_tokens_with_a_tokenizer_object(tmp_path):
+    # A Hugging Face-like tokenizer (encode + vocab_size) goes through prunepath_ops.train.data, whose
+    # result is a TextTokens tuple: text_tokens must return its 1-D token tensor (demo --full on SmolLM2).
+    from prunepath_ops.evaluate.data import text_tokens
+
+    class CharTokenizer:
+        vocab_size = 256
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) % 256 for c in text]
+
+    path = tmp_path / "text.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(10)))
+    tokens = text_tokens(str(path), CharTokenizer(), (0.0, 0.8))
+    assert tokens.dtype == torch.int64 and tokens.dim() == 1
+    assert tokens.tolist() == [ord(c) for c in "".join(f"line {i}\n" for i in range(8))]

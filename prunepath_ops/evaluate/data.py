@@ -78,7 +78,7 @@ def text_tokens(path: str | os.PathLike, tokenizer, split: tuple[float, float] =
         except ImportError:
             load_text_tokens = None
         if load_text_tokens is not None:
-            return torch.as_tensor(load_text_tokens(path, tokenizer, split=split)).reshape(-1).long()
+            return load_text_tokens(path, tokenizer, split=split).tokens.reshape(-1).long()
     with open(path, encoding="utf-8") as f:
         text = _split_lines(f.read(), split)
     return encode(tokenizer, text)
