@@ -15,24 +15,10 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 import prunepath_ops as pp
 from prunepath_ops import reference
-
-
-class _SwiGLU(nn.Module):
-    """A Llama-style FFN (the layout PrunePathMLP.from_dense understands)."""
-
-    def __init__(self, d: int, F: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(d, F, bias=False)
-        self.up_proj = nn.Linear(d, F, bias=False)
-        self.down_proj = nn.Linear(F, d, bias=False)
-        self.act_fn = nn.SiLU()
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+from prunepath_ops.models.llama import LlamaMLP
 
 
 def _show_routing(logits: torch.Tensor, tau: float) -> None:
@@ -62,7 +48,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"prunepath_ops {pp.__version__}, torch {torch.__version__}, backends {pp.backends()}")
     d, F, S, T = args.hidden, args.ffn, args.expert_width, args.tokens
     E = F // S
-    dense = _SwiGLU(d, F).eval()
+    dense = LlamaMLP(d, F).eval()
     mlp = pp.PrunePathMLP.from_dense(dense, expert_width=S, gate="one").eval()
     with torch.no_grad():
         mlp.router.weight.copy_(_fit_router(mlp.packed, torch.randn(4 * d, d)))
@@ -428,7 +414,7 @@ def bench(args: argparse.Namespace) -> int:
     if F % S:
         raise CLIError(f"--ffn ({F}) must be a multiple of --expert-width ({S})")
     torch.manual_seed(0)
-    dense = _SwiGLU(d, F).eval()
+    dense = LlamaMLP(d, F).eval()
     mlp = pp.PrunePathMLP.from_dense(dense, expert_width=S, gate="one").eval()
     x = torch.randn(T, d)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from prunepath_ops import reference
 
@@ -122,3 +122,19 @@ def assert_route_matches_reference(
     expected_gates = reference.topp_gates(logits.cpu(), ids, gate)
     torch.testing.assert_close(gates, expected_gates, atol=2e-6, rtol=4e-6)
     return RouteComparison(T, int(near_tau.sum()), int(near_tie.sum()))
+
+
+class PlainMLP(nn.Module):
+    """A BERT/OPT-style dense FFN ``fc2(act(fc1(x)))`` with biases, for conversion and checkpoint tests.
+
+    Gated (Llama-style) test FFNs use :class:`prunepath_ops.models.llama.LlamaMLP`.
+    """
+
+    def __init__(self, d: int, F: int, act: nn.Module | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, F), nn.Linear(F, d)
+        self.act = act if act is not None else nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import prunepath_ops as pp
 from prunepath_ops.convert import (
@@ -15,6 +14,7 @@ from prunepath_ops.convert import (
     ffn_sparsity,
     make_measure_fn,
 )
+from prunepath_ops.models.llama import LlamaMLP
 
 
 @pytest.mark.parametrize(
@@ -49,23 +49,13 @@ def test_ffn_sparsity_errors(args, match):
         ffn_sparsity(*args)
 
 
-class Gated(nn.Module):
-    def __init__(self, d, F):
-        super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(d, F, bias=False), nn.Linear(d, F, bias=False)
-        self.down_proj = nn.Linear(F, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 def synthetic_layers(num_layers=3, d=32, F=256, S=16, T=384, seed=0):
     """PrunePathMLPs with random routers of different sharpness, and random tokens per layer."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     mlps, xs = [], []
     for layer in range(num_layers):
-        mlp, _ = convert_mlp(Gated(d, F), S, seed=layer)
+        mlp, _ = convert_mlp(LlamaMLP(d, F), S, seed=layer)
         with torch.no_grad():
             mlp.router.weight.copy_(torch.randn(F // S, d, generator=g) * (0.1 + 0.15 * layer))
         mlps.append(mlp)

@@ -11,25 +11,8 @@ from torch import nn
 
 import prunepath_ops as pp
 from prunepath_ops.convert import CheckpointError, apply_checkpoint, convert_model, load_checkpoint, save_checkpoint
-
-
-class Gated(nn.Module):
-    def __init__(self, d, F):
-        super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(d, F, bias=False), nn.Linear(d, F, bias=False)
-        self.down_proj = nn.Linear(F, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Plain(nn.Module):
-    def __init__(self, d, F):
-        super().__init__()
-        self.fc1, self.fc2, self.act = nn.Linear(d, F), nn.Linear(F, d), nn.ReLU()
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+from prunepath_ops.models.llama import LlamaMLP
+from prunepath_ops.testing import PlainMLP
 
 
 class Block(nn.Module):
@@ -43,7 +26,7 @@ class Block(nn.Module):
 
 def make_model(gated, seed=0, d=16, F=64):
     torch.manual_seed(seed)
-    return nn.Sequential(*(Block(Gated(d, F) if gated else Plain(d, F)) for _ in range(2)))
+    return nn.Sequential(*(Block(LlamaMLP(d, F) if gated else PlainMLP(d, F)) for _ in range(2)))
 
 
 def train_routers(model, seed=1):
@@ -90,7 +73,7 @@ def test_round_trip(tmp_path, gated):
 def test_dict_of_modules_and_dtype(tmp_path):
     # Edge: a name -> module dict without permutations, loaded as bf16.
     torch.manual_seed(0)
-    mlp = pp.PrunePathMLP.from_dense(Gated(16, 64), 16, tau=0.8)
+    mlp = pp.PrunePathMLP.from_dense(LlamaMLP(16, 64), 16, tau=0.8)
     save_checkpoint(tmp_path, {"layer": mlp})
     loaded = load_checkpoint(tmp_path, dtype=torch.bfloat16)
     assert loaded.permutations == {}
@@ -131,7 +114,7 @@ def drop_config(path):
 )
 def test_errors(tmp_path, corrupt, error, match):
     torch.manual_seed(0)
-    save_checkpoint(tmp_path, {"mlp": pp.PrunePathMLP.from_dense(Gated(8, 32), 16)})
+    save_checkpoint(tmp_path, {"mlp": pp.PrunePathMLP.from_dense(LlamaMLP(8, 32), 16)})
     corrupt(tmp_path)
     with pytest.raises(error, match=match):
         load_checkpoint(tmp_path)
@@ -141,6 +124,6 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="no PrunePathMLP"):
         save_checkpoint(tmp_path, nn.Linear(2, 2))  # edge: nothing to save
     torch.manual_seed(0)
-    mlp = pp.PrunePathMLP.from_dense(Gated(8, 32), 16)
+    mlp = pp.PrunePathMLP.from_dense(LlamaMLP(8, 32), 16)
     with pytest.raises(ValueError, match="unknown modules"):
         save_checkpoint(tmp_path, {"a": mlp}, permutations={"b": torch.arange(32)})  # edge: stray permutation

@@ -8,31 +8,8 @@ from torch import nn
 
 import prunepath_ops as pp
 from prunepath_ops.convert import ConversionError, balanced_kmeans, check_identity, convert_mlp, convert_model
-
-
-class GatedMLP(nn.Module):
-    """Llama-style FFN with its own forward (the truth the conversion is checked against)."""
-
-    def __init__(self, d, F, dtype=torch.float32):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, F, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(d, F, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(F, d, bias=False, dtype=dtype)
-        self.act_fn = nn.SiLU()
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class PlainMLP(nn.Module):
-    """BERT/OPT-style fc1/fc2 FFN with biases and dropout (must be off during the check)."""
-
-    def __init__(self, d, F, act):
-        super().__init__()
-        self.fc1, self.fc2, self.act, self.drop = nn.Linear(d, F), nn.Linear(F, d), act, nn.Dropout(0.5)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.act(self.fc1(x))))
+from prunepath_ops.models.llama import LlamaMLP
+from prunepath_ops.testing import PlainMLP
 
 
 def dense_vs_converted(mlp, converted, d, dtype=torch.float32):
@@ -46,11 +23,11 @@ def dense_vs_converted(mlp, converted, d, dtype=torch.float32):
 @pytest.mark.parametrize(
     "make,S",
     [
-        (lambda: GatedMLP(16, 64), 16),  # typical gated (silu)
-        (lambda: GatedMLP(16, 64), 64),  # edge: one expert
-        (lambda: PlainMLP(16, 96, nn.ReLU()), 32),  # plain, relu, biases
-        (lambda: PlainMLP(16, 64, nn.GELU()), 16),  # plain, exact gelu
-        (lambda: PlainMLP(16, 64, nn.GELU(approximate="tanh")), 16),  # plain, tanh gelu
+        (lambda: LlamaMLP(16, 64), 16),  # typical gated (silu)
+        (lambda: LlamaMLP(16, 64), 64),  # edge: one expert
+        (lambda: PlainMLP(16, 96, nn.ReLU(), dropout=0.5), 32),  # plain, relu, biases
+        (lambda: PlainMLP(16, 64, nn.GELU(), dropout=0.5), 16),  # plain, exact gelu
+        (lambda: PlainMLP(16, 64, nn.GELU(approximate="tanh"), dropout=0.5), 16),  # plain, tanh gelu
     ],
 )
 def test_identity_all_experts(make, S):
@@ -70,7 +47,7 @@ def test_identity_all_experts(make, S):
 def test_permutation_is_applied():
     # The packed rows are the dense rows in permutation order (not the identity).
     torch.manual_seed(0)
-    mlp = GatedMLP(8, 64)
+    mlp = LlamaMLP(8, 64)
     converted, perm = convert_mlp(mlp, 16, seed=0)
     assert not torch.equal(perm, torch.arange(64))
     S = 16
@@ -82,10 +59,10 @@ def test_hf_modules():
     # Real transformers modules: LlamaMLP (SiLUActivation) and GPT2MLP (Conv1D, gelu_new = tanh gelu).
     from transformers import GPT2Config, LlamaConfig
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
-    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.llama.modeling_llama import LlamaMLP as HFLlamaMLP
 
     torch.manual_seed(0)
-    llama = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=64, num_attention_heads=2))
+    llama = HFLlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=64, num_attention_heads=2))
     gpt2 = GPT2MLP(64, GPT2Config(n_embd=16))
     for mlp, act in ((llama, "silu"), (gpt2, "gelu_tanh")):
         converted, _ = convert_mlp(mlp, 16)
@@ -107,14 +84,14 @@ def test_hf_modules():
 def test_wrong_activation_raises(act):
     torch.manual_seed(0)
     with pytest.raises(ConversionError, match="identity check failed"):
-        convert_mlp(PlainMLP(16, 64, nn.ReLU()), 16, act=act)
-    convert_mlp(PlainMLP(16, 64, nn.ReLU()), 16, act=act, check=False)  # the check can be skipped
+        convert_mlp(PlainMLP(16, 64, nn.ReLU(), dropout=0.5), 16, act=act)
+    convert_mlp(PlainMLP(16, 64, nn.ReLU(), dropout=0.5), 16, act=act, check=False)  # the check can be skipped
 
 
 def test_check_detects_corrupted_weights():
     # Edge: a converted module whose packed weights were altered after conversion.
     torch.manual_seed(0)
-    mlp = GatedMLP(16, 64)
+    mlp = LlamaMLP(16, 64)
     converted, _ = convert_mlp(mlp, 16)
     with torch.no_grad():
         converted.w_down[1, 3] += 0.5
@@ -125,7 +102,7 @@ def test_check_detects_corrupted_weights():
 def test_bf16_module():
     # Edge: bf16 weights; the check uses the looser bf16 tolerance and the output keeps the dtype.
     torch.manual_seed(0)
-    mlp = GatedMLP(16, 64, dtype=torch.bfloat16)
+    mlp = LlamaMLP(16, 64).to(torch.bfloat16)
     converted, _ = convert_mlp(mlp, 16)
     assert converted.w_in.dtype == torch.bfloat16
     y, y_split = dense_vs_converted(mlp, converted, 16, torch.bfloat16)
@@ -134,10 +111,10 @@ def test_bf16_module():
 
 def test_kwargs_forwarded_and_bad_width():
     torch.manual_seed(0)
-    converted, _ = convert_mlp(GatedMLP(8, 64), 16, tau=0.7, gate="prob", min_experts=2)
+    converted, _ = convert_mlp(LlamaMLP(8, 64), 16, tau=0.7, gate="prob", min_experts=2)
     assert (converted.tau, converted.gate, converted.min_experts) == (0.7, "prob", 2)
     with pytest.raises(ValueError, match="must divide"):
-        convert_mlp(GatedMLP(8, 48), 32)  # edge: S does not divide F
+        convert_mlp(LlamaMLP(8, 48), 32)  # edge: S does not divide F
     with pytest.raises(TypeError, match="gate_proj"):
         convert_mlp(nn.Linear(4, 4), 2)  # edge: not an FFN
 
@@ -155,7 +132,7 @@ class Block(nn.Module):
     def __init__(self, d, F, gated):
         super().__init__()
         self.attn = Attention(d)
-        self.mlp = GatedMLP(d, F) if gated else PlainMLP(d, F, nn.ReLU())
+        self.mlp = LlamaMLP(d, F) if gated else PlainMLP(d, F, nn.ReLU(), dropout=0.5)
 
     def forward(self, x):
         x = x + self.attn(x)
