@@ -5,6 +5,7 @@ Tests compare the kernels against these functions, benchmarks use them as the
 kernel exists.
 """
 
+from prunepath_ops.reference.attention import kv_decode_attention
 from prunepath_ops.reference.routing import (
     GATE_MODES,
     routing_probabilities,
@@ -27,6 +28,7 @@ __all__ = [
     "align_experts",
     "dense_ffn",
     "index_select_ffn",
+    "kv_decode_attention",
     "masked_dense_ffn",
     "neuron_mask",
     "routing_probabilities",
