@@ -169,11 +169,19 @@ def test_triton_fp16(path):
 
 
 @needs_triton
-@pytest.mark.parametrize("split", [1, 3])
-def test_decode_split_reduction(split):
+@pytest.mark.parametrize(
+    "T, S, rows",
+    [
+        (3, 16, None),  # tensor-core path (tokens padded to 16), one chunk per expert
+        (3, 32, 16),  # two neuron chunks per expert: the reduction sums chunks in order
+        (1, 32, 8),  # single-token path with four chunks
+        (1, 16, None),  # single-token path, whole expert per program
+    ],
+)
+def test_decode_chunked_reduction(T, S, rows):
     from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
 
-    d, F, S, T = 48, 128, 16, 3
+    d, F = 48, 128
     w, _, packed = make_ffn(d, F, S, bias=True, gated=False, act="gelu", device=DEVICE)
     x = torch.randn(T, d, device=DEVICE)
     route = pp.topp_route(torch.randn(T, F // S, device=DEVICE), 0.8)
@@ -181,9 +189,37 @@ def test_decode_split_reduction(split):
         x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=False, act="gelu"
     )
     out = sparse_ffn_decode_triton(
-        x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "gelu", split=split
+        x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "gelu", rows=rows
     )
     check(out, ref, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "down, gated, bias",
+    [
+        ("mm", True, False),  # gate in the up kernel, cuBLAS-style GEMM over the zero-filled H
+        ("blocksparse", True, False),  # Triton down kernel skipping unselected experts per tile
+        ("mm", False, True),  # plain FFN: the output bias added once after the GEMM
+        ("blocksparse", False, True),
+    ],
+)
+def test_prefill_down_variants(down, gated, bias):
+    from prunepath_ops.ffn.triton_ffn import sparse_ffn_prefill_triton
+
+    d, F, S, T = 40, 96, 16, 37
+    act = "silu" if gated else "gelu_tanh"
+    w, _, packed = make_ffn(d, F, S, bias=bias, gated=gated, act=act, device=DEVICE)
+    x = torch.randn(T, d, device=DEVICE)
+    route = pp.topp_route(torch.randn(T, F // S, device=DEVICE), 0.6)
+    ref = R.sparse_ffn(
+        x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=gated, act=act
+    )
+    args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, gated, act)
+    out = sparse_ffn_prefill_triton(x, *route, *args, down=down)
+    check(out, ref, torch.float32)
+    with pytest.raises(ValueError, match="down"):
+        sparse_ffn_prefill_triton(x, *route, *args, down="dense")
 
 
 def test_leading_dims_and_errors():

@@ -1,7 +1,6 @@
 """Triton kernel bodies of the routed expert FFN (launchers: :mod:`prunepath_ops.ffn.triton_ffn`).
 
 Legend: T tokens, E experts, S expert width, d hidden, F = E * S, K slots per token,
-TP tokens padded to a power of two, R neurons per decode program.
 
 Prefill (many tokens), two kernels:
   1. ``grouped_up_kernel``: (token, slot) pairs grouped by expert (``align_experts``),
@@ -15,19 +14,13 @@ Prefill (many tokens), two kernels:
      Per-pair outputs (``[pairs, d]``, vLLM-style) would need ``T * n * d`` floats: 9 GB
      at T=4096 with 134 of 448 experts active, hence the dense-tile formulation.
 
-Decode (1 to 16 tokens), two kernels, weights read once for all tokens:
-  A. ``decode_up_kernel``: one program per (selected expert, R-neuron chunk) computes h
-     for every token of the batch (x is a few KB, cheaper to read whole than to gather),
-     scaled by that token's gate (0 for tokens that did not choose the expert); its R
-     gate, R up rows are read once.
-  B. ``decode_down_kernel``: one program per (d block, expert split) streams
-     ``Wd_e[:, d block]`` of each selected expert in index order and accumulates in fp32
-     registers; with ``SPLIT > 1`` the splits go to a ``[SPLIT, T, d]`` fp32 buffer that a
-     fixed-order sum reduces.
-  The ``[blocks, TP, S]`` fp32 intermediate between A and B is at most E * 16 * S * 4 bytes
-  (0.9 MB at E=448, S=32) and stays in L2; fusing A into B would need either every
-  d-block program to recompute h (reading ``Wg``/``Wu`` once per d block) or a
-  ``[experts, T, d]`` partial-output buffer, both far more traffic than this.
+Down projection alternative (``down="mm"``): the up kernel multiplies h by the token's gate
+(``GATE_IN_H``) into a zero-filled ``H``, and ``y = H Wd`` is one cuBLAS GEMM. At prefill
+sizes with routings that are not clustered by token, every tile of tokens selects nearly
+every expert, so the block-sparse kernel does the dense work anyway, at a lower fraction of
+peak than cuBLAS; the GEMM is deterministic and accumulates in fp32 as well.
+
+Decode (1 to 16 tokens): :mod:`prunepath_ops.ffn.decode_kernels`.
 """
 
 from __future__ import annotations
@@ -58,6 +51,7 @@ def grouped_up_kernel(
     x_ptr,  # [T, d]
     w_in_ptr,  # [E, 2S or S, d]
     b_in_ptr,  # [E, S] or a dummy
+    gates_ptr,  # [T, K] fp32, read when GATE_IN_H
     h_ptr,  # [T, F] out, dtype of x
     sorted_pairs_ptr,  # [P_max] int32, t * K + j, -1 padded
     block_expert_ptr,  # [B_max] int32, -1 past the end
@@ -71,6 +65,7 @@ def grouped_up_kernel(
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    GATE_IN_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -107,6 +102,8 @@ def grouped_up_kernel(
         h = apply_act(acc_g, ACT)
         if GATED:
             h = h * acc_u
+        if GATE_IN_H:
+            h = h * tl.load(gates_ptr + pair, mask=valid, other=0.0)[:, None]
         dst = h_ptr + tok[:, None] * F + e * S + offs_s[None, :]
         tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=valid[:, None])
 
@@ -151,123 +148,3 @@ def down_blocksparse_kernel(
         acc += tl.load(b_out_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     dst = y_ptr + rows64[:, None] * stride_y + cols[None, :]
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def decode_up_kernel(
-    x_ptr,  # [T, d]
-    w_in_ptr,  # [E, 2S or S, d]
-    b_in_ptr,  # [E, S] or a dummy
-    gates_ptr,  # [T, K] fp32, contiguous
-    hbuf_ptr,  # [B_max, TP, S] fp32 out: gate * h, 0 for tokens that did not select the block's expert
-    sorted_pairs_ptr,  # [B_max * TP] int32
-    block_expert_ptr,  # [B_max] int32
-    expert_offsets_ptr,  # [E + 1] int32
-    T,
-    d,
-    K,
-    E,
-    stride_x,
-    S: tl.constexpr,
-    R: tl.constexpr,
-    TP: tl.constexpr,
-    GATED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    chunk = tl.program_id(1)
-    num_programs = tl.num_programs(0)
-    # Alignment ran with block_m = TP >= T, so each selected expert owns exactly one block.
-    num_blocks = tl.load(expert_offsets_ptr + E) // TP
-    rows_in = 2 * S if GATED else S
-    offs_t = tl.arange(0, TP)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = chunk * R + tl.arange(0, R)
-    t_ok = offs_t < T
-    for b in range(pid, num_blocks, num_programs):
-        e = tl.load(block_expert_ptr + b).to(tl.int64)
-        pair = tl.load(sorted_pairs_ptr + b * TP + offs_t)  # [TP] rows of the block
-        valid = pair >= 0
-        gate = tl.load(gates_ptr + pair, mask=valid, other=0.0)
-        tok = tl.where(valid, pair // K, -1)
-        # Scatter the block's gates to token positions: g[t] = gate of the row holding token t.
-        g = tl.sum(tl.where(tok[None, :] == offs_t[:, None], gate[None, :], 0.0), axis=1)  # [TP]
-        w_base = w_in_ptr + e * rows_in * d
-        acc_g = tl.zeros((TP, R), dtype=tl.float32)
-        acc_u = tl.zeros((TP, R), dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < d
-            xt = tl.load(
-                x_ptr + offs_t[:, None] * stride_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            wg = tl.load(w_base + offs_r[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, R]
-            if USE_DOT:
-                acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
-            else:
-                acc_g += tl.sum(xt.to(tl.float32)[:, :, None] * wg.to(tl.float32)[None, :, :], axis=1)
-            if GATED:
-                wu = tl.load(w_base + (S + offs_r[None, :]) * d + kk[:, None], mask=k_ok[:, None], other=0.0)
-                if USE_DOT:
-                    acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
-                else:
-                    acc_u += tl.sum(xt.to(tl.float32)[:, :, None] * wu.to(tl.float32)[None, :, :], axis=1)
-        if HAS_BIAS:
-            acc_g += tl.load(b_in_ptr + e * S + offs_r).to(tl.float32)[None, :]
-        h = apply_act(acc_g, ACT)
-        if GATED:
-            h = h * acc_u
-        # g == 0 where a token did not choose e; the where keeps inf/nan of such rows out.
-        h = tl.where(g[:, None] != 0.0, h * g[:, None], 0.0)
-        tl.store(hbuf_ptr + b * TP * S + offs_t[:, None] * S + offs_r[None, :], h)
-
-
-@triton.jit
-def decode_down_kernel(
-    hbuf_ptr,  # [B_max, TP, S] fp32
-    w_down_ptr,  # [E, S, d]
-    b_out_ptr,  # [d] or a dummy
-    out_ptr,  # [T, d] (SPLIT == 1, dtype of x) or [SPLIT, T, d] fp32 partials
-    block_expert_ptr,  # [B_max] int32
-    expert_offsets_ptr,  # [E + 1] int32
-    T,
-    d,
-    E,
-    S: tl.constexpr,
-    TP: tl.constexpr,
-    SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    pid_d = tl.program_id(0)
-    split = tl.program_id(1)
-    num_blocks = tl.load(expert_offsets_ptr + E) // TP
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < d
-    offs_t = tl.arange(0, TP)
-    offs_s = tl.arange(0, S)
-    acc = tl.zeros((TP, BLOCK_D), dtype=tl.float32)
-    # Each split walks its experts in index order: a fixed summation order.
-    for b in range(split, num_blocks, SPLIT):
-        e = tl.load(block_expert_ptr + b).to(tl.int64)
-        w = tl.load(w_down_ptr + e * S * d + offs_s[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
-        h = tl.load(hbuf_ptr + b * TP * S + offs_t[:, None] * S + offs_s[None, :])  # [TP, S]
-        if USE_DOT:
-            acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
-        else:
-            acc += tl.sum(h[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    t_ok = offs_t < T
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_out_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        dst = out_ptr + offs_t[:, None] * d + cols[None, :]
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])
-    else:
-        dst = out_ptr + (split * T + offs_t[:, None]) * d + cols[None, :]
-        tl.store(dst, acc, mask=t_ok[:, None] & col_ok[None, :])

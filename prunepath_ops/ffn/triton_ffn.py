@@ -11,7 +11,7 @@ import torch
 import triton
 from torch import Tensor
 
-from prunepath_ops.ffn import kernels
+from prunepath_ops.ffn import decode_kernels, kernels
 from prunepath_ops.ffn._env import DECODE_MAX_TOKENS
 from prunepath_ops.ffn._env import interpreting as _interpreting
 from prunepath_ops.reference.sparse_ffn import align_bounds
@@ -61,13 +61,23 @@ def sparse_ffn_prefill_triton(
     gated: bool,
     act: str,
     *,
+    down: str = "mm",
     block_m: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> Tensor:
-    """Routed FFN for many tokens: grouped up/gate GEMM, then a block-sparse down GEMM.
+    """Routed FFN for many tokens: grouped up/gate GEMM, then the down projection.
 
     Arguments as :func:`prunepath_ops.sparse_ffn` (inputs already validated,
-    contiguous). Returns ``[T, d]`` in the dtype of ``x``.
+    contiguous). ``down``: ``"mm"`` (gate applied in the up kernel, one cuBLAS GEMM over
+    the zero-filled ``[T, F]`` intermediate) or ``"blocksparse"`` (the Triton kernel that
+    skips experts no token of a tile selected; wins for routings clustered by token).
+    ``block_m``, ``block_k``, ``num_warps``, ``num_stages`` override the up kernel's tiles
+    (benchmark sweeps). Returns ``[T, d]`` in the dtype of ``x``.
     """
+    if down not in ("mm", "blocksparse"):
+        raise ValueError(f"sparse_ffn: down must be 'mm' or 'blocksparse'; got {down!r}")
     T, d = x.shape
     K = expert_ids.shape[1]
     E, S, _ = w_down.shape
@@ -78,16 +88,22 @@ def sparse_ffn_prefill_triton(
     bm = block_m or (16 if interp else 64)
     sorted_pairs, block_expert, expert_offsets, _ = _align(expert_ids, num_active, E, bm)
     _, b_max = align_bounds(T * K, E, bm)
-    h = torch.empty(T, E * S, dtype=x.dtype, device=x.device)  # [T, F], only selected cells written
+    mm = down == "mm"
+    # [T, F]: the GEMM reads every cell, so unselected cells must be zeros; the block-sparse
+    # kernel reads only selected cells.
+    h = (torch.zeros if mm else torch.empty)(T, E * S, dtype=x.dtype, device=x.device)
     dummy = w_down
     grid_up = (max(1, min(b_max, _num_sms(x.device) * 4)),)
     kernels.grouped_up_kernel[grid_up](
-        x, w_in, b_in if b_in is not None else dummy, h, sorted_pairs, block_expert, expert_offsets,
+        x, w_in, b_in if b_in is not None else dummy, gates, h, sorted_pairs, block_expert, expert_offsets,
         T, d, K, E, x.stride(0),
-        S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
-        BLOCK_M=bm, BLOCK_K=16 if interp else 64, DOT_PREC=_dot_precision(x.dtype),
-        **({} if interp else {"num_warps": 4, "num_stages": 3}),
+        S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=mm,
+        BLOCK_M=bm, BLOCK_K=block_k or (16 if interp else 64), DOT_PREC=_dot_precision(x.dtype),
+        **({} if interp else {"num_warps": num_warps or 4, "num_stages": num_stages or 3}),
     )  # fmt: skip
+    if mm:
+        y = torch.mm(h, w_down.view(E * S, d), out=y)  # [T, F] @ [F, d]
+        return y if b_out is None else y.add_(b_out)
     gt = gate_matrix_t(expert_ids, gates, num_active, E)  # [E, T]
     bm2, bn = (16, 16) if interp else (64, 128)
     grid_down = (triton.cdiv(T, bm2), triton.cdiv(d, bn))
@@ -111,14 +127,18 @@ def sparse_ffn_decode_triton(
     gated: bool,
     act: str,
     *,
-    split: int | None = None,
-    block_d: int | None = None,
+    rows: int | None = None,
+    block_k: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
 
-    Arguments as :func:`prunepath_ops.sparse_ffn` (inputs already validated,
-    contiguous). ``split`` (experts split across programs of one d block) and
-    ``block_d`` override the tile choice. Returns ``[T, d]`` in the dtype of ``x``.
+    Three launches (gate table, fused expert FFN, ordered reduction; see
+    :mod:`prunepath_ops.ffn.decode_kernels`), no alignment, no host synchronisation.
+    Arguments as :func:`prunepath_ops.sparse_ffn` (inputs already validated, contiguous);
+    ``rows`` (neurons per program, R), ``block_k``, ``block_n`` and ``num_warps``
+    override the tile choice (benchmark sweeps). Returns ``[T, d]`` in the dtype of ``x``.
     """
     T, d = x.shape
     K = expert_ids.shape[1]
@@ -128,37 +148,34 @@ def sparse_ffn_decode_triton(
     if T == 0:
         return torch.empty(0, d, dtype=x.dtype, device=x.device)
     interp = _interpreting()
-    tp = triton.next_power_of_2(T)
-    use_dot = tp >= 16
-    sorted_pairs, block_expert, expert_offsets, _ = _align(expert_ids, num_active, E, tp)
-    _, b_max = align_bounds(T * K, E, tp)
-    r = 16 if use_dot else min(S, 16)
-    hbuf = torch.empty(b_max, tp, S, dtype=torch.float32, device=x.device)  # [blocks, TP, S]
+    use_dot = T > 1  # tensor cores need 16 rows: 2..16 tokens are padded to 16
+    tp = 16 if use_dot else 1
+    r = rows or (16 if use_dot or S >= 16 else S)
+    if S % r or (use_dot and r < 16):
+        raise ValueError(f"sparse_ffn: rows={r} must divide S={S} (and be >= 16 for T > 1)")
+    nc = S // r
+    dev = x.device
+    table = torch.empty(E, tp, dtype=torch.float32, device=dev)  # [E, TP]
+    sel = torch.empty(E, tp, dtype=torch.int32, device=dev)  # [E, TP]
+    decode_kernels.decode_gate_table_kernel[(1,)](
+        expert_ids, gates, num_active, table, sel, T, K, E, TP=tp, BLOCK=256 if interp else 1024,
+        **({} if interp else {"num_warps": 4}),
+    )  # fmt: skip
+    partial = torch.empty(E, nc, T, d, dtype=torch.float32, device=dev)  # [E, NC, T, d], selected rows written
+    bk = block_k or (32 if interp else 256)
+    bn = block_n or (32 if interp else 256)
     dummy = w_down
-    prec = _dot_precision(x.dtype)
-    opts = {} if interp else {"num_warps": 4, "num_stages": 3}
-    kernels.decode_up_kernel[(b_max, S // r)](
-        x, w_in, b_in if b_in is not None else dummy, gates, hbuf, sorted_pairs, block_expert, expert_offsets,
-        T, d, K, E, x.stride(0),
+    decode_kernels.decode_expert_kernel[(E, nc)](
+        x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, partial, T, d, x.stride(0),
         S=S, R=r, TP=tp, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
-        BLOCK_K=32 if interp else 128, USE_DOT=use_dot, DOT_PREC=prec, **opts,
+        BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot, DOT_PREC=_dot_precision(x.dtype),
+        **({} if interp else {"num_warps": num_warps or 4, "num_stages": 2}),
     )  # fmt: skip
-    bd = block_d or (16 if interp else 64)
-    n_d = triton.cdiv(d, bd)
-    if split is None:
-        split = 1 if interp else max(1, min(8, (2 * _num_sms(x.device)) // n_d))
-    out = (
-        torch.empty(T, d, dtype=x.dtype, device=x.device)
-        if split == 1
-        else torch.empty(split, T, d, dtype=torch.float32, device=x.device)
-    )
-    kernels.decode_down_kernel[(n_d, split)](
-        hbuf, w_down, b_out if b_out is not None else dummy, out, block_expert, expert_offsets, T, d, E,
-        S=S, TP=tp, SPLIT=split, HAS_BIAS=b_out is not None, BLOCK_D=bd, USE_DOT=use_dot, DOT_PREC=prec, **opts,
+    y = torch.empty(T, d, dtype=x.dtype, device=dev)
+    bd = 32 if interp else 128
+    decode_kernels.decode_reduce_kernel[(T, triton.cdiv(d, bd))](
+        partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, T, K, E, d, y.stride(0),
+        NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=16 if interp else 32, BLOCK_D=bd,
+        **({} if interp else {"num_warps": 4}),
     )  # fmt: skip
-    if split == 1:
-        return out
-    y = out.sum(dim=0)  # fixed-order reduction over the splits
-    if b_out is not None:
-        y = y + b_out.float()
-    return y.to(x.dtype)
+    return y
