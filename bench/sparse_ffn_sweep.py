@@ -85,29 +85,40 @@ def main(argv=None) -> int:
             for T, frac in itertools.product((1, 4, 16), args.fractions):
                 x = torch.randn(T, d, device=device).to(dtype)
                 route = fixed_fraction_route(T, w.E, frac, device, 0)
-                rows_opts = (8, 16, 32) if T == 1 else (16, 32)
-                blocks = (64,) if args.tiny else (128, 256, 512)
-                warps = (4,) if args.tiny else (4, 8)
-                for r, b, nw in itertools.product(rows_opts, blocks, warps):
-                    cfg = {"rows": r, "block": b, "num_warps": nw}
+                configs = [
+                    {"rows": r, "block": b, "num_stages": ns, "num_warps": 4, "use_dot": True}
+                    for r, b, ns in itertools.product(
+                        (16, 32), (64,) if args.tiny else (128, 256, 512), (2,) if args.tiny else (2, 3, 4)
+                    )
+                ]
+                if T == 1:  # the CUDA-core single-token path, its best tiles of the first sweep
+                    configs.append({"rows": 32, "block": 64 if args.tiny else 512, "num_stages": 2, "num_warps": 4,
+                                    "use_dot": False})  # fmt: skip
+                for cfg in configs:
 
-                    def fn(x, r=r, b=b, nw=nw, route=route):
+                    def fn(x, cfg=cfg, route=route):
+                        c = dict(cfg)
+                        b = c.pop("block")
                         return sparse_ffn_decode_triton(
-                            x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act,
-                            rows=r, block_k=b, block_n=b, num_warps=nw,
-                        )  # fmt: skip
+                            x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, block_k=b, block_n=b, **c
+                        )
 
-                    record("decode", T, frac, cfg, fn, x, route, graphed=True)
+                    try:
+                        record("decode", T, frac, cfg, fn, x, route, graphed=True)
+                    except Exception as exc:  # e.g. out of shared memory for a large tile
+                        rows.append({"kind": "decode", "T": T, "frac": frac, **cfg, "error": repr(exc)[:200]})
+                        print(rows[-1], flush=True)
         if args.what in ("prefill", "both"):
             T = 24 if args.tiny else 4096
             for frac in sorted({*args.fractions, 1.0}):
                 x = torch.randn(T, d, device=device).to(dtype)
                 route = fixed_fraction_route(T, w.E, frac, device, 0)
-                configs = [{"down": "blocksparse", "block_m": None, "block_k": None, "num_warps": None,
-                            "num_stages": None}]  # fmt: skip
-                grid = ((16,), (16,), (4,), (2,)) if args.tiny else ((64, 128), (64, 128), (4, 8), (3, 4))
-                for bm, bk, nw, ns in itertools.product(*grid):
-                    configs.append({"down": "mm", "block_m": bm, "block_k": bk, "num_warps": nw, "num_stages": ns})
+                base = {"down": "mm", "block_m": 16 if args.tiny else 128}
+                configs = [{**base, "block_k": 16 if args.tiny else 64, "num_warps": 4, "num_stages": 2 if args.tiny
+                            else 4, "one_dot": False}]  # fmt: skip
+                grid = ((16,), (4,), (2,)) if args.tiny else ((64, 128), (4, 8), (3, 4, 5))
+                for bk, nw, ns in itertools.product(*grid):
+                    configs.append({**base, "block_k": bk, "num_warps": nw, "num_stages": ns, "one_dot": True})
                 for cfg in configs:
 
                     def fn(x, cfg=cfg, route=route):
@@ -127,8 +138,8 @@ def main(argv=None) -> int:
              f"weights (peak {H200_COPY_TBPS} TB/s)", "",
              "| kind | T | active | config | us | TB/s | rel err |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        cfg = ", ".join(f"{k}={r[k]}" for k in ("rows", "block", "num_warps", "down", "block_m", "block_k",
-                                                "num_stages") if k in r and r[k] is not None)  # fmt: skip
+        keys = ("rows", "block", "use_dot", "down", "one_dot", "block_m", "block_k", "num_warps", "num_stages")
+        cfg = ", ".join(f"{k}={r[k]}" for k in keys if k in r and r[k] is not None)
         us = f"{r['us']:.1f}" if "us" in r else ("ERROR" if "error" in r else "FAIL")
         tb = f"{r['TBps']:.2f}" if "TBps" in r else "-"
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"

@@ -170,15 +170,16 @@ def test_triton_fp16(path):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "T, S, rows",
+    "T, S, rows, use_dot",
     [
-        (3, 16, None),  # tensor-core path (tokens padded to 16), one chunk per expert
-        (3, 32, 16),  # two neuron chunks per expert: the reduction sums chunks in order
-        (1, 32, 8),  # single-token path with four chunks
-        (1, 16, None),  # single-token path, whole expert per program
+        (3, 16, None, None),  # tensor-core path (tokens padded to 16), one chunk per expert
+        (3, 32, 16, True),  # two neuron chunks per expert: the reduction sums chunks in order
+        (1, 32, 8, False),  # CUDA-core single-token path with four chunks
+        (1, 16, None, False),  # CUDA-core single-token path, whole expert per program
+        (1, 64, 32, None),  # one token padded to 16 rows on the tensor-core path, two chunks
     ],
 )
-def test_decode_chunked_reduction(T, S, rows):
+def test_decode_chunked_reduction(T, S, rows, use_dot):
     from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
 
     d, F = 48, 128
@@ -189,7 +190,7 @@ def test_decode_chunked_reduction(T, S, rows):
         x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=False, act="gelu"
     )
     out = sparse_ffn_decode_triton(
-        x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "gelu", rows=rows
+        x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "gelu", rows=rows, use_dot=use_dot
     )
     check(out, ref, torch.float32)
 
@@ -216,8 +217,9 @@ def test_prefill_down_variants(down, gated, bias):
         x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=gated, act=act
     )
     args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, gated, act)
-    out = sparse_ffn_prefill_triton(x, *route, *args, down=down)
-    check(out, ref, torch.float32)
+    for one_dot in (True, False):  # gate and up in one N = 2S dot, or two N = S dots
+        out = sparse_ffn_prefill_triton(x, *route, *args, down=down, one_dot=one_dot)
+        check(out, ref, torch.float32)
     with pytest.raises(ValueError, match="down"):
         sparse_ffn_prefill_triton(x, *route, *args, down="dense")
 

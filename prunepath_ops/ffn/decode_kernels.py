@@ -149,7 +149,8 @@ def decode_expert_kernel(
             wd = tl.load(w_down + nn[None, :], mask=n_ok[None, :], other=0.0)  # [R, BLOCK_N]
             if USE_DOT:
                 out = tl.dot(a, wd, input_precision=DOT_PREC)  # [TP, BLOCK_N]
-                tl.store(dst + offs_t[:, None] * d + nn[None, :], out, mask=t_ok[:, None] & n_ok[None, :])
+                # Only rows of tokens that selected e: the reduction reads no others.
+                tl.store(dst + offs_t[:, None] * d + nn[None, :], out, mask=(sel != 0)[:, None] & n_ok[None, :])
             else:
                 out = tl.sum(wd.to(tl.float32) * h[:, None], axis=0)  # [BLOCK_N]
                 tl.store(dst + nn, out, mask=n_ok)

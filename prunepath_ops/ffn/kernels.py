@@ -66,6 +66,7 @@ def grouped_up_kernel(
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     GATE_IN_H: tl.constexpr,
+    ONE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -85,18 +86,35 @@ def grouped_up_kernel(
         valid = pair >= 0
         tok = tl.where(valid, pair // K, 0).to(tl.int64)
         w_base = w_in_ptr + e * rows_in * d
-        acc_g = tl.zeros((BLOCK_M, S), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, S), dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < d
-            xt = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-            # Weights loaded as [BLOCK_K, S] so the dot needs no transpose.
-            wg = tl.load(w_base + offs_s[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)
-            acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
-            if GATED:
-                wu = tl.load(w_base + (S + offs_s[None, :]) * d + kk[:, None], mask=k_ok[:, None], other=0.0)
-                acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
+        if GATED and ONE_DOT:
+            # Gate and up rows are adjacent in w_in: one N = 2S dot fills the tensor cores better
+            # than two N = S dots; the accumulator is split in registers afterwards.
+            offs_2s = tl.arange(0, 2 * S)
+            acc = tl.zeros((BLOCK_M, 2 * S), dtype=tl.float32)
+            for k0 in range(0, d, BLOCK_K):
+                kk = k0 + offs_k
+                k_ok = kk < d
+                xt = tl.load(
+                    x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0
+                )
+                w = tl.load(w_base + offs_2s[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)
+                acc = tl.dot(xt, w, acc, input_precision=DOT_PREC)
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, S)), (0, 2, 1)))
+        else:
+            acc_g = tl.zeros((BLOCK_M, S), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, S), dtype=tl.float32)
+            for k0 in range(0, d, BLOCK_K):
+                kk = k0 + offs_k
+                k_ok = kk < d
+                xt = tl.load(
+                    x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0
+                )
+                # Weights loaded as [BLOCK_K, S] so the dot needs no transpose.
+                wg = tl.load(w_base + offs_s[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)
+                acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
+                if GATED:
+                    wu = tl.load(w_base + (S + offs_s[None, :]) * d + kk[:, None], mask=k_ok[:, None], other=0.0)
+                    acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
         if HAS_BIAS:
             acc_g += tl.load(b_in_ptr + e * S + offs_s).to(tl.float32)[None, :]
         h = apply_act(acc_g, ACT)

@@ -66,6 +66,7 @@ def sparse_ffn_prefill_triton(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    one_dot: bool = True,
 ) -> Tensor:
     """Routed FFN for many tokens: grouped up/gate GEMM, then the down projection.
 
@@ -74,7 +75,7 @@ def sparse_ffn_prefill_triton(
     the zero-filled ``[T, F]`` intermediate) or ``"blocksparse"`` (the Triton kernel that
     skips experts no token of a tile selected; wins for routings clustered by token).
     ``block_m``, ``block_k``, ``num_warps``, ``num_stages`` override the up kernel's tiles
-    (benchmark sweeps). Returns ``[T, d]`` in the dtype of ``x``.
+    and ``one_dot=False`` computes gate and up with two N = S dots (benchmark sweeps). Returns ``[T, d]`` in the dtype of ``x``.
     """
     if down not in ("mm", "blocksparse"):
         raise ValueError(f"sparse_ffn: down must be 'mm' or 'blocksparse'; got {down!r}")
@@ -98,7 +99,7 @@ def sparse_ffn_prefill_triton(
         x, w_in, b_in if b_in is not None else dummy, gates, h, sorted_pairs, block_expert, expert_offsets,
         T, d, K, E, x.stride(0),
         S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=mm,
-        BLOCK_M=bm, BLOCK_K=block_k or (16 if interp else 64), DOT_PREC=_dot_precision(x.dtype),
+        ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=block_k or (16 if interp else 64), DOT_PREC=_dot_precision(x.dtype),
         **({} if interp else {"num_warps": num_warps or 4, "num_stages": num_stages or 3}),
     )  # fmt: skip
     if mm:
@@ -131,14 +132,19 @@ def sparse_ffn_decode_triton(
     block_k: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
+    use_dot: bool | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
 
     Three launches (gate table, fused expert FFN, ordered reduction; see
     :mod:`prunepath_ops.ffn.decode_kernels`), no alignment, no host synchronisation.
     Arguments as :func:`prunepath_ops.sparse_ffn` (inputs already validated, contiguous);
-    ``rows`` (neurons per program, R), ``block_k``, ``block_n`` and ``num_warps``
-    override the tile choice (benchmark sweeps). Returns ``[T, d]`` in the dtype of ``x``.
+    ``rows`` (neurons per program, R), ``block_k``, ``block_n``, ``num_warps``,
+    ``num_stages`` override the tile choice and ``use_dot`` the tensor-core path
+    (tokens padded to 16 rows; the default for every T: its software-pipelined
+    loads stream weights faster than the CUDA-core reduction, see
+    bench/results/sparse_ffn_sweep_cuda.md). Returns ``[T, d]`` in the dtype of ``x``.
     """
     T, d = x.shape
     K = expert_ids.shape[1]
@@ -148,11 +154,14 @@ def sparse_ffn_decode_triton(
     if T == 0:
         return torch.empty(0, d, dtype=x.dtype, device=x.device)
     interp = _interpreting()
-    use_dot = T > 1  # tensor cores need 16 rows: 2..16 tokens are padded to 16
-    tp = 16 if use_dot else 1
-    r = rows or (16 if use_dot or S >= 16 else S)
+    if use_dot is None:
+        use_dot = True
+    if T > 1 and not use_dot:
+        raise ValueError("sparse_ffn: use_dot=False handles a single token only")
+    tp = 16 if use_dot else 1  # tensor cores need 16 rows: tokens are padded to 16
+    r = rows or min(S, 32)
     if S % r or (use_dot and r < 16):
-        raise ValueError(f"sparse_ffn: rows={r} must divide S={S} (and be >= 16 for T > 1)")
+        raise ValueError(f"sparse_ffn: rows={r} must divide S={S} (and be >= 16 on the tensor-core path)")
     nc = S // r
     dev = x.device
     table = torch.empty(E, tp, dtype=torch.float32, device=dev)  # [E, TP]
@@ -164,12 +173,13 @@ def sparse_ffn_decode_triton(
     partial = torch.empty(E, nc, T, d, dtype=torch.float32, device=dev)  # [E, NC, T, d], selected rows written
     bk = block_k or (32 if interp else 256)
     bn = block_n or (32 if interp else 256)
+    stages = num_stages or 3
     dummy = w_down
     decode_kernels.decode_expert_kernel[(E, nc)](
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, partial, T, d, x.stride(0),
         S=S, R=r, TP=tp, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
         BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot, DOT_PREC=_dot_precision(x.dtype),
-        **({} if interp else {"num_warps": num_warps or 4, "num_stages": 2}),
+        **({} if interp else {"num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
     bd = 32 if interp else 128
