@@ -19,6 +19,7 @@ from prunepath_ops import (
     _registration,  # noqa: E402,F401  (fake kernels, autograd)
     reference,  # noqa: E402
 )
+from prunepath_ops.attention import kv_decode_attention  # noqa: E402
 from prunepath_ops.ffn import Alignment, PackedExperts, align_experts, pack_experts, sparse_ffn  # noqa: E402
 from prunepath_ops.modules import PrunePathMLP  # noqa: E402
 from prunepath_ops.routing import Route, topp_route  # noqa: E402
@@ -58,6 +59,7 @@ __all__ = [
     "PrunePathMLP",
     "Route",
     "align_experts",
+    "kv_decode_attention",
     "backends",
     "pack_experts",
     "reference",

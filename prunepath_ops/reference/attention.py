@@ -31,7 +31,9 @@ def kv_decode_attention(
     k_cache, v_cache : Tensor
         ``[B, S_max, Hkv, D]``; rows ``< cache_seqlens[b]`` of sequence b are valid.
     cache_seqlens : Tensor
-        ``[B]`` int32, the number of valid cache rows per sequence before the append.
+        ``[B]`` int32, the number of valid cache rows per sequence before the append, in
+        ``[0, S_max]`` (``[0, S_max - 1]`` with ``k_new``); outside that range this loop follows
+        Python indexing, while the op clamps (see :func:`prunepath_ops.attention.kv_decode_attention`).
     k_new, v_new : Tensor, optional
         ``[B, Hkv, D]``: written **in place** at row ``cache_seqlens[b]`` of each sequence,
         which then attends to ``cache_seqlens[b] + 1`` keys. ``cache_seqlens`` is not changed.

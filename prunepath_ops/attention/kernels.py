@@ -1,0 +1,199 @@
+"""Triton kernel bodies of split-KV decode attention (launchers: :mod:`prunepath_ops.attention.triton_attention`).
+
+Legend: B sequences, Hq query heads, Hkv key/value heads, G = Hq // Hkv query heads per kv head,
+G_PAD = G padded to a power of two >= 16 (the M dimension of ``tl.dot``), D head dim, S_max cache
+rows, L_b valid keys of sequence b, NS splits of the key axis, CHUNK keys per split.
+
+Flash-decoding in two kernels:
+  1. ``decode_attention_split_kernel``: one program per (sequence b, kv head, split s) reads keys
+     ``[s * CHUNK, min((s + 1) * CHUNK, L_b))`` of kv head h in BLOCK_N-row tiles, once for all
+     G query heads that share it (GQA packing: the group's query rows form the M dimension of the
+     dot), with an online softmax in fp32 (base 2, the scale folded into one multiply). With one
+     split it writes the normalised output directly; otherwise a normalised fp32 partial output
+     and its log2-sum-exp. Programs whose chunk starts at or past L_b write nothing.
+  2. ``combine_splits_kernel``: one program per (sequence, query head) merges the partials of the
+     valid splits ``s < cdiv(L_b, CHUNK)`` in split order (bitwise reproducible, no atomics).
+
+Lengths are read on the device; the grid depends only on static sizes (CUDA-graph capturable).
+A length outside ``[0, S_max]`` is clamped into it. With ``k_new``/``v_new``, the program whose
+chunk holds row ``n = cache_seqlens[b]`` scores the new key from registers and writes both rows
+into the caches itself: no other program reads row n, so there is no read-after-write hazard
+across programs and no separate append kernel. The row is written only when ``0 <= n < S_max``;
+the sequence then attends to ``n + 1`` keys, otherwise to the clamped ``n`` (no new key).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW: tl.constexpr):
+    """``(n_old, L, has_new)``: clamped cache rows, keys attended, whether the new row is appended."""
+    n = tl.load(seqlens_ptr + b * stride_len)
+    n_old = tl.minimum(tl.maximum(n, 0), S_max)
+    if HAS_NEW:
+        has_new = (n >= 0) & (n < S_max)
+        L = n_old + has_new.to(tl.int32)
+    else:
+        has_new = n_old < 0  # always False; one return type for both branches
+        L = n_old
+    return n_old, L, has_new
+
+
+@triton.jit
+def decode_attention_split_kernel(
+    q_ptr,  # [B, Hq, D]
+    k_cache_ptr,  # [B, S_max, Hkv, D], rows n_old of kv head h written when HAS_NEW
+    v_cache_ptr,  # [B, S_max, Hkv, D]
+    k_new_ptr,  # [B, Hkv, D] or a dummy
+    v_new_ptr,  # [B, Hkv, D] or a dummy
+    seqlens_ptr,  # [B] int32
+    out_ptr,  # [B, Hq, D] dtype of q when SINGLE, else [B, Hq, NS, D] fp32 partials (contiguous)
+    lse_ptr,  # [B, Hq, NS] fp32 log2-sum-exp of each partial (unused when SINGLE)
+    S_max,
+    Hkv,
+    chunk,  # keys per split, a multiple of BLOCK_N
+    num_splits,
+    qk_scale,  # softmax_scale * log2(e)
+    stride_len,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_nkb,
+    stride_nkh,
+    stride_nvb,
+    stride_nvh,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_NEW: tl.constexpr,
+    SINGLE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    b64 = b.to(tl.int64)
+    n_old, L, has_new = valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW)
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)
+    stop_old = tl.minimum(end, n_old)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_ok = offs_g < GROUP
+    # A split past the end (start >= L) loads nothing and stores nothing: it costs a length read.
+    g_act = offs_g < tl.where(start < L, GROUP, 0)
+    heads = hk * GROUP + offs_g
+    q = tl.load(
+        q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_act[:, None], other=0.0
+    )  # [G_PAD, D]
+    m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+    k_base = k_cache_ptr + b64 * stride_kb + hk * stride_kh
+    v_base = v_cache_ptr + b64 * stride_vb + hk * stride_vh
+
+    # Every tile holds at least one valid row, so the running max is finite after the first one.
+    for n0 in range(start, stop_old, BLOCK_N):
+        rows = n0 + offs_n
+        r_ok = rows < stop_old
+        rows64 = rows.to(tl.int64)
+        kt = tl.load(k_base + rows64[None, :] * stride_ks + offs_d[:, None], mask=r_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # [G_PAD, BLOCK_N]
+        s = tl.where(r_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        # Masked rows load as 0, never as whatever the cache holds there (NaN * 0 would leak).
+        v = tl.load(v_base + rows64[:, None] * stride_vs + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m = m_new
+
+    if HAS_NEW:
+        if has_new & (n_old >= start) & (n_old < end):
+            kn = tl.load(k_new_ptr + b64 * stride_nkb + hk * stride_nkh + offs_d)  # [D]
+            vn = tl.load(v_new_ptr + b64 * stride_nvb + hk * stride_nvh + offs_d)  # [D]
+            s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1) * qk_scale  # [G_PAD]
+            m_upd = tl.maximum(m, s_new)
+            alpha_new = tl.exp2(m - m_upd)
+            p_new = tl.exp2(s_new - m_upd)
+            l_sum = l_sum * alpha_new + p_new
+            acc = acc * alpha_new[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
+            m = m_upd
+            new_row = n_old.to(tl.int64)
+            tl.store(k_base + new_row * stride_ks + offs_d, kn)
+            tl.store(v_base + new_row * stride_vs + offs_d, vn)
+
+    # l = 0 only where nothing was read (L_b = 0, or a split past the end): acc = 0 there, out = 0.
+    l_safe = tl.where(l_sum > 0.0, l_sum, 1.0)
+    out = acc / l_safe[:, None]
+    if SINGLE:
+        dst = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        row = (b64 * (Hkv * GROUP) + heads) * num_splits + split  # [G_PAD] index into [B, Hq, NS]
+        tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_act[:, None])
+        tl.store(lse_ptr + row, m + tl.log2(l_safe), mask=g_act)
+
+
+@triton.jit
+def combine_splits_kernel(
+    o_part_ptr,  # [B, Hq, NS, D] fp32
+    lse_ptr,  # [B, Hq, NS] fp32
+    out_ptr,  # [B, Hq, D], dtype of q
+    seqlens_ptr,  # [B] int32
+    S_max,
+    Hq,
+    chunk,
+    num_splits,
+    stride_len,
+    stride_ob,
+    stride_oh,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_NEW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hq
+    h = pid % Hq
+    _, L, _ = valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW)
+    n_valid = (L + chunk - 1) // chunk  # splits the attention kernel wrote
+    base = pid.to(tl.int64) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_valid, BLOCK_S):
+        sel = s0 + offs_s
+        lse = tl.load(lse_ptr + base + sel, mask=sel < n_valid, other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse)
+    m = tl.max(m_vec, axis=0)
+
+    acc = tl.zeros([D], dtype=tl.float32)
+    w_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
+    # Splits in index order, one fixed reduction tree per block: the same bits on every run.
+    for s0 in range(0, n_valid, BLOCK_S):
+        sel = s0 + offs_s
+        ok = sel < n_valid
+        lse = tl.load(lse_ptr + base + sel, mask=ok, other=float("-inf"))
+        w = tl.where(ok, tl.exp2(lse - m), 0.0)
+        o = tl.load(o_part_ptr + (base + sel)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
+        w_vec += w
+    w_sum = tl.sum(w_vec, axis=0)
+    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)  # no valid split (L_b = 0): zeros
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))

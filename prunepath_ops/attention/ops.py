@@ -1,0 +1,132 @@
+"""Registration of ``torch.ops.prunepath.kv_decode_attention``: argument checks, backend choice, fake kernel.
+
+Legend: B sequences, Hq query heads, Hkv key/value heads, D head dim, S_max cache rows.
+The op mutates ``k_cache`` and ``v_cache`` (schema ``Tensor(a!)``) when ``k_new``/``v_new`` are
+given, so ``torch.compile`` functionalises the append instead of dropping it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prunepath_ops.attention.cpu import kv_decode_attention_cpu
+from prunepath_ops.ffn._env import interpreting as _interpreting
+
+BACKENDS = ("auto", "triton", "cpu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Head dims the Triton kernels compile for (``tl.arange`` needs a power of two); every backend
+#: accepts the same set so that code which runs on the CPU also runs on the GPU.
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+_OP = "kv_decode_attention"
+
+
+def _check_tensor(name: str, t: Tensor, rank: int, layout: str, dtype: torch.dtype, device: torch.device) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{_OP}: {name} must be {rank}-D {layout}; got shape {list(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{_OP}: {name} must have the dtype of q ({dtype}); got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{_OP}: {name} is on {t.device} but q is on {device}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{_OP}: {name} must be contiguous in its last dim (stride 1); got strides {t.stride()}")
+
+
+def check_kv_decode_attention_args(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k_new: Tensor | None,
+    v_new: Tensor | None,
+    softmax_scale: float | None,
+    backend: str,
+) -> None:
+    """Raise on inconsistent shapes, dtypes, devices or layouts (shared by the real and the fake kernel).
+
+    Only static properties are checked: lengths stay on the device (see the op's docstring for
+    the rule applied to lengths outside ``[0, S_max]``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{_OP}: backend must be one of {BACKENDS}; got {backend!r}")
+    if q.dim() != 3:
+        raise ValueError(f"{_OP}: q must be 3-D [B, Hq, D]; got shape {list(q.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"{_OP}: q must be float32, float16 or bfloat16; got {q.dtype}")
+    B, Hq, D = q.shape
+    if D not in HEAD_DIMS:
+        raise ValueError(f"{_OP}: head dim D must be one of {HEAD_DIMS}; got q of shape {list(q.shape)}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"{_OP}: q must be contiguous in its last dim (stride 1); got strides {q.stride()}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t, 4, "[B, S_max, Hkv, D]", q.dtype, q.device)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"{_OP}: k_cache and v_cache must have the same shape; got {list(k_cache.shape)} and {list(v_cache.shape)}"
+        )
+    _, S_max, Hkv, Dk = k_cache.shape
+    if k_cache.shape[0] != B or Dk != D:
+        raise ValueError(
+            f"{_OP}: k_cache must have shape [B={B}, S_max, Hkv, D={D}] to match q {list(q.shape)}; "
+            f"got {list(k_cache.shape)}"
+        )
+    if Hkv < 1 or Hq < 1 or Hq % Hkv != 0:
+        raise ValueError(f"{_OP}: Hq = {Hq} query heads must be a positive multiple of Hkv = {Hkv} kv heads")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"{_OP}: cache_seqlens must be int32; got {cache_seqlens.dtype}")
+    if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B:
+        raise ValueError(f"{_OP}: cache_seqlens must have shape [B] = [{B}]; got {list(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"{_OP}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if (k_new is None) != (v_new is None):
+        given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
+        raise ValueError(f"{_OP}: {given} was given without {missing}; pass both or neither")
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            _check_tensor(name, t, 3, "[B, Hkv, D]", q.dtype, q.device)
+            if tuple(t.shape) != (B, Hkv, D):
+                raise ValueError(f"{_OP}: {name} must have shape [B, Hkv, D] = {[B, Hkv, D]}; got {list(t.shape)}")
+    if softmax_scale is not None and softmax_scale != softmax_scale:
+        raise ValueError(f"{_OP}: softmax_scale must be a number; got {softmax_scale}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: Triton on CUDA, the PyTorch composite on the CPU.
+
+    ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (the tests use it); ``cpu`` needs CPU tensors.
+    """
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"{_OP}: backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"{_OP}: backend='cpu' needs CPU tensors; got {device}")
+    return backend
+
+
+@torch.library.custom_op("prunepath::kv_decode_attention", mutates_args=("k_cache", "v_cache"))
+def kv_decode_attention_op(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k_new: Tensor | None,
+    v_new: Tensor | None,
+    softmax_scale: float | None,
+    backend: str,
+) -> Tensor:
+    """Decode attention over a KV cache with an in-place append; see :func:`prunepath_ops.attention.kv_decode_attention`."""
+    args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
+    check_kv_decode_attention_args(*args, backend)
+    if resolve_backend(backend, q.device) == "cpu":
+        return kv_decode_attention_cpu(*args)
+    from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
+
+    return kv_decode_attention_triton(*args)
+
+
+@kv_decode_attention_op.register_fake
+def _kv_decode_attention_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, backend):
+    check_kv_decode_attention_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, backend)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

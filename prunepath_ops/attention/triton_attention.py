@@ -1,0 +1,196 @@
+"""Launcher of the Triton split-KV decode attention: pick tiles and splits, allocate, launch.
+
+Legend: B sequences, Hq query heads, Hkv key/value heads, G = Hq // Hkv, D head dim, S_max cache
+rows, NS splits of the key axis, CHUNK keys per split. Nothing here reads a length on the host:
+the split count comes from static sizes only, so the launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+import triton
+from torch import Tensor
+
+from prunepath_ops.attention import kernels
+from prunepath_ops.ffn._env import interpreting as _interpreting
+
+#: Programs per SM the split count aims for when the batch alone does not fill the GPU.
+PROGRAMS_PER_SM = 2
+#: Fewest keys per split: below this the partial outputs and the combine cost more than they save.
+MIN_CHUNK = 256
+#: Most keys per split, whatever the batch: bounds the work of one program, so that a few long
+#: sequences in a batch of short ones are spread over many SMs instead of finishing last.
+MAX_CHUNK = 512
+#: The grid's second axis (the splits) is limited to 65535 programs.
+MAX_SPLITS = 65535
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a nominal 4 for the CPU interpreter)."""
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def split_plan(
+    B: int,
+    Hkv: int,
+    S_max: int,
+    sms: int,
+    block_n: int,
+    num_splits: int | None = None,
+    *,
+    min_chunk: int = MIN_CHUNK,
+    max_chunk: int = MAX_CHUNK,
+) -> tuple[int, int]:
+    """``(NS, CHUNK)`` from static sizes: how the key axis ``[0, S_max)`` is cut between programs.
+
+    Without ``num_splits``: enough splits that ``B * Hkv * NS`` reaches ``PROGRAMS_PER_SM * sms``
+    and that no split exceeds ``max_chunk`` keys, but none below ``min_chunk`` keys. ``CHUNK`` is a
+    multiple of ``block_n`` and ``NS = cdiv(S_max, CHUNK)``, so the splits cover every row once.
+
+    Examples
+    --------
+    >>> split_plan(1, 8, 16640, 132, 64)  # one long sequence still fills 132 SMs
+    (33, 512)
+    >>> split_plan(32, 8, 4352, 132, 64)
+    (9, 512)
+    """
+    if S_max <= 0:
+        return 1, block_n
+    if num_splits is None:
+        fill = triton.cdiv(PROGRAMS_PER_SM * sms, max(1, B * Hkv))
+        by_length = triton.cdiv(S_max, max_chunk)
+        num_splits = min(max(fill, by_length), max(1, S_max // min_chunk))
+    num_splits = max(1, min(num_splits, triton.cdiv(S_max, block_n), MAX_SPLITS))
+    chunk = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
+    return triton.cdiv(S_max, chunk), chunk
+
+
+def launch_config(
+    B: int,
+    Hkv: int,
+    S_max: int,
+    D: int,
+    device: torch.device,
+    *,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> dict:
+    """Tiles and splits the launcher uses for these static sizes; ``None`` arguments take the defaults.
+
+    Returns
+    -------
+    dict
+        ``block_n`` (keys per tile), ``num_splits`` and ``chunk`` (from :func:`split_plan`),
+        ``num_warps`` and ``num_stages`` of the attention kernel (``None`` under the interpreter).
+    """
+    interp = _interpreting()
+    if block_n is None:
+        block_n = 16 if interp else (64 if D <= 128 else 32)
+    # The interpreter's chunks are a few tiles, so that tiny test caches take the split path too.
+    chunks = {"min_chunk": block_n, "max_chunk": 2 * block_n} if interp else {}
+    ns, chunk = split_plan(B, Hkv, S_max, num_sms(device), block_n, num_splits, **chunks)
+    if interp:
+        num_warps = num_stages = None
+    else:
+        num_warps = num_warps or 4
+        num_stages = num_stages or (3 if D <= 128 else 2)
+    return {"block_n": block_n, "num_splits": ns, "chunk": chunk, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep fp32 products (TF32 would cost ~1e-3 relative error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _device_guard(device: torch.device):
+    # Triton launches on the current CUDA device, which need not be the tensors' one.
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def kv_decode_attention_triton(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k_new: Tensor | None,
+    v_new: Tensor | None,
+    softmax_scale: float | None,
+    *,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    block_s: int | None = None,
+) -> Tensor:
+    """Split-KV decode attention with the Triton kernels; arguments as :func:`prunepath_ops.attention.kv_decode_attention`.
+
+    Inputs must already be validated (:func:`prunepath_ops.attention.ops.check_kv_decode_attention_args`):
+    last dims contiguous, D a power of two in [16, 256]. Writes ``k_new``/``v_new`` into the caches
+    in place. The keyword arguments override the choice of :func:`launch_config` (for sweeps):
+    ``block_n`` keys per tile, ``num_splits`` splits of the key axis (1: one kernel, no combine),
+    ``num_warps`` and ``num_stages`` of the attention kernel, ``block_s`` splits per step of the
+    combine kernel.
+
+    Returns
+    -------
+    Tensor
+        ``[B, Hq, D]`` contiguous, dtype of ``q``.
+    """
+    B, Hq, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    interp = _interpreting()
+    cfg = launch_config(
+        B, Hkv, S_max, D, q.device, block_n=block_n, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages
+    )
+    ns, chunk = cfg["num_splits"], cfg["chunk"]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    has_new = k_new is not None
+    dummy = k_cache
+    kn, vn = (k_new, v_new) if has_new else (dummy, dummy)
+    nk_strides = (kn.stride(0), kn.stride(1)) if has_new else (0, 0)
+    nv_strides = (vn.stride(0), vn.stride(1)) if has_new else (0, 0)
+    single = ns == 1
+    if single:
+        o_part, lse = out, out  # the lse pointer is never used with one split
+    else:
+        o_part = torch.empty(B, Hq, ns, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device)
+    opts = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    with _device_guard(q.device):
+        kernels.decode_attention_split_kernel[(B * Hkv, ns)](
+            q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse,
+            S_max, Hkv, chunk, ns, scale * math.log2(math.e), cache_seqlens.stride(0),
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            *nk_strides, *nv_strides, out.stride(0), out.stride(1),
+            GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=cfg["block_n"],
+            HAS_NEW=has_new, SINGLE=single, DOT_PREC=_dot_precision(q.dtype), **opts,
+        )  # fmt: skip
+        if not single:
+            bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)
+            kernels.combine_splits_kernel[(B * Hq,)](
+                o_part, lse, out, cache_seqlens, S_max, Hq, chunk, ns, cache_seqlens.stride(0),
+                out.stride(0), out.stride(1), D=D, BLOCK_S=bs, HAS_NEW=has_new,
+                **({} if interp else {"num_warps": 4 if D >= 128 else 2}),
+            )  # fmt: skip
+    return out

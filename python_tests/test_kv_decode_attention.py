@@ -1,0 +1,448 @@
+"""Decode attention over a KV cache (issue 4) against two oracles: the loop reference and SDPA over the valid prefix.
+
+Legend: B sequences, Hq query heads, Hkv kv heads, D head dim, S_max cache rows, L keys attended.
+
+CPU: the vectorised composite (backend "cpu") and the Triton kernels under TRITON_INTERPRET=1
+(fp32/fp16, B <= 3, S_max <= 64, D in {16, 64}). GPU: everything, bf16, Llama-like shapes, bitwise
+determinism and CUDA-graph replay with new lengths.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prunepath_ops import reference as R
+from prunepath_ops.attention import kv_decode_attention
+from prunepath_ops.attention.triton_attention import split_plan
+from prunepath_ops.testing import assert_close
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+BACKENDS = ["cpu", pytest.param("triton", marks=needs_triton)]
+POISON = float("nan")  # cache rows that are not attended hold NaN: reading one would show
+
+
+def device_for(backend: str) -> str:
+    """Triton runs on the GPU when there is one, else on CPU tensors under the interpreter."""
+    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+
+
+def attended(lens: list[int], S_max: int, with_new: bool) -> list[int]:
+    """Keys each sequence attends to: the documented clamp rule."""
+    if with_new:
+        return [min(max(n, 0), S_max) + (0 <= n < S_max) for n in lens]
+    return [min(max(n, 0), S_max) for n in lens]
+
+
+def make_case(lens, Hq, Hkv, D, S_max, dtype, device, with_new, seed=0):
+    """(q, k_cache, v_cache, cache_seqlens, k_new, v_new); every row from cache_seqlens[b] on is NaN.
+
+    The row the append overwrites is NaN too: a kernel reading it before (or instead of) the write shows.
+    """
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
+
+    q, k, v = rnd(B, Hq, D), rnd(B, S_max, Hkv, D), rnd(B, S_max, Hkv, D)
+    for b, n in enumerate(attended(lens, S_max, False)):
+        k[b, n:] = POISON
+        v[b, n:] = POISON
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    kn, vn = (rnd(B, Hkv, D), rnd(B, Hkv, D)) if with_new else (None, None)
+    return q, k, v, seqlens, kn, vn
+
+
+def sdpa_oracle(q, k_cache, v_cache, L, scale):
+    """``[B, Hq, D]`` float64: SDPA (is_causal=False) over exactly the first L_b rows, zeros for L_b = 0."""
+    B, Hq, D = q.shape
+    group = Hq // k_cache.shape[2]
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    for b, n in enumerate(L):
+        if n == 0:
+            continue
+        k = k_cache[b, :n].cpu().double().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        v = v_cache[b, :n].cpu().double().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        qb = q[b].cpu().double()[:, None, :]  # [Hq, 1, D]
+        out[b] = F.scaled_dot_product_attention(qb, k, v, is_causal=False, scale=scale)[:, 0]
+    return out
+
+
+def run_and_check(backend, lens, Hq, Hkv, D, S_max, dtype, with_new, scale=None, seed=0):
+    """Run the op; check it against the reference, SDPA, and the caches written in place (exactly)."""
+    device = device_for(backend)
+    q, k, v, seqlens, kn, vn = make_case(lens, Hq, Hkv, D, S_max, dtype, device, with_new, seed)
+    k_ref, v_ref = k.cpu().clone(), v.cpu().clone()
+    cpu = (t.cpu() if t is not None else None for t in (q, seqlens, kn, vn))
+    q_c, lens_c, kn_c, vn_c = cpu
+    expected = R.kv_decode_attention(q_c, k_ref, v_ref, lens_c, kn_c, vn_c, softmax_scale=scale)  # appends too
+    out = kv_decode_attention(q, k, v, seqlens, kn, vn, softmax_scale=scale, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
+    assert_close(out.cpu().float(), expected.float(), dtype)
+    L = attended(lens, S_max, with_new)
+    sdpa = sdpa_oracle(q, k_ref, v_ref, L, scale if scale is not None else 1 / math.sqrt(D))
+    assert_close(out.cpu().double(), sdpa, dtype)
+    # The appended rows and only them changed (NaN-poisoned rows compare equal to themselves).
+    torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v.cpu(), v_ref, atol=0, rtol=0, equal_nan=True)
+    for b, n in enumerate(L):
+        if n == 0:
+            assert bool((out[b] == 0).all()), "a sequence without keys must give exact zeros"
+    return out
+
+
+CASES = [
+    ([0, 1, 37], 4, 1, 16, 48),  # an empty sequence, a single key, 37 not a multiple of the tile; GQA 4
+    ([5, 64, 63], 8, 8, 16, 64),  # GQA 1 (MHA); a full cache (L = S_max) and S_max - 1
+    ([60, 2, 9], 8, 1, 64, 64),  # GQA 8, D = 64; one long sequence next to two short ones
+    ([17, 33], 8, 2, 64, 40),  # B = 2, lengths just past tile and split boundaries
+    ([3, 90, 200], 32, 8, 128, 256),  # D = 128, Llama-like heads (CPU composite only under the interpreter)
+]
+
+
+def _skip_slow_interpreter(backend, D, S_max):
+    if backend == "triton" and not HAS_CUDA and (D > 64 or S_max > 64):
+        pytest.skip("the interpreter takes D <= 64, S_max <= 64 (the GPU runs this case)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lens,Hq,Hkv,D,S_max", CASES)
+def test_matches_reference_and_sdpa(backend, lens, Hq, Hkv, D, S_max, dtype, with_new):
+    if with_new and max(lens) >= S_max:
+        lens = [min(n, S_max - 1) for n in lens]  # the append needs a free row
+    _skip_slow_interpreter(backend, D, S_max)
+    run_and_check(backend, lens, Hq, Hkv, D, S_max, dtype, with_new)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+# flatter and sharper than 1/sqrt(D); scores in the hundreds, where exp overflows without a running max
+@pytest.mark.parametrize("scale", [0.05, 1.7, 40.0])
+def test_softmax_scale(backend, scale):
+    run_and_check(backend, [7, 40, 1], 8, 2, 16, 48, torch.float32, True, scale=scale)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 2, 4])  # one kernel (no combine); 32-key chunks; one tile per chunk
+@pytest.mark.parametrize(
+    "lens,with_new",
+    [
+        ([0, 16, 64], False),  # empty, exactly one 16-key tile, the full cache
+        ([16, 31, 63], True),  # new row opens a chunk (its old range is empty), ends one, is the last row
+        ([32, 0, 47], True),  # new row at a 32-key chunk boundary; an empty cache that gets one key
+    ],
+)
+def test_split_boundaries(num_splits, lens, with_new):
+    from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
+
+    device = device_for("triton")
+    S_max, Hq, Hkv, D = 64, 4, 2, 16
+    q, k, v, seqlens, kn, vn = make_case(lens, Hq, Hkv, D, S_max, torch.float32, device, with_new, seed=3)
+    k_ref, v_ref = k.cpu().clone(), v.cpu().clone()
+    cpu = [t.cpu() if t is not None else None for t in (q, seqlens, kn, vn)]
+    expected = R.kv_decode_attention(cpu[0], k_ref, v_ref, cpu[1], cpu[2], cpu[3])
+    out = kv_decode_attention_triton(q, k, v, seqlens, kn, vn, None, block_n=16, num_splits=num_splits)
+    assert_close(out.cpu(), expected)
+    torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v.cpu(), v_ref, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+def test_lengths_out_of_range_are_clamped_in_bounds(backend, with_new):
+    """n < 0 attends to nothing, n > S_max to the whole cache; the append happens only for 0 <= n < S_max.
+
+    The caches are a slice of a larger buffer whose extra rows hold a sentinel: a read past S_max
+    would change the output, a write past it the sentinel.
+    """
+    device = device_for(backend)
+    S_max, Hq, Hkv, D, extra = 32, 4, 2, 16, 8
+    lens = [-3, S_max + 5, S_max] if with_new else [-1, S_max + 5, 9]
+    g = torch.Generator().manual_seed(5)
+    big_k = torch.randn(3, S_max + extra, Hkv, D, generator=g).to(device)
+    big_v = torch.randn(3, S_max + extra, Hkv, D, generator=g).to(device)
+    big_k[:, S_max:], big_v[:, S_max:] = 1e4, 1e4
+    k, v = big_k[:, :S_max], big_v[:, :S_max]  # strided in B: the kernels take the strides
+    before_k, before_v = big_k.clone(), big_v.clone()
+    q = torch.randn(3, Hq, D, generator=g).to(device)
+    kn, vn = (torch.randn(3, Hkv, D, generator=g).to(device) for _ in range(2))
+    kn, vn = (kn, vn) if with_new else (None, None)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out = kv_decode_attention(q, k, v, seqlens, kn, vn, backend=backend)
+    torch.testing.assert_close(big_k, before_k, atol=0, rtol=0)  # no sequence appended, nothing else moved
+    torch.testing.assert_close(big_v, before_v, atol=0, rtol=0)
+    clamped = torch.tensor([min(max(n, 0), S_max) for n in lens], dtype=torch.int32)
+    expected = R.kv_decode_attention(q.cpu(), k.cpu().clone(), v.cpu().clone(), clamped)
+    assert_close(out.cpu(), expected)
+    assert bool((out[0] == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    device = device_for(backend)
+    q, k, v, seqlens, _, _ = make_case([50, 3, 64], 8, 2, 16, 64, torch.float16, device, False)
+    first = kv_decode_attention(q, k, v, seqlens, backend=backend)
+    assert torch.equal(kv_decode_attention(q, k, v, seqlens, backend=backend), first)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_query_stays_in_its_head(backend):
+    device = device_for(backend)
+    q, k, v, seqlens, _, _ = make_case([20, 9], 4, 2, 16, 32, torch.float32, device, False)
+    q[1, 2, 5] = float("nan")
+    out = kv_decode_attention(q, k, v, seqlens, backend=backend)
+    assert bool(out[1, 2].isnan().all())
+    out[1, 2] = 0.0
+    assert bool(torch.isfinite(out).all())  # the other heads of the group, and the other sequence
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    q, k, v, seqlens, kn, vn = make_case([], 4, 2, 16, 8, torch.float32, device_for(backend), True)
+    assert kv_decode_attention(q, k, v, seqlens, kn, vn, backend=backend).shape == (0, 4, 16)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 24), min_size=1, max_size=4),
+    group=st.sampled_from([1, 2, 4, 8]),
+    Hkv=st.integers(1, 3),
+    D=st.sampled_from([16, 32]),
+    with_new=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_composite_random_shapes(lens, group, Hkv, D, with_new, seed):
+    S_max = 25  # lengths up to S_max - 1, so every append has a row
+    run_and_check("cpu", lens, group * Hkv, Hkv, D, S_max, torch.float32, with_new, seed=seed)
+
+
+# ---- the static split plan -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "B,Hkv,S_max",
+    [
+        (1, 8, 16640),  # one 16k sequence must still fill the GPU
+        (8, 8, 4352),
+        (32, 8, 16640),  # the ragged benchmark batch: its long sequence must not run on 8 programs
+        (32, 8, 1280),
+        (256, 8, 300),  # the batch alone fills the GPU
+    ],
+)
+def test_split_plan_fills_h200(B, Hkv, S_max):
+    ns, chunk = split_plan(B, Hkv, S_max, 132, 64)
+    assert chunk % 64 == 0 and ns * chunk >= S_max > (ns - 1) * chunk  # every row in exactly one split
+    assert chunk >= min(256, S_max) or ns == 1
+    assert chunk <= 512  # a long sequence is spread over many programs
+    assert B * Hkv * ns >= min(264, B * Hkv * math.ceil(S_max / 256))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    B=st.integers(1, 300),
+    Hkv=st.integers(1, 16),
+    S_max=st.integers(1, 70000),
+    sms=st.integers(1, 200),
+    block_n=st.sampled_from([16, 32, 64, 128]),
+    forced=st.one_of(st.none(), st.integers(1, 5000)),
+)
+def test_split_plan_covers_the_cache(B, Hkv, S_max, sms, block_n, forced):
+    ns, chunk = split_plan(B, Hkv, S_max, sms, block_n, forced)
+    assert chunk % block_n == 0 and 1 <= ns <= 65535
+    assert ns * chunk >= S_max > (ns - 1) * chunk
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+
+def _good():
+    q, k, v, seqlens, kn, vn = make_case([3, 5], 4, 2, 16, 8, torch.float32, "cpu", True)
+    return {"q": q, "k_cache": k, "v_cache": v, "cache_seqlens": seqlens, "k_new": kn, "v_new": vn}
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (lambda a: {"q": a["q"][0]}, ValueError, r"q must be 3-D \[B, Hq, D\]"),
+        (lambda a: {"q": a["q"].long()}, TypeError, "q must be float32, float16 or bfloat16"),
+        (lambda a: {"q": torch.randn(2, 4, 24)}, ValueError, "head dim D must be one of"),
+        (lambda a: {"q": torch.randn(2, 16, 4).transpose(1, 2)}, ValueError, "q must be contiguous in its last dim"),
+        (lambda a: {"k_cache": a["k_cache"][0]}, ValueError, r"k_cache must be 4-D \[B, S_max, Hkv, D\]"),
+        (lambda a: {"v_cache": a["v_cache"].half()}, TypeError, "v_cache must have the dtype of q"),
+        (lambda a: {"v_cache": a["v_cache"][:, :4]}, ValueError, "k_cache and v_cache must have the same shape"),
+        (
+            lambda a: {"k_cache": a["k_cache"][:1], "v_cache": a["v_cache"][:1]},
+            ValueError,
+            r"k_cache must have shape \[B=2",
+        ),
+        (
+            lambda a: {"k_cache": torch.randn(2, 8, 3, 16), "v_cache": torch.randn(2, 8, 3, 16)},
+            ValueError,
+            "Hq = 4 query heads must be a positive multiple of Hkv = 3",
+        ),
+        (
+            lambda a: {"k_cache": torch.randn(2, 8, 16, 2).transpose(2, 3)},
+            ValueError,
+            "k_cache must be contiguous in its last dim",
+        ),
+        (lambda a: {"cache_seqlens": a["cache_seqlens"].long()}, TypeError, "cache_seqlens must be int32"),
+        (lambda a: {"cache_seqlens": a["cache_seqlens"][:1]}, ValueError, r"cache_seqlens must have shape \[B\]"),
+        (lambda a: {"v_new": None}, ValueError, "k_new was given without v_new"),
+        (lambda a: {"k_new": None}, ValueError, "v_new was given without k_new"),
+        (lambda a: {"k_new": a["k_new"][:, :1]}, ValueError, r"k_new must have shape \[B, Hkv, D\]"),
+        (lambda a: {"v_new": a["v_new"].double()}, TypeError, "v_new must have the dtype of q"),
+    ],
+)
+def test_bad_input_raises_before_any_write(change, exc, match):
+    args = _good()
+    k_cache, v_cache = args["k_cache"], args["v_cache"]
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    args.update(change(args))
+    with pytest.raises(exc, match=match):
+        kv_decode_attention(**args)
+    torch.testing.assert_close(k_cache, k_before, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_before, atol=0, rtol=0, equal_nan=True)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kv_decode_attention(**_good(), backend="cuda")
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+        kv_decode_attention(**_good(), backend="triton")
+
+
+@needs_cuda
+def test_cpu_backend_rejects_cuda_tensors():
+    args = {k: t.cuda() for k, t in _good().items()}
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        kv_decode_attention(**args, backend="cpu")
+
+
+@needs_cuda
+def test_mixed_devices():
+    args = _good()
+    args["k_cache"] = args["k_cache"].cuda()
+    with pytest.raises(ValueError, match="k_cache is on cuda"):
+        kv_decode_attention(**args)
+
+
+# ---- torch.library / torch.compile ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+def test_opcheck(backend, with_new):
+    device = device_for(backend)
+    q, k, v, seqlens, kn, vn = make_case([3, 0, 12], 4, 2, 16, 16, torch.float32, device, with_new)
+    k, v = k.nan_to_num(), v.nan_to_num()  # opcheck compares outputs with equal_nan off
+    torch.library.opcheck(torch.ops.prunepath.kv_decode_attention.default, (q, k, v, seqlens, kn, vn, None, backend))
+
+
+def test_schema_declares_the_cache_mutation():
+    schema = torch.ops.prunepath.kv_decode_attention.default._schema
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"k_cache", "v_cache"}, str(schema)  # Tensor(a1!) k_cache, Tensor(a2!) v_cache
+
+
+def test_compile_fullgraph_with_append():
+    torch._dynamo.reset()
+    q, k, v, seqlens, kn, vn = make_case([4, 11], 8, 2, 16, 16, torch.float32, "cpu", True)
+    k, v = k.nan_to_num(), v.nan_to_num()
+    k2, v2 = k.clone(), v.clone()
+
+    def step(q, k_cache, v_cache, lens, k_new, v_new):
+        return kv_decode_attention(q * 2.0, k_cache, v_cache, lens, k_new, v_new).sum(dim=1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, v, seqlens, kn, vn)
+    expected = step(q, k2, v2, seqlens, kn, vn)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(k, k2, atol=0, rtol=0)  # the append survived functionalisation
+    torch.testing.assert_close(v, v2, atol=0, rtol=0)
+    assert bool((k[0, 4] == kn[0]).all())
+
+
+# ---- GPU only: bf16, Llama-like shapes, determinism, CUDA graphs -----------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+@pytest.mark.parametrize(
+    "lens,Hq,Hkv,D,S_max",
+    [
+        ([4000, 0, 1, 129, 2500, 777], 32, 8, 128, 4096),  # ragged with empty and single-key sequences
+        ([16383, 5, 300, 64], 32, 8, 128, 16640),  # one 16k sequence next to short ones
+        ([1000, 1], 32, 4, 64, 1024),  # D = 64, GQA 8
+        ([513, 2047], 16, 16, 128, 2048),  # GQA 1
+        ([3000], 64, 8, 256, 3072),  # D = 256
+        ([70, 900], 8, 2, 16, 1024),  # D = 16
+        ([0, 0], 8, 1, 128, 512),  # nothing to attend anywhere
+    ],
+)
+def test_gpu_against_reference_and_sdpa(lens, Hq, Hkv, D, S_max, dtype, with_new):
+    run_and_check("triton", lens, Hq, Hkv, D, S_max, dtype, with_new)
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [1, 3, 64])  # direct write, few splits, more splits than a sequence needs
+def test_gpu_forced_splits(num_splits):
+    from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
+
+    q, k, v, seqlens, kn, vn = make_case([4000, 1, 64, 0], 32, 8, 128, 4096, torch.bfloat16, "cuda", True)
+    k_ref, v_ref = k.cpu().clone(), v.cpu().clone()
+    expected = R.kv_decode_attention(q.cpu(), k_ref, v_ref, seqlens.cpu(), kn.cpu(), vn.cpu())
+    out = kv_decode_attention_triton(q, k, v, seqlens, kn, vn, None, num_splits=num_splits)
+    assert_close(out.cpu().float(), expected.float(), torch.bfloat16)
+    torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0, equal_nan=True)
+
+
+@needs_cuda
+def test_gpu_bitwise_deterministic():
+    q, k, v, seqlens, _, _ = make_case([16000, 3, 9000, 512] * 4, 32, 8, 128, 16384, torch.bfloat16, "cuda", False)
+    first = kv_decode_attention(q, k, v, seqlens)
+    for _ in range(5):
+        assert torch.equal(kv_decode_attention(q, k, v, seqlens), first)
+
+
+@needs_cuda
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+def test_gpu_cuda_graph_replay_with_new_lengths(with_new):
+    """Capture once, change cache_seqlens in place, replay: the graph must read the new lengths."""
+    S_max, Hq, Hkv, D = 2048, 32, 8, 128
+    q, k, v, seqlens, kn, vn = make_case([100, 0, 2000, 513], Hq, Hkv, D, S_max, torch.bfloat16, "cuda", with_new)
+    k, v = k.nan_to_num(), v.nan_to_num()
+    k0, v0 = k.clone(), v.clone()
+    kv_decode_attention(q, k, v, seqlens, kn, vn)  # compiles the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kv_decode_attention(q, k, v, seqlens, kn, vn)
+    for lens in ([1500, 7, 1, 2047], [0, 2046, 64, 1]):
+        k.copy_(k0)
+        v.copy_(v0)
+        seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        k_ref, v_ref = k0.cpu().clone(), v0.cpu().clone()
+        cpu_new = (kn.cpu(), vn.cpu()) if with_new else (None, None)
+        expected = R.kv_decode_attention(q.cpu(), k_ref, v_ref, seqlens.cpu(), *cpu_new)
+        assert_close(out.cpu().float(), expected.float(), torch.bfloat16)
+        torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0)
+        torch.testing.assert_close(v.cpu(), v_ref, atol=0, rtol=0)
