@@ -120,7 +120,10 @@ class PrunePathMLP(nn.Module):
     router_weight : Tensor, optional
         ``[E, d]`` router weight; default zeros (the paper's initialisation).
     tau : float
-        Top-p threshold; ``tau >= 1`` keeps every expert.
+        Top-p threshold; ``tau >= 1`` keeps every expert. Reading ``mlp.tau`` gives a float;
+        the value the forward uses lives in the fp32 buffer ``tau_tensor`` ``[1]`` (not saved in
+        the state dict), which assigning ``mlp.tau`` fills in place, so a captured CUDA graph
+        or a compiled function sees the new value without recapture or recompilation.
     gate : {"sigmoid", "prob", "renorm", "one"}
     min_experts, max_experts : int
         Bounds on the experts kept per token (see :func:`prunepath_ops.topp_route`).
@@ -174,7 +177,9 @@ class PrunePathMLP(nn.Module):
         self.register_buffer("b_in", packed.b_in)
         self.register_buffer("b_out", packed.b_out)
         self.gated, self.act = packed.gated, packed.act
-        self.tau, self.gate, self.min_experts, self.max_experts = float(tau), gate, min_experts, max_experts
+        tau_tensor = torch.empty(1, dtype=torch.float32, device=packed.w_in.device)
+        self.register_buffer("tau_tensor", tau_tensor, persistent=False)
+        self.tau, self.gate, self.min_experts, self.max_experts = tau, gate, min_experts, max_experts
         self.path, self.backend = path, backend
         self.differentiable = differentiable
 
@@ -207,13 +212,39 @@ class PrunePathMLP(nn.Module):
         return cls(packed, router_weight, **kwargs)
 
     @property
+    def tau(self) -> float:
+        """The top-p threshold (a float mirror of ``tau_tensor``, read without a device synchronisation)."""
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        value = float(value)
+        if value != value:  # a NaN tensor tau would silently keep min_experts
+            raise ValueError("PrunePathMLP: tau must be a number; got NaN")
+        self._tau = value
+        # An in-place fill keeps the buffer's address, which CUDA graphs captured earlier read.
+        # The buffer may have been created under inference mode, where it can only be written.
+        with torch.inference_mode(self.tau_tensor.is_inference()):
+            self.tau_tensor.fill_(value)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # model.to(torch.bfloat16) casts every float buffer; topp_route needs an fp32 tau (and
+        # bf16 would round 0.3 to 0.3008), so rebuild it from the exact float.
+        if self.tau_tensor.dtype != torch.float32:
+            self.tau_tensor = torch.full((1,), self._tau, dtype=torch.float32, device=self.tau_tensor.device)
+        return self
+
+    @property
     def packed(self) -> PackedExperts:
         return PackedExperts(self.w_in, self.w_down, self.b_in, self.b_out, self.gated, self.act)
 
     def route(self, x: Tensor):
         """The routing of ``x [T, d]`` at the current ``tau``."""
         logits = self.router(x)  # [T, E]
-        return topp_route(logits, self.tau, min_experts=self.min_experts, max_experts=self.max_experts, gate=self.gate)
+        return topp_route(
+            logits, self.tau_tensor, min_experts=self.min_experts, max_experts=self.max_experts, gate=self.gate
+        )
 
     def _use_differentiable(self, x: Tensor) -> bool:
         mode = getattr(self, "differentiable", False)  # modules pickled before the attribute existed

@@ -138,3 +138,22 @@ class PlainMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+def random_llama(config, seed: int = 0, std: float = 0.1, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A :class:`prunepath_ops.models.Llama` in eval mode with seeded random weights.
+
+    Norm weights are uniform in (0.8, 1.2), every other weight normal with ``std`` (larger than a
+    trained model's, so that logits are peaked and greedy decoding is not decided by rounding).
+    """
+    from prunepath_ops.models import Llama
+
+    gen = torch.Generator().manual_seed(seed)
+    model = Llama(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.4 + 0.8)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.to(device=device, dtype=dtype)

@@ -2,7 +2,8 @@
 
 - :mod:`.llama`: a gpt-fast style Llama (RMSNorm, RoPE, GQA, static KV cache, gated FFN);
   with dense FFNs it is the dense oracle.
-- :mod:`.generate`: greedy and sampled generation through the KV cache.
+- :mod:`.decode`: :class:`GraphedDecoder`, the decode step captured in a CUDA graph.
+- :mod:`.generate`: greedy and sampled generation through the KV cache (eager or CUDA-graphed).
 - :mod:`.loading`: weights from Hugging Face and GGUF files; the embedded SmolLM2 default.
 - :mod:`.hf_patch`: swap the FFNs of a loaded ``transformers`` Llama in place.
 
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+from prunepath_ops.models.decode import GraphedDecoder
 from prunepath_ops.models.generate import generate, sample
 from prunepath_ops.models.hf_patch import patch_hf_llama, unpatch_hf_llama
 from prunepath_ops.models.llama import (
@@ -33,6 +35,7 @@ from prunepath_ops.models.loading import (
 )
 
 __all__ = [
+    "GraphedDecoder",
     "Llama",
     "LlamaConfig",
     "LlamaMLP",

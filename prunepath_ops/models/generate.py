@@ -5,8 +5,12 @@ Legend: B batch, T tokens (prompt), N new tokens, V vocab.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+from prunepath_ops.models.decode import GraphedDecoder
 
 
 def sample(
@@ -66,8 +70,15 @@ def generate(
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
     max_seq_len: int | None = None,
+    prompt_lengths: Tensor | None = None,
+    pad_token_id: int = 0,
+    attn: str | None = None,
+    cuda_graph: bool = False,
 ) -> Tensor:
     """Generate ``max_new_tokens`` tokens after ``prompt_tokens`` with the static KV cache.
+
+    The prompt goes through :meth:`Llama.forward` (SDPA, one pass), every new token through
+    :meth:`Llama.decode_step` at its sequence's own position.
 
     Parameters
     ----------
@@ -76,7 +87,8 @@ def generate(
         ``max_seq_len`` (default ``T + max_new_tokens``) unless one of that batch and at
         least that length is already set up.
     prompt_tokens : Tensor
-        ``[T]`` or ``[B, T]`` int token ids (every row has the same length; no padding).
+        ``[T]`` or ``[B, T]`` int token ids; rows of different lengths are right-padded
+        (see ``prompt_lengths``).
     max_new_tokens : int
     temperature, top_k, top_p, generator
         See :func:`sample`; ``temperature=0`` is greedy decoding.
@@ -85,12 +97,23 @@ def generate(
         Checking costs one host synchronisation per step; without it the decode loop has none.
     max_seq_len : int, optional
         Cache length to allocate.
+    prompt_lengths : Tensor, optional
+        ``[B]`` int, the real length of each right-padded prompt row (a ragged batch; default:
+        every row is T long). Row b continues after its own ``prompt_lengths[b]`` tokens.
+    pad_token_id : int
+        Fills the end of the rows of a ragged batch (the columns past ``prompt_lengths[b] + N``).
+    attn : {"kernel", "sdpa"}, optional
+        Attention of the decode steps (default ``model.decode_attn``).
+    cuda_graph : bool
+        Capture the decode step once in a CUDA graph (:class:`GraphedDecoder`) and replay it
+        per token; CUDA only. Tokens equal those of the eager loop.
 
     Returns
     -------
     Tensor
-        ``[B, T + N]`` (or ``[T + N]`` for a 1-D prompt) prompt followed by the new tokens;
-        N is ``max_new_tokens`` unless every row stopped early at ``eos_token_id``.
+        ``[B, T + N]`` (or ``[T + N]`` for a 1-D prompt): row b holds its prompt's
+        ``prompt_lengths[b]`` tokens, then its new tokens, then ``pad_token_id``. N is
+        ``max_new_tokens`` unless every row stopped early at ``eos_token_id``.
 
     Examples
     --------
@@ -99,35 +122,55 @@ def generate(
     >>> model = Llama(LlamaConfig.tiny()).eval()
     >>> generate(model, torch.tensor([1, 2, 3]), 4).shape
     torch.Size([7])
+    >>> generate(model, torch.tensor([[1, 2, 3], [4, 5, 0]]), 4, prompt_lengths=torch.tensor([3, 2])).shape
+    torch.Size([2, 7])
     """
     squeeze = prompt_tokens.dim() == 1
     tokens = prompt_tokens[None] if squeeze else prompt_tokens  # [B, T]
     B, T = tokens.shape
     device = tokens.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"generate: cuda_graph=True needs CUDA tensors; the prompt is on {device}")
     need = max_seq_len or T + max_new_tokens
     if model.cache_batch != B or model.cache_len < need:
         model.setup_cache(B, need)
 
-    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # [B, T + N]
-    out[:, :T] = tokens
+    out = torch.full((B, T + max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # [B, T + N]
+    if prompt_lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long, device=device)  # [B]
+        out[:, :T] = tokens
+        logits = model(tokens, 0, last_only=True)  # prefill: [B, 1, V]
+    else:
+        lengths = torch.as_tensor(prompt_lengths, device=device).long().reshape(B)  # [B]
+        if not bool(((lengths >= 1) & (lengths <= T)).all()):  # once, before the decode loop
+            raise ValueError(f"generate: prompt_lengths must lie in [1, T = {T}]; got {lengths.tolist()}")
+        real = torch.arange(T, device=device)[None, :] < lengths[:, None]  # [B, T]
+        out[:, :T] = torch.where(real, tokens, pad_token_id)
+        # Right padding is harmless: a real token attends causally to earlier (real) positions
+        # only, and each row's decode overwrites or masks out the cache rows of its padding.
+        logits = model(tokens, 0, last_index=lengths - 1)  # prefill: [B, 1, V]
+
+    if cuda_graph and max_new_tokens > 1:  # the first new token comes from the prefill
+        step = GraphedDecoder(model, attn)
+    else:
+        step = functools.partial(model.decode_step, attn=attn)
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    logits = model(tokens, 0, last_only=True)  # prefill: [B, 1, V]
     nxt = sample(logits[:, -1], **pick)  # [B]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    input_pos = torch.tensor([T], dtype=torch.long, device=device)  # [1], advanced on the device
+    cache_seqlens = lengths.to(torch.int32)  # [B], the position of nxt, advanced on the device
     n = max_new_tokens
     for i in range(max_new_tokens):
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             done |= nxt == eos_token_id
-        out[:, T + i] = nxt
+        out.scatter_(1, cache_seqlens.long()[:, None], nxt[:, None])
         if eos_token_id is not None and bool(done.all()):
             n = i + 1
             break
         if i + 1 == max_new_tokens:
             break
-        logits = model(nxt[:, None], input_pos)  # decode: [B, 1, V]
-        nxt = sample(logits[:, -1], **pick)
-        input_pos += 1
+        logits = step(nxt, cache_seqlens)  # decode: [B, V]
+        nxt = sample(logits, **pick)
+        cache_seqlens += 1
     out = out[:, : T + n]
     return out[0] if squeeze else out

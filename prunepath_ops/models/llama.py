@@ -1,8 +1,13 @@
 """A gpt-fast style Llama decoder whose FFN slots hold dense ``LlamaMLP`` or :class:`PrunePathMLP` modules.
 
 RMSNorm, RoPE (Hugging Face ``rotate_half`` convention, so HF weights load unchanged), grouped-query
-attention through SDPA with a static preallocated KV cache, gated SiLU FFN. With dense FFNs this
-model is the dense oracle (no custom ops at all).
+attention through SDPA with a static preallocated KV cache, gated SiLU FFN. With dense FFNs and
+SDPA attention this model is the dense oracle (no custom ops at all).
+
+Two entry points: :meth:`Llama.forward` (prefill, or any chunk of tokens at shared positions,
+attention through SDPA under an explicit mask) and :meth:`Llama.decode_step` (one new token per
+sequence at its own position, fixed shapes and no host synchronisation, so a CUDA graph can
+capture it; attention through ``kv_decode_attention`` or SDPA).
 
 Legend: B batch, T tokens, d hidden, F FFN width, H heads, Hkv kv heads, D head dim, V vocab,
 E experts, S expert width, S_max cache length.
@@ -10,6 +15,7 @@ E experts, S expert width, S_max cache length.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,8 +104,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, 
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [B, T, H, D]`` by the positions' ``cos, sin [T, D]`` (Hugging Face ``rotate_half`` convention)."""
-    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]  # [T, 1, D]
+    """Rotate ``x [B, T, H, D]`` by the positions' ``cos, sin [T, D]`` (Hugging Face ``rotate_half`` convention).
+
+    One position per sequence (decode): ``x [B, H, D]`` with ``cos, sin [B, D]`` gives the same layout.
+    """
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]  # [T|B, 1, D]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -118,6 +127,13 @@ class KVCache(nn.Module):
         """Write ``k, v [B, T, Hkv, D]`` at positions ``input_pos [T]``; return the whole caches (no host sync)."""
         self.k.index_copy_(1, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(1, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+    def write_rows(self, cache_seqlens: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k, v [B, Hkv, D]`` at row ``cache_seqlens[b]`` of each sequence; return the whole caches."""
+        rows = (torch.arange(k.shape[0], device=k.device), cache_seqlens.long())  # one (b, row) pair per sequence
+        self.k.index_put_(rows, k.to(self.k.dtype))
+        self.v.index_put_(rows, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -154,14 +170,53 @@ class Attention(nn.Module):
         y = attention(q, k.to(q.dtype), v.to(q.dtype), mask)  # [B, T, H, D]
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
 
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache_seqlens: Tensor, mask: Tensor | None) -> Tensor:
+        """One token per sequence: ``x [B, d]`` -> ``[B, d]``, its k/v written at row ``cache_seqlens[b]``.
+
+        ``cos, sin [B, D]`` are the RoPE rows of each sequence's position ``cache_seqlens [B]`` int32.
+        ``mask`` None: ``kv_decode_attention`` (appends k/v and reads ``cache_seqlens[b] + 1`` keys);
+        else SDPA over the whole cache under ``mask [B, 1, 1, S_max]`` (the dense oracle).
+        """
+        B = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(B, self.n_heads, self.head_dim), cos, sin)  # [B, H, D]
+        k = apply_rope(self.k_proj(x).view(B, self.n_kv_heads, self.head_dim), cos, sin)  # [B, Hkv, D]
+        v = self.v_proj(x).view(B, self.n_kv_heads, self.head_dim)  # [B, Hkv, D]
+        cache = self.kv_cache
+        if mask is None:
+            kv_dtype = cache.k.dtype
+            y = _decode_attention_op()(
+                q.to(kv_dtype), cache.k, cache.v, cache_seqlens, k.to(kv_dtype), v.to(kv_dtype)
+            ).to(q.dtype)  # [B, H, D]
+        else:
+            k_all, v_all = cache.write_rows(cache_seqlens, k, v)  # [B, S_max, Hkv, D]
+            y = attention(q[:, None], k_all.to(q.dtype), v_all.to(q.dtype), mask)[:, 0]  # [B, H, D]
+        return self.o_proj(y.reshape(B, self.n_heads * self.head_dim))
+
+
+@functools.cache
+def _decode_attention_op() -> Callable:
+    """``kv_decode_attention``: the fused op when it is built, else its readable reference.
+
+    The reference loops over sequences on the host (``.tolist()``), so only the fused op can be
+    captured in a CUDA graph; both have the same signature and semantics.
+    """
+    try:
+        from prunepath_ops.attention import kv_decode_attention
+    except ImportError:
+        from prunepath_ops.reference import kv_decode_attention
+    return kv_decode_attention
+
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Masked GQA attention through SDPA: ``q [B, T, H, D]``, ``k, v [B, S_kv, Hkv, D]``, ``mask [T, S_kv]``.
 
+    ``mask`` (True = attend) may be anything that broadcasts to ``[B, H, T, S_kv]``, e.g.
+    ``[B, 1, 1, S_kv]`` for one decode query per sequence at its own position.
+
     Query head ``h`` reads kv head ``h // (H / Hkv)`` (Hugging Face ``repeat_kv``). The mask is explicit
     because SDPA's ``is_causal`` aligns the causal diagonal to key 0, which is wrong for queries at
-    offset positions (a single decode query would see only key 0). This is the slot the decode
-    attention kernel replaces.
+    offset positions (a single decode query would see only key 0). :meth:`Attention.decode` can
+    replace it by the decode attention kernel.
     """
     H, Hkv = q.shape[2], k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T|S_kv, D]
@@ -199,6 +254,14 @@ class Block(nn.Module):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, kv_len)
         return h + self.ffn(self.ffn_norm(h))
 
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache_seqlens: Tensor, mask: Tensor | None) -> Tensor:
+        """``x [B, d]`` -> ``[B, d]``, one token per sequence (see :meth:`Attention.decode`)."""
+        h = x + self.attn.decode(self.attn_norm(x), cos, sin, cache_seqlens, mask)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+DECODE_ATTENTION = ("kernel", "sdpa")
+
 
 class Llama(nn.Module):
     """Llama-architecture decoder (embedding, :class:`Block` x n_layers, final RMSNorm, LM head).
@@ -206,6 +269,11 @@ class Llama(nn.Module):
     Parameters
     ----------
     config : LlamaConfig
+    decode_attn : {"kernel", "sdpa"}
+        Default attention of :meth:`decode_step` (settable later as ``model.decode_attn``):
+        ``kernel`` is ``prunepath_ops.attention.kv_decode_attention`` (its reference when the
+        fused op is not built), which reads each sequence's valid cache prefix only; ``sdpa``
+        is the dense oracle's masked SDPA over the whole cache. :meth:`forward` always uses SDPA.
 
     Examples
     --------
@@ -216,11 +284,14 @@ class Llama(nn.Module):
     >>> logits = model(torch.tensor([[4]]), torch.tensor([3]))  # decode: position 3
     >>> logits.shape
     torch.Size([1, 1, 128])
+    >>> model.decode_step(torch.tensor([5]), torch.tensor([4], dtype=torch.int32)).shape  # position 4
+    torch.Size([1, 128])
     """
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, decode_attn: str = "kernel") -> None:
         super().__init__()
         self.config = config
+        self.decode_attn = decode_attn
         self.embed = nn.Embedding(config.vocab, config.d)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d, config.norm_eps)
@@ -266,7 +337,13 @@ class Llama(nn.Module):
         return 0 if kv is None else kv.k.shape[0]
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, input_pos: Tensor | int | None = None, last_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        input_pos: Tensor | int | None = None,
+        last_only: bool = False,
+        last_index: Tensor | None = None,
+    ) -> Tensor:
         """Logits of ``tokens [B, T]`` at positions ``input_pos``.
 
         Parameters
@@ -282,6 +359,9 @@ class Llama(nn.Module):
             a cache the T tokens attend causally to each other only.
         last_only : bool
             Return only the last position's logits (``[B, 1, V]``), e.g. after a prefill.
+        last_index : Tensor, optional
+            ``[B]`` int: return only the logits at index ``last_index[b]`` of row b (``[B, 1, V]``),
+            e.g. the last real token of each right-padded prompt of a ragged batch.
 
         Returns
         -------
@@ -310,9 +390,61 @@ class Llama(nn.Module):
         x = self.embed(tokens)  # [B, T, d]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, pos, kv_len)
-        if last_only:
+        if last_index is not None:
+            x = x.gather(1, last_index.long().view(B, 1, 1).expand(B, 1, x.shape[-1]))  # [B, 1, d]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # [B, T|1, V]
+
+    def decode_step(self, tokens: Tensor, cache_seqlens: Tensor, *, attn: str | None = None) -> Tensor:
+        """Logits of one new token per sequence, each at its own position: the CUDA-graph-capturable step.
+
+        Writes the tokens' keys/values at row ``cache_seqlens[b]`` of each sequence's cache, which
+        then attends to its first ``cache_seqlens[b] + 1`` rows. Shapes are fixed and nothing is
+        read back to the host (so a graph captured once replays for any positions, see
+        :class:`~prunepath_ops.models.decode.GraphedDecoder`); ``cache_seqlens`` is not advanced.
+
+        Parameters
+        ----------
+        tokens : Tensor
+            ``[B]`` int token ids, B the batch of :meth:`setup_cache`.
+        cache_seqlens : Tensor
+            ``[B]`` int32 (other int dtypes are converted): tokens already cached per sequence,
+            i.e. the new token's position; sequences may differ (ragged batch). Must stay below
+            the cache length (not checked: checking would synchronise).
+        attn : {"kernel", "sdpa"}, optional
+            Default ``self.decode_attn``.
+
+        Returns
+        -------
+        Tensor
+            ``[B, V]`` logits in the model's dtype.
+
+        Examples
+        --------
+        >>> import torch
+        >>> model = Llama(LlamaConfig.tiny()).eval()
+        >>> model.setup_cache(batch=2, max_seq_len=16)
+        >>> _ = model(torch.tensor([[1, 2, 3], [4, 5, 0]]), 0)  # right-padded prompts of lengths 3 and 2
+        >>> model.decode_step(torch.tensor([6, 7]), torch.tensor([3, 2], dtype=torch.int32)).shape
+        torch.Size([2, 128])
+        """
+        attn = attn or self.decode_attn
+        if attn not in DECODE_ATTENTION:
+            raise ValueError(f"decode_step: attn must be one of {DECODE_ATTENTION}; got {attn!r}")
+        if self.layers[0].attn.kv_cache is None:
+            raise RuntimeError("decode_step: call setup_cache first")
+        cache_seqlens = cache_seqlens.to(torch.int32)  # what kv_decode_attention takes; a no-op for int32
+        cos = self.rope_cos.index_select(0, cache_seqlens)  # [B, D]
+        sin = self.rope_sin.index_select(0, cache_seqlens)  # [B, D]
+        mask = None
+        if attn == "sdpa":
+            keys = torch.arange(self.cache_len, device=tokens.device)  # [S_max]
+            mask = (keys[None, :] <= cache_seqlens[:, None])[:, None, None, :]  # [B, 1, 1, S_max]
+        x = self.embed(tokens)  # [B, d]
+        for layer in self.layers:
+            x = layer.decode(x, cos, sin, cache_seqlens, mask)
+        return self.lm_head(self.norm(x))  # [B, V]
 
     # -- FFN conversion ----------------------------------------------------------------------
     def convert_ffns(self, fn: Callable[[int, nn.Module], nn.Module]) -> list[nn.Module]:
@@ -414,7 +546,11 @@ def to_dense(model: Llama, permutations: Sequence[Tensor] | None = None) -> list
 
 
 def set_tau(modules: Llama | Sequence[nn.Module], tau: float) -> None:
-    """Set ``tau`` on every :class:`PrunePathMLP` of a model (or of a list of modules)."""
+    """Set ``tau`` on every :class:`PrunePathMLP` of a model (or of a list of modules).
+
+    Each module's tau buffer is filled in place, so a decode step captured in a CUDA graph
+    (:class:`~prunepath_ops.models.decode.GraphedDecoder`) uses the new value at its next replay.
+    """
     mods = modules.modules() if isinstance(modules, nn.Module) else modules
     for m in mods:
         if isinstance(m, PrunePathMLP):
