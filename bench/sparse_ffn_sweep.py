@@ -85,15 +85,15 @@ def main(argv=None) -> int:
             for T, frac in itertools.product((1, 4, 16), args.fractions):
                 x = torch.randn(T, d, device=device).to(dtype)
                 route = fixed_fraction_route(T, w.E, frac, device, 0)
-                configs = [
-                    {"rows": r, "block": b, "num_stages": ns, "num_warps": 4, "use_dot": True}
-                    for r, b, ns in itertools.product(
-                        (16, 32), (64,) if args.tiny else (128, 256, 512), (2,) if args.tiny else (2, 3, 4)
-                    )
-                ]
-                if T == 1:  # the CUDA-core single-token path, its best tiles of the first sweep
-                    configs.append({"rows": 32, "block": 64 if args.tiny else 512, "num_stages": 2, "num_warps": 4,
-                                    "use_dot": False})  # fmt: skip
+                # Around the best tiles of the earlier sweeps (block 256 / stages 3 at T = 1, 128 / 3-4 above).
+                base = [(32, 256, 3), (32, 512, 2)] if T == 1 else [(32, 128, 3), (32, 128, 4)]
+                if args.tiny:
+                    base = [(32, 64, 2)]
+                configs = []
+                for (r, b, ns), nw, bd in itertools.product(base, (4, 8), (64, 128)):
+                    for slot in (True, False) if T == 1 else (None,):
+                        configs.append({"rows": r, "block": b, "num_stages": ns, "num_warps": nw, "block_d": bd,
+                                        "slot_grid_one_token": slot})  # fmt: skip
                 for cfg in configs:
 
                     def fn(x, cfg=cfg, route=route):
@@ -138,7 +138,19 @@ def main(argv=None) -> int:
              f"weights (peak {H200_COPY_TBPS} TB/s)", "",
              "| kind | T | active | config | us | TB/s | rel err |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        keys = ("rows", "block", "use_dot", "down", "one_dot", "block_m", "block_k", "num_warps", "num_stages")
+        keys = (
+            "rows",
+            "block",
+            "use_dot",
+            "slot_grid_one_token",
+            "block_d",
+            "down",
+            "one_dot",
+            "block_m",
+            "block_k",
+            "num_warps",
+            "num_stages",
+        )
         cfg = ", ".join(f"{k}={r[k]}" for k in keys if k in r and r[k] is not None)
         us = f"{r['us']:.1f}" if "us" in r else ("ERROR" if "error" in r else "FAIL")
         tb = f"{r['TBps']:.2f}" if "TBps" in r else "-"

@@ -179,7 +179,8 @@ def test_triton_fp16(path):
         (1, 64, 32, None),  # one token padded to 16 rows on the tensor-core path, two chunks
     ],
 )
-def test_decode_chunked_reduction(T, S, rows, use_dot):
+@pytest.mark.parametrize("slot_grid", [True, False])  # one token: programs per slot, or the gate table
+def test_decode_chunked_reduction(T, S, rows, use_dot, slot_grid):
     from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
 
     d, F = 48, 128
@@ -190,7 +191,17 @@ def test_decode_chunked_reduction(T, S, rows, use_dot):
         x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=False, act="gelu"
     )
     out = sparse_ffn_decode_triton(
-        x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, False, "gelu", rows=rows, use_dot=use_dot
+        x,
+        *route,
+        packed.w_in,
+        packed.b_in,
+        packed.w_down,
+        packed.b_out,
+        False,
+        "gelu",
+        rows=rows,
+        use_dot=use_dot,
+        slot_grid_one_token=slot_grid,
     )
     check(out, ref, torch.float32)
 

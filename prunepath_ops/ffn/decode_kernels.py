@@ -15,6 +15,8 @@ At decode the cost is reading weights, so the work is split by weight slice, not
      fp32 partial buffer. The intermediate ``h`` never leaves the registers; all programs
      of all selected experts run at once, each reading an equal slice of weights, so every
      SM streams memory.
+     With one token (``SLOT_GRID``) program j serves the token's j-th slot instead, and
+     kernel 0 is skipped.
   2. ``decode_reduce_kernel`` (one program per token and d block): sums the partials of the
      token's selected experts in its slot order (then chunk order) in fp32, adds the output
      bias, casts. A fixed order, no atomics: bitwise reproducible.
@@ -70,12 +72,18 @@ def decode_expert_kernel(
     w_in_ptr,  # [E, 2S or S, d]
     b_in_ptr,  # [E, S] or a dummy
     w_down_ptr,  # [E, S, d]
-    table_ptr,  # [E, TP] fp32 gates
-    sel_ptr,  # [E, TP] int32 selection
-    partial_ptr,  # [E, NC, T, d] fp32 out (only selected experts' rows are written)
+    table_ptr,  # [E, TP] fp32 gates (not read with SLOT_GRID)
+    sel_ptr,  # [E, TP] int32 selection (not read with SLOT_GRID)
+    expert_ids_ptr,  # [1, K] int32 (SLOT_GRID only)
+    gates_ptr,  # [1, K] fp32 (SLOT_GRID only)
+    num_active_ptr,  # [1] int32 (SLOT_GRID only)
+    partial_ptr,  # [units, NC, T, d] fp32 out (only selected experts' rows are written)
     T,
     d,
+    E,
+    K,
     stride_x,
+    SLOT_GRID: tl.constexpr,
     S: tl.constexpr,
     R: tl.constexpr,
     TP: tl.constexpr,
@@ -87,15 +95,25 @@ def decode_expert_kernel(
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    e = tl.program_id(0).to(tl.int64)
+    unit = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     NC: tl.constexpr = S // R
     offs_t = tl.arange(0, TP)
     t_ok = offs_t < T
-    sel = tl.load(sel_ptr + e * TP + offs_t, mask=t_ok, other=0)  # [TP]
+    if SLOT_GRID:
+        # One token: program j serves its j-th slot directly, no gate table (and one launch) needed.
+        n = tl.minimum(tl.maximum(tl.load(num_active_ptr), 0), K)
+        e = tl.load(expert_ids_ptr + unit, mask=unit < n, other=-1).to(tl.int64)
+        active = (unit < n) & (e >= 0) & (e < E)
+        e = tl.where(active, e, 0)
+        sel = tl.where((offs_t == 0) & active, 1, 0)  # [TP]
+        g = tl.where(offs_t == 0, tl.load(gates_ptr + unit, mask=active, other=0.0), 0.0)  # [TP]
+    else:
+        e = unit
+        sel = tl.load(sel_ptr + e * TP + offs_t, mask=t_ok, other=0)  # [TP]
+        g = tl.load(table_ptr + e * TP + offs_t, mask=t_ok, other=0.0)  # [TP]
     # Programs of experts no token selected do nothing (most of the grid at decode).
     if tl.max(sel, axis=0) > 0:
-        g = tl.load(table_ptr + e * TP + offs_t, mask=t_ok, other=0.0)  # [TP]
         rows_in: tl.constexpr = 2 * S if GATED else S
         offs_r = chunk * R + tl.arange(0, R)
         offs_k = tl.arange(0, BLOCK_K)
@@ -142,7 +160,7 @@ def decode_expert_kernel(
             h = tl.sum(tl.where(sel[:, None] != 0, h[None, :] * g[:, None], 0.0), axis=0)  # [R]
         w_down = w_down_ptr + e * S * d + offs_r[:, None] * d  # [R, 1] row starts
         offs_n = tl.arange(0, BLOCK_N)
-        dst = partial_ptr + (e * NC + chunk) * T * d
+        dst = partial_ptr + (unit * NC + chunk) * T * d
         for n0 in range(0, d, BLOCK_N):
             nn = n0 + offs_n
             n_ok = nn < d
@@ -168,6 +186,7 @@ def decode_reduce_kernel(
     E,
     d,
     stride_y,
+    SLOT_GRID: tl.constexpr,
     NC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -184,8 +203,9 @@ def decode_reduce_kernel(
         ok = j < n
         e = tl.load(expert_ids_ptr + t * K + j, mask=ok, other=0).to(tl.int64)
         ok = ok & (e >= 0) & (e < E)
+        unit = j.to(tl.int64) if SLOT_GRID else e  # partials are indexed by slot or by expert
         for c in range(NC):
-            rows = (e * NC + c) * T + t  # [BLOCK_J]
+            rows = (unit * NC + c) * T + t  # [BLOCK_J]
             p = tl.load(partial_ptr + rows[:, None] * d + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
             acc += tl.sum(p, axis=0)
     if HAS_BIAS:

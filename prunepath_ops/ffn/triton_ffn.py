@@ -134,6 +134,8 @@ def sparse_ffn_decode_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_dot: bool | None = None,
+    slot_grid_one_token: bool | None = None,
+    block_d: int | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
 
@@ -144,7 +146,8 @@ def sparse_ffn_decode_triton(
     ``num_stages`` override the tile choice and ``use_dot`` the tensor-core path
     (tokens padded to 16 rows; the default for every T: its software-pipelined
     loads stream weights faster than the CUDA-core reduction, see
-    bench/results/sparse_ffn_sweep_cuda.md). Returns ``[T, d]`` in the dtype of ``x``.
+    bench/results/sparse_ffn_sweep_cuda.md); ``slot_grid_one_token=False`` makes a single
+    token go through the gate table like a batch, ``block_d`` sets the reduction's tile. Returns ``[T, d]`` in the dtype of ``x``.
     """
     T, d = x.shape
     K = expert_ids.shape[1]
@@ -164,28 +167,36 @@ def sparse_ffn_decode_triton(
         raise ValueError(f"sparse_ffn: rows={r} must divide S={S} (and be >= 16 on the tensor-core path)")
     nc = S // r
     dev = x.device
-    table = torch.empty(E, tp, dtype=torch.float32, device=dev)  # [E, TP]
-    sel = torch.empty(E, tp, dtype=torch.int32, device=dev)  # [E, TP]
-    decode_kernels.decode_gate_table_kernel[(1,)](
-        expert_ids, gates, num_active, table, sel, T, K, E, TP=tp, BLOCK=256 if interp else 1024,
-        **({} if interp else {"num_warps": 4}),
-    )  # fmt: skip
-    partial = torch.empty(E, nc, T, d, dtype=torch.float32, device=dev)  # [E, NC, T, d], selected rows written
-    bk = block_k or (32 if interp else 256)
-    bn = block_n or (32 if interp else 256)
-    stages = num_stages or 3
+    slot_grid = T == 1 and (slot_grid_one_token if slot_grid_one_token is not None else True)
     dummy = w_down
-    decode_kernels.decode_expert_kernel[(E, nc)](
-        x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, partial, T, d, x.stride(0),
-        S=S, R=r, TP=tp, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
+    if slot_grid:
+        table = sel = dummy
+        units = K
+    else:
+        table = torch.empty(E, tp, dtype=torch.float32, device=dev)  # [E, TP]
+        sel = torch.empty(E, tp, dtype=torch.int32, device=dev)  # [E, TP]
+        decode_kernels.decode_gate_table_kernel[(1,)](
+            expert_ids, gates, num_active, table, sel, T, K, E, TP=tp, BLOCK=256 if interp else 1024,
+            **({} if interp else {"num_warps": 4}),
+        )  # fmt: skip
+        units = E
+    partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
+    # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, 30 % active).
+    bk = block_k or (32 if interp else (256 if T == 1 else 128))
+    bn = block_n or (32 if interp else (256 if T == 1 else 128))
+    stages = num_stages or 3
+    decode_kernels.decode_expert_kernel[(units, nc)](
+        x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
+        T, d, E, K, x.stride(0),
+        SLOT_GRID=slot_grid, S=S, R=r, TP=tp, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
         BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot, DOT_PREC=_dot_precision(x.dtype),
         **({} if interp else {"num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
-    bd = 32 if interp else 128
+    bd = 32 if interp else (block_d or 128)
     decode_kernels.decode_reduce_kernel[(T, triton.cdiv(d, bd))](
         partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, T, K, E, d, y.stride(0),
-        NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=16 if interp else 32, BLOCK_D=bd,
+        SLOT_GRID=slot_grid, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=16 if interp else 32, BLOCK_D=bd,
         **({} if interp else {"num_warps": 4}),
     )  # fmt: skip
     return y

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Device-tool calls: build once (cheap again on a warm machine), then the named parts, each under a
+# timeout so what finished still comes back. Results land in $OUT; copy them into bench/results/.
+# Usage on the GPU machine: bash bench/gpu_call.sh e2e kvbench kvtests ffnsweep ffnbench fftests topp ...
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/prunepath-gpu}
+mkdir -p "$out"
+bash bench/gpu_build.sh > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+tail -2 "$out/build.log"
+t() { local s=$1; shift; timeout "$s" "$@"; }
+for part in "$@"; do
+  start=$(date +%s)
+  case "$part" in
+    e2e) t 230 python3 bench/decode_e2e_gpu.py --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
+    kvbench) t 120 python3 bench/kv_attention_gpu.py --out "$out" --sweep > "$out/kv_attention.log" 2>&1 ;;
+    kvtests) t 150 python3 -m pytest python_tests/test_kv_decode_attention.py python_tests/test_decode.py \
+               -q -p no:cacheprovider > "$out/gpu_tests_kv_decode.log" 2>&1 ;;
+    ffnsweep) t 150 python3 bench/sparse_ffn_sweep.py --what decode --out "$out" > "$out/sweep.log" 2>&1 ;;
+    ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
+    ffntests) t 240 python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
+    topp) t 200 python3 bench/topp_route_gpu.py --out "$out" > "$out/topp_route_gpu.log" 2>&1 ;;
+    *) echo "unknown part $part"; continue ;;
+  esac
+  echo "== $part rc=$? in $(( $(date +%s) - start )) s"
+done
