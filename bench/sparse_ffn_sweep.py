@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                 if args.tiny:
                     base = [(32, 64, 2)]
                 configs = []
-                for (r, b, ns), nw, bd in itertools.product(base, (4, 8), (64, 128)):
+                for (r, b, ns), nw, bd in itertools.product(base, (4, 8), (None, 64)):
                     for slot in (True, False) if T == 1 else (None,):
                         configs.append({"rows": r, "block": b, "num_stages": ns, "num_warps": nw, "block_d": bd,
                                         "slot_grid_one_token": slot})  # fmt: skip

@@ -193,10 +193,14 @@ def sparse_ffn_decode_triton(
         **({} if interp else {"num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
-    bd = 32 if interp else (block_d or 128)
+    # All of a token's slots in one tile (up to 512) and narrow d blocks: one round trip to memory
+    # per program and hundreds of programs. 32 slots x 128 columns per program cost 10 us per call
+    # in the first end-to-end profile (bench/results/decode_e2e_cuda.md), a quarter of the layer's FFN.
+    bj = 16 if interp else min(triton.next_power_of_2(K), 512)
+    bd = 32 if interp else (block_d or max(16, min(128, 8192 // bj)))
     decode_kernels.decode_reduce_kernel[(T, triton.cdiv(d, bd))](
         partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, T, K, E, d, y.stride(0),
-        SLOT_GRID=slot_grid, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=16 if interp else 32, BLOCK_D=bd,
+        SLOT_GRID=slot_grid, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=bj, BLOCK_D=bd,
         **({} if interp else {"num_warps": 4}),
     )  # fmt: skip
     return y
