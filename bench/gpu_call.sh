@@ -18,7 +18,13 @@ for part in "$@"; do
                -q -p no:cacheprovider > "$out/gpu_tests_kv_decode.log" 2>&1 ;;
     ffnsweep) t 150 python3 bench/sparse_ffn_sweep.py --what decode --out "$out" > "$out/sweep.log" 2>&1 ;;
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
-    ffntests) t 240 python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
+    ffn8b) t 150 python3 bench/sparse_ffn_gpu.py --shapes llama3-8b --batches 1 4 16 --prefill 4096 \
+             --name sparse_ffn_cuda_llama3_8b --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
+    topptests) t 120 python3 -m pytest python_tests/test_topp_route.py -x -q -p no:cacheprovider \
+                 > "$out/gpu_tests_topp.log" 2>&1 ;;
+    decodetests) t 90 python3 -m pytest python_tests/test_decode.py -q -p no:cacheprovider \
+                   > "$out/gpu_tests_decode.log" 2>&1 ;;
+    ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
     topp) t 200 python3 bench/topp_route_gpu.py --out "$out" > "$out/topp_route_gpu.log" 2>&1 ;;
     *) echo "unknown part $part"; continue ;;
   esac
