@@ -49,6 +49,22 @@ def gate_matrix_t(expert_ids: Tensor, gates: Tensor, num_active: Tensor, E: int)
     return out.scatter_(0, flat.flatten(), g.flatten()).view(E + 1, T)[:E]
 
 
+def _prefill_tiles(elem: int, w_rows: int, interp: bool) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_K, num_stages)`` of the prefill up kernel.
+
+    2-byte dtypes with at most 128 weight rows per expert (gated S <= 64): the best of
+    bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, T = 4096, at 30 % and
+    100 % active): 128 x 64 tiles, 4 stages. Otherwise (fp32, wide experts, whose stages would
+    crowd the 227 KB of shared memory) the smaller tiles that passed every GPU test before
+    the sweep: 64 x 64, 3 stages.
+    """
+    if interp:
+        return 16, 16, 1
+    if elem <= 2 and w_rows <= 128:
+        return 128, 64, 4
+    return 64, 64, 3
+
+
 def sparse_ffn_prefill_triton(
     x: Tensor,
     expert_ids: Tensor,
@@ -75,7 +91,8 @@ def sparse_ffn_prefill_triton(
     the zero-filled ``[T, F]`` intermediate) or ``"blocksparse"`` (the Triton kernel that
     skips experts no token of a tile selected; wins for routings clustered by token).
     ``block_m``, ``block_k``, ``num_warps``, ``num_stages`` override the up kernel's tiles
-    and ``one_dot=False`` computes gate and up with two N = S dots (benchmark sweeps). Returns ``[T, d]`` in the dtype of ``x``.
+    and ``one_dot=False`` computes gate and up with two N = S dots (benchmark sweeps).
+    Returns ``[T, d]`` in the dtype of ``x``.
     """
     if down not in ("mm", "blocksparse"):
         raise ValueError(f"sparse_ffn: down must be 'mm' or 'blocksparse'; got {down!r}")
@@ -86,7 +103,8 @@ def sparse_ffn_prefill_triton(
     if T == 0:
         return y
     interp = _interpreting()
-    bm = block_m or (16 if interp else 64)
+    bm, bk, stages = _prefill_tiles(x.element_size(), (2 * S if gated and one_dot else S), interp)
+    bm, bk, stages = block_m or bm, block_k or bk, num_stages or stages
     sorted_pairs, block_expert, expert_offsets, _ = _align(expert_ids, num_active, E, bm)
     _, b_max = align_bounds(T * K, E, bm)
     mm = down == "mm"
@@ -99,8 +117,8 @@ def sparse_ffn_prefill_triton(
         x, w_in, b_in if b_in is not None else dummy, gates, h, sorted_pairs, block_expert, expert_offsets,
         T, d, K, E, x.stride(0),
         S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=mm,
-        ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=block_k or (16 if interp else 64), DOT_PREC=_dot_precision(x.dtype),
-        **({} if interp else {"num_warps": num_warps or 4, "num_stages": num_stages or 3}),
+        ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=bk, DOT_PREC=_dot_precision(x.dtype),
+        **({} if interp else {"num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
     if mm:
         y = torch.mm(h, w_down.view(E * S, d), out=y)  # [T, F] @ [F, d]
