@@ -21,6 +21,16 @@ status 1.
 
     python bench/topp_route_gpu.py --out bench/results/h200          # on the H200, ~1 minute
     python bench/topp_route_gpu.py --device cpu --quick --out /tmp/x  # smoke test of the code path
+
+Kernel A/B (``--variants auto,warp,lean,rank,block``): the CUDA kernel is picked by the environment
+variable ``PRUNEPATH_TOPP_KERNEL``, which the extension reads once per process, so every variant runs in
+its own subprocess (this script again, with ``--variant-worker``). Each checks every shape with
+``check_route`` and times it twice: ``triton.testing.do_bench`` as above (L2 flushed, host launch
+overhead included at small T) and inside a CUDA graph (20 calls captured, the graph replayed; device
+time per call without Python or launch overhead, L2 warm). The first variant also times the composite.
+The comparison goes to ``<name>_variants.md`` / ``.json``:
+
+    python bench/topp_route_gpu.py --variants auto,warp,lean,rank,block --out bench/results/h200
 """
 
 from __future__ import annotations
@@ -59,6 +69,9 @@ from routing_bench import (  # noqa: E402
 
 import prunepath_ops  # noqa: E402
 
+# PRUNEPATH_TOPP_KERNEL values (csrc/include/prunepath/topp_route.cuh, kToppKernelNames).
+VARIANTS = ("auto", "warp", "block", "lean", "rank")
+GRAPH_CALLS = 20
 QUICK_T = (1, 64, 512)
 QUICK_E = (48, 448, 1024)
 TARGET = {"T": 65536, "E": 448, "dtype": "bf16", "tau": TAU, "min_speedup": 20.0, "max_floor_ratio": 2.0}
@@ -102,7 +115,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
     ap.add_argument("--name", default=None, help="output file stem (default topp_route_<device>)")
     ap.add_argument("--strict", action="store_true", help="exit 2 when the acceptance target is missed")
+    ap.add_argument(
+        "--variants",
+        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        default=None,
+        help=f"comma-separated kernel variants to compare (PRUNEPATH_TOPP_KERNEL values: {', '.join(VARIANTS)})",
+    )
+    ap.add_argument("--graph-calls", type=int, default=GRAPH_CALLS, help="calls captured per CUDA graph")
+    ap.add_argument("--variant-worker", default=None, help=argparse.SUPPRESS)  # internal: JSON output path
+    ap.add_argument("--with-composite", action="store_true", help=argparse.SUPPRESS)  # internal
     args = ap.parse_args(argv)
+    if args.variants is not None:
+        unknown = [v for v in args.variants if v not in VARIANTS]
+        if unknown or not args.variants:
+            ap.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        if args.device != "cuda":
+            ap.error("--variants compares CUDA kernels: needs --device cuda")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -360,8 +388,193 @@ def evaluate_target(rows: list[dict]) -> dict | None:
     return None
 
 
+# ----------------------------------------------------------------------------- kernel variants
+
+
+def graph_time_ms(fn: Callable[[], object], calls: int = GRAPH_CALLS, budget_ms: float = 100.0) -> float:
+    """Median device time of one ``fn()`` in ms, from a CUDA graph of ``calls`` captured calls.
+
+    No Python or launch overhead (what a decode step captured in a graph pays); the L2 is not flushed.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture stream, as torch.cuda.graph advises
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    replays = max(1, int(budget_ms / 5 / max(start.elapsed_time(end), 1e-3)))
+    samples = []
+    for _ in range(5):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / (replays * calls))
+    del graph
+    return statistics.median(samples)
+
+
+def run_variant_case(case: dict, args: argparse.Namespace, timer) -> dict:
+    """One shape under the kernel this process was started with: check, do_bench, CUDA graph."""
+    T, E, dtype, tau = case["T"], case["E"], case["dtype"], case["tau"]
+    logits = make_logits(T, E, DTYPES[dtype], args.device)
+    row = dict(case)
+    row["floor_us"] = route_bytes(T, E, logits.dtype) / (args.peak_tbps * 1e12) * 1e6
+    try:
+        result = check_route(logits, tau)
+    except AssertionError as exc:
+        return {**row, "check": f"FAILED: {exc}", "check_ok": False}
+    row.update(check=result.summary(), check_ok=True, active=result.mean_active)
+    row["op_us"] = timer(op_fn(logits, tau))[0] * 1e3
+    row["graph_us"] = graph_time_ms(op_fn(logits, tau), args.graph_calls) * 1e3
+    if args.with_composite:
+        row["composite_us"] = timer(composite_fn(logits, tau))[0] * 1e3
+    del logits
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def variant_worker(args: argparse.Namespace) -> int:
+    """Runs every shape under $PRUNEPATH_TOPP_KERNEL and writes the rows to ``args.variant_worker``."""
+    variant = os.environ.get("PRUNEPATH_TOPP_KERNEL", "auto")
+    torch.manual_seed(0)
+    _, timer = make_timer(args)
+    rows = []
+    for case in build_cases(args):
+        try:
+            row = run_variant_case(case, args, timer)
+        except Exception:  # a crash on one shape should not hide the others
+            row = {**case, "check": "ERROR: " + traceback.format_exc(limit=3), "check_ok": False}
+        rows.append(row)
+        label = f"[{variant}] T={case['T']} E={case['E']} {case['dtype']} tau={case['tau']}"
+        if row["check_ok"]:
+            print(f"{label}: {row['op_us']:.2f} us, graph {row['graph_us']:.2f} us [{row['check']}]", flush=True)
+        else:
+            print(f"{label}: {row['check']}", flush=True)
+    with open(args.variant_worker, "w") as f:
+        json.dump({"variant": variant, "rows": rows}, f, indent=2)
+    return 0 if all(r["check_ok"] for r in rows) else 1
+
+
+def _worker_argv(args: argparse.Namespace, out_json: str, with_composite: bool) -> list[str]:
+    argv = [sys.executable, os.path.abspath(__file__), "--variant-worker", out_json, "--device", "cuda"]
+    argv += ["--T", *map(str, args.T), "--E", *map(str, args.E), "--dtype", args.dtype, "--tau", str(args.tau)]
+    argv += ["--warmup", str(args.warmup), "--rep", str(args.rep), "--timer", args.timer]
+    argv += ["--peak-tbps", str(args.peak_tbps), "--graph-calls", str(args.graph_calls)]
+    if args.no_extras:
+        argv.append("--no-extras")
+    if args.fp32_shape is not None:
+        argv += ["--fp32-shape", f"{args.fp32_shape[0]}x{args.fp32_shape[1]}"]
+    if with_composite:
+        argv.append("--with-composite")
+    return argv
+
+
+def variants_table(variants: list[str], results: dict[str, list[dict]]) -> str:
+    """Markdown: one row per shape; per variant do_bench us / graph us; the fastest by graph time in bold."""
+    head = ["T", "E", "dtype", "tau", "floor (us)", "composite (us)"]
+    head += [f"{v} (us): do_bench / graph" for v in variants] + ["best (graph)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
+    keys = [(r["T"], r["E"], r["dtype"], r["tau"]) for r in results[variants[0]]]
+    for key in keys:
+        cells, best, composite, floor = {}, None, None, None
+        for v in variants:
+            row = next((r for r in results[v] if (r["T"], r["E"], r["dtype"], r["tau"]) == key), None)
+            if row is None or not row.get("check_ok"):
+                cells[v] = "FAILED" if row is not None else "-"
+                continue
+            floor = row["floor_us"]
+            composite = row.get("composite_us", composite)
+            cells[v] = (row["op_us"], row["graph_us"])
+            if best is None or row["graph_us"] < cells[best][1]:
+                best = v
+        out = [str(key[0]), str(key[1]), key[2], str(key[3]), fmt("floor_us", floor), fmt("composite_us", composite)]
+        for v in variants:
+            c = cells[v]
+            text = c if isinstance(c, str) else f"{fmt('op_us', c[0])} / {fmt('op_us', c[1])}"
+            out.append(f"**{text}**" if v == best else text)
+        out.append(best or "-")
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def run_variants(args: argparse.Namespace) -> int:
+    """Parent of --variants: one subprocess per variant, then the comparison table."""
+    import tempfile
+
+    env_info = environment(args, "see the variant rows")
+    results: dict[str, list[dict]] = {}
+    failed: list[str] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, variant in enumerate(args.variants):
+            out_json = os.path.join(tmp, f"{variant}.json")
+            env = {**os.environ, "PRUNEPATH_TOPP_KERNEL": variant}
+            print(f"## variant {variant}", flush=True)
+            proc = subprocess.run(_worker_argv(args, out_json, i == 0), env=env, check=False)
+            if not os.path.exists(out_json):
+                failed.append(f"{variant}: worker exited with status {proc.returncode} and no results")
+                results[variant] = []
+                continue
+            with open(out_json) as f:
+                results[variant] = json.load(f)["rows"]
+            failed += [
+                f"{variant}: T={r['T']} E={r['E']} {r['dtype']} tau={r['tau']}: {r['check']}"
+                for r in results[variant]
+                if not r.get("check_ok")
+            ]
+    elapsed = time.perf_counter() - start
+    table = variants_table(args.variants, results) if results.get(args.variants[0]) else "(no rows)"
+    lines = [
+        f"# topp_route kernel variants on {env_info.get('gpu')}",
+        "",
+        f"- command: `{env_info['command']}`",
+        f"- date: {env_info['date_utc']}; git {env_info['git_commit']} (dirty: {env_info['git_dirty']})",
+        f"- torch {env_info['torch']} (CUDA {env_info['torch_cuda']}), triton {env_info['triton']}",
+        "- variant = `PRUNEPATH_TOPP_KERNEL` (one subprocess each); every shape checked with `check_route` first",
+        "- do_bench: median, L2 flushed, host launch overhead included; graph: "
+        f"{args.graph_calls} calls captured in a CUDA graph, median device time per call, L2 warm",
+        f"- floor: bytes moved over {args.peak_tbps} TB/s; logits ~ N(0, 1); total {elapsed:.1f} s",
+        "",
+        table,
+        "",
+    ]
+    if failed:
+        lines.append(f"**{len(failed)} FAILED:**")
+        lines += [f"- {x}" for x in failed]
+    report = "\n".join(lines) + "\n"
+    print()
+    print(report)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, args.name + "_variants")
+        with open(stem + ".json", "w") as f:
+            json.dump({"environment": env_info, "variants": args.variants, "results": results}, f, indent=2)
+        with open(stem + ".md", "w") as f:
+            f.write(report)
+        print(f"wrote {stem}.json and .md")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.variant_worker:
+        return variant_worker(args)
+    if args.variants:
+        return run_variants(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

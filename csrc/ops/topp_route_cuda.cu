@@ -1,6 +1,9 @@
-// CUDA glue for topp_route: device guard, current stream, dtype tag, launch.
+// CUDA glue for topp_route: device guard, current stream, dtype tag, kernel
+// variant, launch.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
 
 #include "check.h"
 #include "ops.h"
@@ -8,6 +11,25 @@
 #include "topp_route_args.h"
 
 namespace prunepath {
+
+namespace {
+
+// PRUNEPATH_TOPP_KERNEL (one of kToppKernelNames; unset means auto) picks the
+// kernel for A/B measurements. Read once per process: later changes to the
+// environment are not seen. A bad value raises on every call (a throwing static
+// initialiser is retried).
+ToppKernel topp_kernel_from_env() {
+  static const ToppKernel variant = [] {
+    const char* name = std::getenv("PRUNEPATH_TOPP_KERNEL");
+    ToppKernel parsed = ToppKernel::kAuto;
+    PRUNEPATH_CHECK_VALUE(parse_topp_kernel(name, &parsed), "PRUNEPATH_TOPP_KERNEL must be one of ",
+                          kToppKernelNames, " (or unset); got '", name == nullptr ? "" : name, "'");
+    return parsed;
+  }();
+  return variant;
+}
+
+}  // namespace
 
 RouteOutputs topp_route_cuda(const at::Tensor& logits, double tau,
                              const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
@@ -24,8 +46,8 @@ RouteOutputs topp_route_cuda(const at::Tensor& logits, double tau,
   LogitDType dtype = LogitDType::kFloat32;
   if (call.logits.scalar_type() == at::kHalf) dtype = LogitDType::kFloat16;
   if (call.logits.scalar_type() == at::kBFloat16) dtype = LogitDType::kBFloat16;
-  const cudaError_t err =
-      launch_topp_route(call.params, call.logits.data_ptr(), dtype, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = launch_topp_route(call.params, call.logits.data_ptr(), dtype,
+                                            at::cuda::getCurrentCUDAStream(), topp_kernel_from_env());
   PRUNEPATH_CHECK(err == cudaSuccess, "topp_route: CUDA launch failed: ", cudaGetErrorString(err));
   return {call.expert_ids, call.gates, call.num_active};
 }

@@ -1,0 +1,429 @@
+// Top-p routing for long batches (E in 65..kToppRouteWarpMaxExperts): the
+// "lean" warp-per-token kernel plus a deferred full-sort pass. Torch-free.
+//
+// Why a second warp kernel: the original one (topp_route_warp.cuh) keeps its
+// full-sort fallback (the whole row of keys in registers) in the same kernel
+// as the common path, so every warp pays the fallback's register allocation
+// (96 registers and spills at E = 448, 242 at E = 1024) and the GPU runs few
+// warps; the common path also does two histogram passes, an IEEE division per
+// expert and a second softmax after the sort. Here:
+//   1. The common path (threshold, sort of the candidates, scan, outputs) is the
+//      only thing in topp_route_lean_kernel. A token it cannot decide (tau >= 1
+//      or NaN, too many candidates, min_experts past them, a probability tie
+//      between different 16-bit logits) gets num_active = kToppRouteDeferred and
+//      nothing else; topp_route_deferred_kernel, launched right after on the
+//      same stream (no host synchronisation, a grid sized for the device, so it
+//      is CUDA-graph safe), re-routes exactly those tokens with the original
+//      full sort. The flag lives in the output itself: no workspace, no memset.
+//   2. One histogram pass instead of two: 512 bins (16 binades below the largest
+//      probability x the top 5 mantissa bits) of fixed-point mass, filled with
+//      shared-memory integer atomics (integer sums do not depend on the order,
+//      so the threshold is deterministic).
+//   3. p = w / total through a hoisted reciprocal and two FMA corrections,
+//      bit-identical to the IEEE division (see div_by_total).
+//   4. Candidates keep (logit, probability) in shared memory, indexed by expert,
+//      so nothing is recomputed after the sort.
+//   5. Outputs are written with 16-byte stores, coalesced across the warp (the
+//      -1 / 0 padding is most of the bytes this op moves).
+// The selection is the original kernel's: same probabilities (same expression,
+// same double-precision normaliser in the same order), same keys, same order
+// check. Only the grouping of the double-precision cumulative sum can differ
+// (it depends on how many candidates are sorted, as it already did), which can
+// move a cumulative sum by one fp32 ulp only when its exact value lies within
+// ~1e-16 of a rounding boundary.
+#pragma once
+
+#include <type_traits>
+
+#include "prunepath/topp_route_common.cuh"
+#include "prunepath/topp_route_warp.cuh"
+
+namespace prunepath {
+
+// num_active of a token the lean kernel left to the deferred full-sort pass.
+constexpr int32_t kToppRouteDeferred = -1;
+// Threshold histogram: 16 binades below the top probability, 32 bins each.
+constexpr int kLeanHistBins = 512;
+static_assert(kLeanHistBins * sizeof(unsigned) <= kToppRouteMaxCandidates * sizeof(unsigned long long),
+              "the histogram and the candidate keys share one buffer");
+
+namespace detail {
+
+// fl(w / total) for w in [0, 1] and total in [1, 4096], exactly as the IEEE
+// division rounds it, but with the reciprocal hoisted out of the per-expert
+// loop: q0 = w * y with y = fl(1 / total), then two Newton corrections
+// q' = q + (w - total * q) * y, the residual exact through the FMA. By
+// Markstein's theorem one correction of a quotient already within one ulp is
+// correctly rounded when y is fl(1 / total); the first correction brings q0
+// there. (An exhaustive check over every w mantissa for 20000 random divisors
+// found the single correction already exact.) The residual must not underflow:
+// w below 2^-80 (a logit ~55 below the row maximum) takes the real division.
+__device__ __forceinline__ float div_by_total(float w, float total, float inv_total) {
+  if (w < 0x1p-80f) return w / total;
+  float q = __fmul_rn(w, inv_total);
+  q = __fmaf_rn(__fmaf_rn(-total, q, w), inv_total, q);
+  return __fmaf_rn(__fmaf_rn(-total, q, w), inv_total, q);
+}
+
+__device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
+
+// Scans and selects one row whose `count` candidates (a prefix of the full
+// order, closed under probability ties) are sorted in `key` (descending,
+// blocked: lane l holds positions l * C + i); (logit, probability) of expert e
+// is gp[e]. Writes the outputs and returns true, or returns false, writing
+// nothing, when the candidates do not decide the row (the threshold or
+// min_experts reaches past them, or, with `check_order`, two neighbours are out
+// of (probability desc, index asc) order). Same arithmetic as
+// detail::select_sorted_row.
+template <int C, typename KeyPolicy>
+__device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t, int lane,
+                                            const typename KeyPolicy::Key (&key)[C], int count,
+                                            const float2* gp, float tau, bool check_order) {
+  const int E = p.num_experts;
+  // Registers matter here (C = 8 with 64-bit keys is the kernel's peak): the
+  // expert is decoded from the key when needed and the logit re-read from gp.
+  float prob[C];
+  double lane_total = 0.0;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    prob[i] = lane * C + i < count ? gp[KeyPolicy::expert(key[i])].y : 0.0f;
+    lane_total += prob[i];
+  }
+  double running = warp_exclusive_scan(lane_total, lane);
+  float cumulative[C];
+  int first = E;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    running += prob[i];
+    cumulative[i] = static_cast<float>(running);
+    const int pos = lane * C + i;
+    if (pos < count && !(cumulative[i] < tau) && pos < first) first = pos;
+  }
+  first = static_cast<int>(__reduce_min_sync(kFullMask, static_cast<unsigned>(first)));
+  if (first >= count) return false;  // the crossing lies past the candidates
+  const int n = clamp_active(first, tau, E, p.min_experts, p.k);
+  if (n > count) return false;  // min_experts reaches past them
+
+  if (check_order) {  // see select_sorted_row: every neighbour pair, not only the kept ones
+    const float next_prob = __shfl_down_sync(kFullMask, prob[0], 1);
+    const int next_expert = __shfl_down_sync(kFullMask, KeyPolicy::expert(key[0]), 1);
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const float q = i + 1 < C ? prob[i + 1 < C ? i + 1 : i] : next_prob;
+      const int f = i + 1 < C ? KeyPolicy::expert(key[i + 1 < C ? i + 1 : i]) : next_expert;
+      if (lane * C + i + 1 < count) bad |= prob[i] < q || (prob[i] == q && KeyPolicy::expert(key[i]) > f);
+    }
+    if (__any_sync(kFullMask, bad)) return false;
+  }
+
+  float kept_mass = 0.0f;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    if (lane * C + i == n - 1) kept_mass = cumulative[i];
+  }
+  kept_mass = __shfl_sync(kFullMask, kept_mass, n > 0 ? (n - 1) / C : 0);
+
+  int32_t ids[C];
+  float gates[C];
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const bool kept = lane * C + i < n;
+    const int e = kept ? KeyPolicy::expert(key[i]) : 0;
+    ids[i] = kept ? e : -1;
+    gates[i] = kept ? gate_value(p.gate, gp[e].x, prob[i], kept_mass) : 0.0f;
+  }
+
+  // Sorted slots 0 .. 32C-1 (lane l: l*C .. l*C+C-1, so one warp store covers
+  // 128*C contiguous bytes), then the padding from 32C on, 16 bytes per lane.
+  int32_t* out_ids = p.expert_ids + t * p.k;
+  float* out_gates = p.gates + t * p.k;
+  const int base = lane * C;
+  const bool vec4 = (p.k & 3) == 0;  // rows start 16-byte aligned
+  if constexpr (C % 4 == 0) {
+    if (vec4) {
+#pragma unroll
+      for (int i = 0; i < C; i += 4) {
+        if (base + i < p.k) {
+          *reinterpret_cast<int4*>(out_ids + base + i) =
+              make_int4(ids[i], ids[i + 1], ids[i + 2], ids[i + 3]);
+          *reinterpret_cast<float4*>(out_gates + base + i) =
+              make_float4(gates[i], gates[i + 1], gates[i + 2], gates[i + 3]);
+        }
+      }
+    }
+  } else if constexpr (C == 2) {
+    if ((p.k & 1) == 0 && base < p.k) {
+      *reinterpret_cast<int2*>(out_ids + base) = make_int2(ids[0], ids[1]);
+      *reinterpret_cast<float2*>(out_gates + base) = make_float2(gates[0], gates[1]);
+    }
+  }
+  const bool stored = C % 4 == 0 ? vec4 : (C == 2 ? (p.k & 1) == 0 : false);
+  if (!stored) {
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      if (base + i < p.k) {
+        out_ids[base + i] = ids[i];
+        out_gates[base + i] = gates[i];
+      }
+    }
+  }
+  if (vec4) {
+    for (int pos = 32 * C + 4 * lane; pos < p.k; pos += 128) {
+      *reinterpret_cast<int4*>(out_ids + pos) = make_int4(-1, -1, -1, -1);
+      *reinterpret_cast<float4*>(out_gates + pos) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+  } else {
+    for (int pos = 32 * C + lane; pos < p.k; pos += 32) {
+      out_ids[pos] = -1;
+      out_gates[pos] = 0.0f;
+    }
+  }
+  if (lane == 0) p.num_active[t] = n;
+  return true;
+}
+
+// Sorts the `count` candidate keys in `cand` (32-bit keys stored widened) with
+// C keys per lane, then lean_select.
+template <int C, typename KeyPolicy>
+__device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64_t t, int lane,
+                                                 const unsigned long long* cand, int count, const float2* gp,
+                                                 float tau, bool check_order) {
+  typename KeyPolicy::Key key[C];
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int j = i * 32 + lane;
+    key[i] = j < count ? static_cast<typename KeyPolicy::Key>(cand[j]) : 0;
+  }
+  warp_bitonic_sort_desc<C>(key, lane);
+  return lean_select<C, KeyPolicy>(p, t, lane, key, count, gp, tau, check_order);
+}
+
+// The smallest sort (C keys per lane, C in 1, 2, 4, 8 and 32C <= 32 MAX_C) that
+// holds `count` <= 32 MAX_C candidates.
+template <int MAX_C, typename KeyPolicy>
+__device__ __forceinline__ bool lean_dispatch(const ToppRouteParams& p, int64_t t, int lane,
+                                              const unsigned long long* cand, int count, const float2* gp,
+                                              float tau, bool check_order) {
+  if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
+  if constexpr (MAX_C >= 2) {
+    if (count <= 64) return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
+  }
+  if constexpr (MAX_C >= 4) {
+    if (count <= 128) return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
+  }
+  if constexpr (MAX_C >= 8) {
+    return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
+  }
+  return false;
+}
+
+}  // namespace detail
+
+// Blocks per SM asked of the register allocator: IPL <= 16 fits 64 registers
+// (8 blocks of 4 warps: half the SM's warp slots); IPL = 32 holds 64 row values.
+constexpr int lean_kernel_min_blocks(int ipl) { return ipl <= 16 ? 8 : 4; }
+
+// One warp per token, E in 65 .. 32 * IPL (IPL >= 4; smaller rows use the
+// original kernel, whose full sort of <= 64 keys is already cheap). NARROW:
+// 16-bit logits (32-bit sort keys, order checked); else fp32 logits (exact
+// 64-bit keys). A template parameter, so that the 16-bit kernels do not carry
+// the register needs of the 64-bit sort.
+template <int IPL, bool NARROW>
+__global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_blocks(IPL))
+    topp_route_lean_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype) {
+  static_assert(IPL >= 4 && IPL <= 32, "E <= 64 goes to topp_route_warp_kernel");
+  constexpr int kMaxC = IPL < 8 ? IPL : 8;  // candidate sort: at most 32 * kMaxC <= kToppRouteMaxCandidates
+  // Per warp: the histogram, then the candidate keys (one buffer, 2 KB); and
+  // (logit, probability) of every expert.
+  __shared__ __align__(16) unsigned long long scratch_smem[kToppRouteWarpsPerBlock][kToppRouteMaxCandidates];
+  __shared__ float2 gp_smem[kToppRouteWarpsPerBlock][32 * IPL];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kToppRouteWarpsPerBlock + warp;
+  if (t >= p.num_tokens) return;  // whole warps only
+  const int E = p.num_experts;
+  const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
+  if (!(tau < 1.0f) || p.min_experts > kToppRouteMaxCandidates) {  // only the full sort decides these
+    if (lane == 0) p.num_active[t] = kToppRouteDeferred;
+    return;
+  }
+  unsigned* hist = reinterpret_cast<unsigned*>(scratch_smem[warp]);
+#pragma unroll
+  for (int k = 0; k < kLeanHistBins / 128; ++k) {
+    reinterpret_cast<uint4*>(hist)[k * 32 + lane] = make_uint4(0u, 0u, 0u, 0u);
+  }
+
+  // Softmax exactly as topp_route_warp_kernel: striped row (expert i * 32 + lane),
+  // per-lane sums in slot order, then the butterfly; the normaliser rounded once.
+  // The logits go to shared memory at once (gp[e].x), so that only the weights
+  // stay in registers once they are computed.
+  float2* gp = gp_smem[warp];
+  float g[IPL];
+  detail::load_row<IPL>(logits, t * p.logits_stride, E, lane, dtype, g);
+  float local_max = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    if (i * 32 + lane < E) gp[i * 32 + lane].x = g[i];
+    local_max = fmaxf(local_max, g[i]);
+  }
+  const float row_max = detail::warp_max(local_max);
+  float w[IPL];
+  double local_sum = 0.0;
+  if (row_max != -INFINITY && row_max != INFINITY) {
+    // softmax_weight's common case, with its per-element branches hoisted; the
+    // padding (g = -inf) gets expf(-inf) = 0 as it should. Slots wholly past E
+    // are skipped (uniform branches; here and below): adding their zeros would
+    // not change the sum.
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      w[i] = 0.0f;
+      if (i * 32 >= E) continue;
+      w[i] = expf(g[i] - row_max);
+      local_sum += w[i];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      w[i] = i * 32 + lane < E ? softmax_weight(g[i], row_max) : 0.0f;
+      local_sum += w[i];
+    }
+  }
+  const float total = static_cast<float>(detail::warp_sum(local_sum));
+  // The largest probability: the row maximum has weight exactly 1 (expf(0), or
+  // 1 by definition for the +-inf rows), and w / total is monotone in w.
+  const float p_top = 1.0f / total;
+
+  // Probabilities, straight into shared memory next to their logits, and into
+  // the threshold histogram:
+  // bin(p) = top - (bits(p) >> 18) orders the probabilities largest first in 32
+  // bins per binade (bits >> 18 is the exponent and the top 5 mantissa bits);
+  // bin 0 holds the top probability; bins past 511 (and p = 0) are not tracked.
+  // Masses are p * 2^31 truncated: the sum of all stays below 2^32, truncation
+  // only lowers it (by < 2^-21 in all), and integer sums do not depend on the
+  // order of the atomics.
+  const unsigned top = (__float_as_uint(p_top) >> 18) | 31u;
+  __syncwarp();  // the histogram is zeroed
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    const int e = i * 32 + lane;
+    if (i * 32 >= E) break;
+    if (e < E) {
+      const float q = detail::div_by_total(w[i], total, p_top);
+      gp[e].y = q;
+      const unsigned bin = top - (__float_as_uint(q) >> 18);
+      if (bin < kLeanHistBins) atomicAdd(&hist[bin], __float2uint_rz(q * 0x1p31f));
+    }
+  }
+  __syncwarp();
+
+  // Lane l owns bins 16l .. 16l+15: lane sums, an inclusive scan over lanes, the
+  // first lane whose running mass reaches the target, then the first bin inside
+  // it. The target is tau + 1e-5 (as in the original kernel): the candidates then
+  // hold clearly more than tau, so the exact scan crosses tau inside them.
+  const uint4* hist4 = reinterpret_cast<const uint4*>(hist);
+  unsigned lane_mass = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint4 v = hist4[lane * 4 + k];
+    lane_mass += v.x + v.y + v.z + v.w;
+  }
+  unsigned inclusive = lane_mass;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const unsigned up = __shfl_up_sync(detail::kFullMask, inclusive, d);
+    if (lane >= d) inclusive += up;
+  }
+  const unsigned target = __float2uint_ru((tau + 1e-5f) * 0x1p31f);  // tau <= 0 gives 0: bin 0
+  const unsigned reached = __ballot_sync(detail::kFullMask, inclusive >= target);
+  bool done = false;
+  if (reached != 0u) {  // else the target lies in the untracked tail: full sort
+    const int owner = __ffs(reached) - 1;
+    const unsigned before = __shfl_sync(detail::kFullMask, inclusive - lane_mass, owner);
+    unsigned bin_incl = lane < 16 ? hist[16 * owner + lane] : 0u;
+#pragma unroll
+    for (int d = 1; d < 16; d <<= 1) {
+      const unsigned up = __shfl_up_sync(detail::kFullMask, bin_incl, d);
+      if (lane >= d) bin_incl += up;
+    }
+    // Lane 15 holds the owner's whole mass, so some lane < 16 reaches the target.
+    const unsigned reached_bin = __ballot_sync(detail::kFullMask, lane < 16 && before + bin_incl >= target);
+    const unsigned theta = top - static_cast<unsigned>(16 * owner + __ffs(reached_bin) - 1);
+    __syncwarp();  // the histogram is read: its buffer takes the candidate keys
+
+    // Candidates {bits(p) >> 18 >= theta} = {p >= the chosen bin's lower edge}:
+    // closed under ties, so exactly a prefix of the full order. Compacted in
+    // expert order (deterministic slots).
+    unsigned long long* cand = scratch_smem[warp];
+    int count = 0;
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      if (i * 32 >= E) break;
+      const int e = i * 32 + lane;
+      const float2 v = e < E ? gp[e] : make_float2(0.0f, 0.0f);
+      const bool take = (__float_as_uint(v.y) >> 18) >= theta;
+      const unsigned ballot = __ballot_sync(detail::kFullMask, take);
+      const int at = count + __popc(ballot & detail::lanemask_lt(lane));
+      if (take && at < kToppRouteMaxCandidates) {
+        cand[at] = NARROW ? detail::LogitKey32::make(v.x, v.y, e, dtype)
+                          : detail::ProbKey64::make(v.x, v.y, e, dtype);
+      }
+      count += __popc(ballot);
+    }
+    __syncwarp();
+    if (count <= 32 * kMaxC) {
+      using Policy = std::conditional_t<NARROW, detail::LogitKey32, detail::ProbKey64>;
+      done = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, cand, count, gp, tau, NARROW);
+    }
+  }
+  if (!done && lane == 0) p.num_active[t] = kToppRouteDeferred;
+}
+
+// The second pass: every token flagged kToppRouteDeferred, routed with the
+// original kernel's full sort (16-bit logit keys checked against the
+// probabilities, else exact probability keys). A grid-stride loop over chunks
+// of 32 tokens per warp: one coalesced read of num_active per chunk, so a pass
+// with nothing to do costs one read of [T] int32 and a launch.
+template <int IPL>
+__global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, warp_kernel_min_blocks(IPL))
+    topp_route_deferred_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype) {
+  __shared__ float logit_smem[kToppRouteWarpsPerBlock][32 * IPL];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  float* row_logit = logit_smem[warp];
+  const int E = p.num_experts;
+  const bool narrow = dtype != LogitDType::kFloat32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kToppRouteWarpsPerBlock * 32;
+  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kToppRouteWarpsPerBlock + warp) * 32;
+       base < p.num_tokens; base += stride) {
+    const bool flagged = base + lane < p.num_tokens && p.num_active[base + lane] == kToppRouteDeferred;
+    unsigned pending = __ballot_sync(detail::kFullMask, flagged);
+    while (pending != 0u) {
+      const int64_t t = base + __ffs(pending) - 1;
+      pending &= pending - 1u;
+      __syncwarp();  // the previous token's row_logit reads are done
+      const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
+      float g[IPL];
+      detail::load_row<IPL>(logits, t * p.logits_stride, E, lane, dtype, g);
+      float local_max = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) {
+        if (i * 32 + lane < E) row_logit[i * 32 + lane] = g[i];
+        local_max = fmaxf(local_max, g[i]);
+      }
+      const float row_max = detail::warp_max(local_max);
+      double local_sum = 0.0;
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) local_sum += i * 32 + lane < E ? softmax_weight(g[i], row_max) : 0.0f;
+      const float total = static_cast<float>(detail::warp_sum(local_sum));
+      __syncwarp();
+      if (!(narrow && detail::route_row_full<IPL, detail::LogitKey32>(p, t, lane, row_logit, row_max, total,
+                                                                      tau, dtype, true))) {
+        detail::route_row_full<IPL, detail::ProbKey64>(p, t, lane, row_logit, row_max, total, tau, dtype,
+                                                       false);
+      }
+    }
+  }
+}
+
+}  // namespace prunepath

@@ -1,0 +1,231 @@
+// Top-p routing for few tokens (decode: one token per layer per step): one
+// thread block per token, one thread per expert (E <= kToppRouteWarpMaxExperts),
+// so the per-token latency is a handful of block barriers instead of one warp
+// walking the whole row. Torch-free.
+//
+// 1. Softmax as the warp kernel computes it (same normaliser bits: the double
+//    sum runs in the warp kernel's order) and p = w / total.
+// 2. A threshold theta (tau < 1): 512 bins of fixed-point mass (16 binades
+//    below the top probability x 32), shared-memory integer atomics, so the
+//    result does not depend on their order; the candidates {p >= theta} hold
+//    just over tau of the mass and are closed under ties: an exact prefix of
+//    the order.
+// 3. The candidates are ranked by counting on exact keys (probability desc,
+//    index asc: no sort, no order check): candidate r compares its key against
+//    every other. Above kRankCountMax candidates (tau >= 1, long tails) a
+//    bitonic sort in shared memory is cheaper.
+// 4. Inclusive cumulative sum in sorted order in double (warp Kogge-Stone scans
+//    and a scan of the warp totals: a fixed shape, so the same bits every run),
+//    the first crossing, the clamps, gates, outputs.
+// When the candidates do not decide the row (the target mass lies in the
+// untracked tail, min_experts reaches past them) the block redoes steps 3-4 on
+// every expert.
+#pragma once
+
+#include "prunepath/topp_route_common.cuh"
+#include "prunepath/topp_route_warp.cuh"
+
+namespace prunepath {
+
+// Up to this many candidates are ranked by counting (C iterations on ceil(C/32)
+// warps); above, a bitonic sort of the next power of two (log^2 barriers).
+constexpr int kRankCountMax = 256;
+constexpr int kRankHistBins = 512;
+
+// NWARPS * 32 >= E threads; thread e routes expert e. (The explicit 1 block
+// per SM in the launch bounds: without it, NWARPS = 32 spilled at 32 registers.)
+template <int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+    topp_route_rank_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype) {
+  constexpr int N = NWARPS * 32;
+  using Key = unsigned long long;   // detail::ProbKey64: (probability desc, index asc), 0 = padding
+  __shared__ float logit_smem[N];   // sanitised logits by expert, for the gates
+  __shared__ float weight_smem[N];  // softmax weights by expert, for the normaliser
+  __shared__ __align__(16) unsigned hist[kRankHistBins];
+  __shared__ Key key_smem[N];     // candidate keys, compacted; the bitonic sort sorts them in place
+  __shared__ Key ranked_smem[N];  // candidate keys by rank (counting path)
+  __shared__ double warp_total_smem[NWARPS];
+  __shared__ float warp_max_smem[NWARPS];
+  __shared__ int warp_count_smem[NWARPS];
+  __shared__ int warp_first_smem[NWARPS];
+  __shared__ float total_smem, kept_mass_smem;
+  __shared__ int bin_smem;
+
+  const int64_t t = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int E = p.num_experts;
+  const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
+
+  // 1. Softmax.
+  const float g =
+      tid < E ? sanitize_logit(detail::load_logit(logits, t * p.logits_stride + tid, dtype)) : -INFINITY;
+  logit_smem[tid] = g;
+  for (int i = tid; i < kRankHistBins; i += N) hist[i] = 0u;
+  const float warp_max = detail::warp_max(g);
+  if (lane == 0) warp_max_smem[warp] = warp_max;
+  __syncthreads();
+  const float row_max = detail::warp_max(lane < NWARPS ? warp_max_smem[lane] : -INFINITY);
+  const float w = tid < E ? softmax_weight(g, row_max) : 0.0f;
+  weight_smem[tid] = w;
+  __syncthreads();
+  if (warp == 0) {
+    // The warp kernel's order: lane l sums experts l, 32 + l, 64 + l, ... in
+    // double, then the butterfly. Same bits, so the same probabilities.
+    double sum = 0.0;
+#pragma unroll
+    for (int i = 0; i < NWARPS; ++i) sum += weight_smem[i * 32 + lane];
+    sum = detail::warp_sum(sum);
+    if (lane == 0) total_smem = static_cast<float>(sum);
+  }
+  __syncthreads();
+  const float total = total_smem;
+  const float prob = w / total;
+  const Key key = tid < E ? detail::ProbKey64::make(g, prob, tid, dtype) : 0ull;
+
+  // 2. Threshold (see topp_route_lean_kernel for the bins and the fixed point).
+  bool all = !(tau < 1.0f) || p.min_experts > kRankCountMax;  // block-uniform
+  unsigned theta = 0u;
+  if (!all) {
+    const unsigned top = (__float_as_uint(1.0f / total) >> 18) | 31u;
+    const unsigned bin = top - (__float_as_uint(prob) >> 18);
+    if (bin < kRankHistBins) atomicAdd(&hist[bin], __float2uint_rz(prob * 0x1p31f));
+    __syncthreads();
+    if (warp == 0) {
+      constexpr int kPerLane = kRankHistBins / 32;  // bins kPerLane * lane .. + kPerLane - 1
+      unsigned lane_mass = 0;
+#pragma unroll
+      for (int k = 0; k < kPerLane / 4; ++k) {
+        const uint4 v = reinterpret_cast<const uint4*>(hist)[lane * (kPerLane / 4) + k];
+        lane_mass += v.x + v.y + v.z + v.w;
+      }
+      unsigned inclusive = lane_mass;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const unsigned up = __shfl_up_sync(detail::kFullMask, inclusive, d);
+        if (lane >= d) inclusive += up;
+      }
+      const unsigned target = __float2uint_ru((tau + 1e-5f) * 0x1p31f);
+      const unsigned reached = __ballot_sync(detail::kFullMask, inclusive >= target);
+      int chosen = -1;  // untracked tail: every expert
+      if (reached != 0u) {
+        const int owner = __ffs(reached) - 1;
+        const unsigned before = __shfl_sync(detail::kFullMask, inclusive - lane_mass, owner);
+        unsigned bin_incl = lane < kPerLane ? hist[owner * kPerLane + lane] : 0u;
+#pragma unroll
+        for (int d = 1; d < kPerLane; d <<= 1) {
+          const unsigned up = __shfl_up_sync(detail::kFullMask, bin_incl, d);
+          if (lane >= d) bin_incl += up;
+        }
+        const unsigned reached_bin =
+            __ballot_sync(detail::kFullMask, lane < kPerLane && before + bin_incl >= target);
+        chosen = owner * kPerLane + __ffs(reached_bin) - 1;
+      }
+      if (lane == 0) bin_smem = chosen;
+    }
+    __syncthreads();
+    const int chosen = bin_smem;
+    all = chosen < 0;
+    theta = all ? 0u : top - static_cast<unsigned>(chosen);
+  }
+
+  for (;;) {  // at most twice: the candidates, then (if they do not decide) every expert
+    // 3. Compact the candidates in expert order.
+    const bool take = tid < E && (all || (__float_as_uint(prob) >> 18) >= theta);
+    const unsigned ballot = __ballot_sync(detail::kFullMask, take);
+    if (lane == 0) warp_count_smem[warp] = __popc(ballot);
+    __syncthreads();  // also: the previous pass is done with key_smem and ranked_smem
+    int warp_count = lane < NWARPS ? warp_count_smem[lane] : 0;
+    int warp_incl = warp_count;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int up = __shfl_up_sync(detail::kFullMask, warp_incl, d);
+      if (lane >= d) warp_incl += up;
+    }
+    const int count = __shfl_sync(detail::kFullMask, warp_incl, 31);
+    const int offset = __shfl_sync(detail::kFullMask, warp_incl - warp_count, warp);
+    if (take) key_smem[offset + __popc(ballot & ((1u << lane) - 1u))] = key;
+    if (tid >= count) key_smem[tid] = 0ull;  // padding for the bitonic sort
+    __syncthreads();
+
+    // Rank: by counting, or a bitonic sort of the next power of two.
+    const Key* sorted = key_smem;
+    if (count <= kRankCountMax) {
+      if (tid < count) {
+        const Key mine = key_smem[tid];
+        int rank = 0;
+#pragma unroll 8
+        for (int j = 0; j < count; ++j) rank += key_smem[j] > mine ? 1 : 0;
+        ranked_smem[rank] = mine;
+      }
+      sorted = ranked_smem;
+    } else {
+      int m = 1;
+      while (m < count) m <<= 1;  // <= N
+      for (int k = 2; k <= m; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+          for (int i = tid; i < m / 2; i += N) {
+            const int lo = 2 * i - (i & (j - 1));  // i with a zero inserted at bit log2(j)
+            const int hi = lo + j;
+            const Key a = key_smem[lo];
+            const Key b = key_smem[hi];
+            const bool desc = (lo & k) == 0;
+            if (desc ? a < b : a > b) {
+              key_smem[lo] = b;
+              key_smem[hi] = a;
+            }
+          }
+          __syncthreads();
+        }
+      }
+    }
+    __syncthreads();
+
+    // 4. Inclusive cumulative sum in sorted order (position r = tid), in double.
+    const Key mine = tid < count ? sorted[tid] : 0ull;
+    const float q = __uint_as_float(static_cast<unsigned>(mine >> 32));
+    double inclusive = q;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const double up = __shfl_up_sync(detail::kFullMask, inclusive, d);
+      if (lane >= d) inclusive += up;
+    }
+    if (lane == 31) warp_total_smem[warp] = inclusive;
+    __syncthreads();
+    const double before = detail::warp_exclusive_scan(lane < NWARPS ? warp_total_smem[lane] : 0.0, lane);
+    const float cumulative = static_cast<float>(__shfl_sync(detail::kFullMask, before, warp) + inclusive);
+    const int crossing = tid < count && !(cumulative < tau) ? tid : E;
+    const int warp_first =
+        static_cast<int>(__reduce_min_sync(detail::kFullMask, static_cast<unsigned>(crossing)));
+    if (lane == 0) warp_first_smem[warp] = warp_first;
+    __syncthreads();
+    const int first = static_cast<int>(__reduce_min_sync(
+        detail::kFullMask, static_cast<unsigned>(lane < NWARPS ? warp_first_smem[lane] : E)));
+    const int n = clamp_active(first, tau, E, p.min_experts, p.k);
+    if (!all && (first >= count || n > count)) {  // the candidates do not decide the row
+      all = true;
+      continue;  // the barrier at the top of the loop orders the reuse of shared memory
+    }
+
+    // 5. Outputs: slot j = tid (K <= E <= N).
+    if (tid == n - 1) kept_mass_smem = cumulative;
+    __syncthreads();
+    const float kept_mass = kept_mass_smem;
+    int32_t* out_ids = p.expert_ids + t * p.k;
+    float* out_gates = p.gates + t * p.k;
+    for (int j = tid; j < p.k; j += N) {
+      const bool kept = j < n;
+      const Key k = kept ? sorted[j] : 0ull;
+      const int e = kept ? detail::ProbKey64::expert(k) : 0;
+      out_ids[j] = kept ? e : -1;
+      out_gates[j] =
+          kept ? gate_value(p.gate, logit_smem[e], __uint_as_float(static_cast<unsigned>(k >> 32)), kept_mass)
+               : 0.0f;
+    }
+    if (tid == 0) p.num_active[t] = n;
+    return;
+  }
+}
+
+}  // namespace prunepath
