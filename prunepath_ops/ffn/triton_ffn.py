@@ -165,7 +165,8 @@ def sparse_ffn_decode_triton(
     (tokens padded to 16 rows; the default for every T: its software-pipelined
     loads stream weights faster than the CUDA-core reduction, see
     bench/results/sparse_ffn_sweep_cuda.md); ``slot_grid_one_token=False`` makes a single
-    token go through the gate table like a batch, ``block_d`` sets the reduction's tile. Returns ``[T, d]`` in the dtype of ``x``.
+    token go through the gate table like a batch, ``block_d`` sets the reduction's tile.
+    Returns ``[T, d]`` in the dtype of ``x``.
     """
     T, d = x.shape
     K = expert_ids.shape[1]
@@ -199,9 +200,11 @@ def sparse_ffn_decode_triton(
         )  # fmt: skip
         units = E
     partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
-    # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, 30 % active).
-    bk = block_k or (32 if interp else (256 if T == 1 else 128))
-    bn = block_n or (32 if interp else (256 if T == 1 else 128))
+    # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, 30 % active);
+    # fp32 keeps 128-wide tiles, whose 3 stages fit in shared memory (256-wide would need 245 KB).
+    wide = T == 1 and x.element_size() <= 2
+    bk = block_k or (32 if interp else (256 if wide else 128))
+    bn = block_n or (32 if interp else (256 if wide else 128))
     stages = num_stages or 3
     decode_kernels.decode_expert_kernel[(units, nc)](
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
