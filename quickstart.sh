@@ -166,7 +166,8 @@ case $cmd in
   test)
     setup_all
     export TRITON_INTERPRET=1
-    exec "$PY" -m pytest python_tests -q "$@"
+    # The docstring examples of the package run as tests too (--doctest-modules over prunepath_ops).
+    exec "$PY" -m pytest python_tests prunepath_ops --doctest-modules -q "$@"
     ;;
   setup)
     setup_all

@@ -140,13 +140,9 @@ class PrunePathMLP(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> from torch import nn
-    >>> class Llama(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.gate_proj, self.up_proj = nn.Linear(8, 32, bias=False), nn.Linear(8, 32, bias=False)
-    ...         self.down_proj, self.act_fn = nn.Linear(32, 8, bias=False), nn.SiLU()
-    >>> mlp = PrunePathMLP.from_dense(Llama(), expert_width=16, tau=0.9)
+    >>> from prunepath_ops.models import LlamaMLP
+    >>> dense = LlamaMLP(8, 32)  # d = 8, F = 32
+    >>> mlp = PrunePathMLP.from_dense(dense, expert_width=16, tau=0.9)
     >>> mlp.tau = 0.5
     >>> mlp(torch.randn(2, 3, 8)).shape
     torch.Size([2, 3, 8])

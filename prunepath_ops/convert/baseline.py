@@ -34,13 +34,9 @@ def expert_activation_mass(mlp: PrunePathMLP, x: Tensor, *, norm: str = "l2") ->
 
     Examples
     --------
-    >>> from torch import nn
-    >>> class Llama(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.gate_proj, self.up_proj = nn.Linear(8, 32, bias=False), nn.Linear(8, 32, bias=False)
-    ...         self.down_proj = nn.Linear(32, 8, bias=False)
-    >>> expert_activation_mass(PrunePathMLP.from_dense(Llama(), 16), torch.randn(5, 8)).shape
+    >>> from prunepath_ops.models import LlamaMLP
+    >>> dense = LlamaMLP(8, 32)  # d = 8, F = 32
+    >>> expert_activation_mass(PrunePathMLP.from_dense(dense, 16), torch.randn(5, 8)).shape
     torch.Size([5, 2])
     """
     if norm not in ("l2", "l1"):
@@ -96,13 +92,9 @@ def fit_router_lstsq(
 
     Examples
     --------
-    >>> from torch import nn
-    >>> class Llama(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.gate_proj, self.up_proj = nn.Linear(8, 32, bias=False), nn.Linear(8, 32, bias=False)
-    ...         self.down_proj = nn.Linear(32, 8, bias=False)
-    >>> mlp = PrunePathMLP.from_dense(Llama(), 16)
+    >>> from prunepath_ops.models import LlamaMLP
+    >>> dense = LlamaMLP(8, 32)  # d = 8, F = 32
+    >>> mlp = PrunePathMLP.from_dense(dense, 16)
     >>> fit_router_lstsq(mlp, torch.randn(64, 8)).shape, bool(mlp.router.weight.abs().sum() > 0)
     (torch.Size([2, 8]), True)
     """

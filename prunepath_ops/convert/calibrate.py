@@ -257,13 +257,9 @@ def record_num_active(mlps: Sequence[PrunePathMLP]):
 
     Examples
     --------
-    >>> from torch import nn
-    >>> class Llama(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.gate_proj, self.up_proj = nn.Linear(8, 32, bias=False), nn.Linear(8, 32, bias=False)
-    ...         self.down_proj = nn.Linear(32, 8, bias=False)
-    >>> mlp = PrunePathMLP.from_dense(Llama(), expert_width=16, tau=0.0)
+    >>> from prunepath_ops.models import LlamaMLP
+    >>> dense = LlamaMLP(8, 32)  # d = 8, F = 32
+    >>> mlp = PrunePathMLP.from_dense(dense, expert_width=16, tau=0.0)
     >>> with record_num_active([mlp]) as rec:
     ...     _ = mlp(torch.randn(5, 8))
     >>> rec[0][0].tolist()

@@ -90,14 +90,10 @@ def save_checkpoint(
     Examples
     --------
     >>> import tempfile
-    >>> from torch import nn
-    >>> class Llama(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.gate_proj, self.up_proj = nn.Linear(8, 32, bias=False), nn.Linear(8, 32, bias=False)
-    ...         self.down_proj = nn.Linear(32, 8, bias=False)
+    >>> from prunepath_ops.models import LlamaMLP
+    >>> dense = LlamaMLP(8, 32)  # d = 8, F = 32
     >>> d = tempfile.mkdtemp()
-    >>> save_checkpoint(d, {"mlp": PrunePathMLP.from_dense(Llama(), 16)}, {"source_model": "toy"})
+    >>> save_checkpoint(d, {"mlp": PrunePathMLP.from_dense(dense, 16)}, {"source_model": "toy"})
     >>> load_checkpoint(d).config["layers"][0]["num_experts"]
     2
     """

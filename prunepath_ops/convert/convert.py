@@ -170,13 +170,9 @@ def convert_mlp(
 
     Examples
     --------
-    >>> from torch import nn
-    >>> class Llama(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.gate_proj, self.up_proj = nn.Linear(8, 64, bias=False), nn.Linear(8, 64, bias=False)
-    ...         self.down_proj, self.act_fn = nn.Linear(64, 8, bias=False), nn.SiLU()
-    >>> pmlp, perm = convert_mlp(Llama(), expert_width=16)
+    >>> from prunepath_ops.models import LlamaMLP
+    >>> dense = LlamaMLP(8, 64)  # d = 8, F = 64
+    >>> pmlp, perm = convert_mlp(dense, expert_width=16)
     >>> pmlp.router.weight.abs().sum().item(), sorted(perm.tolist()) == list(range(64))
     (0.0, True)
     """

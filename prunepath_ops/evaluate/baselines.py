@@ -52,13 +52,9 @@ def topk_routing(model_or_mlps: nn.Module | Sequence[PrunePathMLP], k: int) -> I
 
     Examples
     --------
-    >>> from torch import nn
-    >>> class Llama(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.gate_proj, self.up_proj = nn.Linear(8, 64, bias=False), nn.Linear(8, 64, bias=False)
-    ...         self.down_proj = nn.Linear(64, 8, bias=False)
-    >>> mlp = PrunePathMLP.from_dense(Llama(), 16, tau=0.3)
+    >>> from prunepath_ops.models import LlamaMLP
+    >>> dense = LlamaMLP(8, 64)  # d = 8, F = 64
+    >>> mlp = PrunePathMLP.from_dense(dense, 16, tau=0.3)
     >>> with topk_routing([mlp], 3):
     ...     mlp.route(torch.randn(5, 8)).num_active.tolist()
     [3, 3, 3, 3, 3]
