@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import json
 import math
 import os
 import sys
@@ -63,7 +62,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from topp_route_gpu import environment, make_timer  # noqa: E402
+from common import environment, header_lines, make_timer, write_results  # noqa: E402
 
 from prunepath_ops import modules as pp_modules  # noqa: E402
 from prunepath_ops.convert.calibrate import (  # noqa: E402
@@ -445,12 +444,7 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
     ok = [r for r in rows if "error" not in r]
     by = {r["config"]: r for r in ok}
     lines = [
-        f"# End-to-end decode on {env.get('gpu') or env['cpu']}",
-        "",
-        f"- command: `{env['command']}`",
-        f"- date: {env['date_utc']}; git {env['git_commit']} (dirty: {env['git_dirty']})",
-        f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, python {env['python']}"
-        + (f", driver {env.get('cuda_driver')}" if args.device == "cuda" else f", {env['torch_num_threads']} threads"),
+        *header_lines(f"End-to-end decode on {env.get('gpu') or env['cpu']}", env, args),
         f"- model: {cfg.n_layers} layers, d={cfg.d}, F={cfg.ffn}, GQA {cfg.n_heads}/{cfg.n_kv_heads}, D={cfg.head_dim}, "
         f"V={cfg.vocab}, {args.dtype}, random weights N(0, 0.02); batch 1, prompt {args.prompt} tokens, "
         f"KV cache {cfg.max_seq_len} rows",
@@ -562,14 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     text = report(args, env, rows, splits, cfg, fused, ideal, elapsed)
     print()
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, args.name + ".json"), "w") as f:
-            json.dump({"environment": env, "args": {k: v for k, v in vars(args).items()}, "rows": rows,
-                       "splits": splits, "ideal_bytes_per_token": ideal, "fused_attention": fused}, f, indent=2)  # fmt: skip
-        with open(os.path.join(args.out, args.name + ".md"), "w") as f:
-            f.write(text)
-        print(f"wrote {os.path.join(args.out, args.name)}.json and .md")
+    payload = {"environment": env, "args": dict(vars(args)), "rows": rows, "splits": splits,
+               "ideal_bytes_per_token": ideal, "fused_attention": fused}  # fmt: skip
+    write_results(args.out, args.name, text, payload)
     failed = [r for r in rows if "error" in r]
     return 1 if failed else 0
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -53,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from topp_route_gpu import environment, make_timer  # noqa: E402
+from common import capture, environment, header_lines, make_timer, write_results  # noqa: E402
 
 from prunepath_ops.attention import kv_decode_attention  # noqa: E402
 from prunepath_ops.ffn._env import interpreting  # noqa: E402
@@ -208,16 +207,6 @@ def sdpa_reference(case: Case) -> torch.Tensor:
     return out
 
 
-def graphed(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], object], torch.Tensor]:
-    """(replay, output buffer) of ``fn`` captured once in a CUDA graph (after an eager warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph.replay, out
-
-
 # ----------------------------------------------------------------------------- one case
 
 
@@ -238,7 +227,7 @@ def run_case(case: Case, args: argparse.Namespace, timer) -> dict:
     row["deterministic"] = torch.equal(op(), out)
     replay = None
     if args.device == "cuda":
-        replay, graph_out = graphed(op)
+        replay, graph_out = capture(op)
         replay()
         torch.cuda.synchronize()
         row["graph_matches_eager"] = torch.equal(graph_out, out)
@@ -440,13 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
     met = targets(rows, args)
     lines = [
-        f"# kv_decode_attention on {where}",
-        "",
-        f"- command: `{env['command']}`",
-        f"- date: {env['date_utc']}; git {env['git_commit']} (dirty: {env['git_dirty']})",
-        f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, python {env['python']}"
-        + (f", driver {env.get('cuda_driver')}" if args.device == "cuda" else f", {env['torch_num_threads']} threads"),
-        f"- timer: {timer_desc}",
+        *header_lines(f"kv_decode_attention on {where}", env, args),
         f"- {args.dtype}, Hq = {sh['Hq']}, Hkv = {sh['Hkv']}, D = {sh['D']}, q / caches randn, S_max = L_max + "
         f"{sh['slack']}; ours: `kv_decode_attention(q, k_cache, v_cache, cache_seqlens, backend='{args.backend}')` "
         "(no append), eager and captured once in a CUDA graph then replayed",
@@ -482,14 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print()
     print(report)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, args.name + ".json"), "w") as f:
-            json.dump({"environment": env, "rows": rows, "sweep": sweep,
-                       "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in met]}, f, indent=2)  # fmt: skip
-        with open(os.path.join(args.out, args.name + ".md"), "w") as f:
-            f.write(report)
-        print(f"wrote {os.path.join(args.out, args.name)}.json and .md")
+    targets_json = [{"target": t, "measured": m, "met": ok} for t, m, ok in met]
+    write_results(
+        args.out, args.name, report, {"environment": env, "rows": rows, "sweep": sweep, "targets": targets_json}
+    )
     if failures:
         return 1
     return 2 if args.strict and not all(ok for _, _, ok in met) else 0

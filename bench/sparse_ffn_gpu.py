@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from topp_route_gpu import environment, make_timer  # noqa: E402
+from common import capture, environment, header_lines, make_timer, write_results  # noqa: E402
 
 import prunepath_ops  # noqa: E402
 from prunepath_ops import reference as R  # noqa: E402
@@ -240,17 +239,7 @@ def run_case(shape: str, w: Weights, T: int, frac: float, xs, dense_us: float, a
 
 def cuda_graphed(fn: Callable, x: torch.Tensor) -> Callable[[], object]:
     """``fn(x)`` captured once in a CUDA graph; returns the replay (the decode steps of a model run graphed)."""
-    static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # warm-up outside capture: Triton compiles, allocator pools fill
-            fn(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(static_x)
-    return graph.replay
+    return capture(lambda: fn(x))[0]
 
 
 def dense_fn(w: Weights) -> Callable:
@@ -385,13 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     pre = [r for r in ok_rows if r["phase"] == "prefill"]
     small = [s for s in args.shapes if 3 * args.shape_table[s][1] * args.shape_table[s][0] * 2 < L2_BYTES]
     lines = [
-        f"# sparse_ffn on {where}",
-        "",
-        f"- command: `{env['command']}`",
-        f"- date: {env['date_utc']}; git {env['git_commit']} (dirty: {env['git_dirty']})",
-        f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, python {env['python']}"
-        + (f", driver {env.get('cuda_driver')}" if args.device == "cuda" else f", {env['torch_num_threads']} threads"),
-        f"- timer: {timer_desc}; each timed function rotates among {N_INPUTS} different x",
+        *header_lines(f"sparse_ffn on {where}", env, args),
+        f"- each timed function rotates among {N_INPUTS} different x",
         f"- {args.dtype}, gated SiLU FFN, weights randn * 0.02, x randn; sparse: `prunepath_ops.sparse_ffn(x, route, "
         f"packed, path='auto', backend='{args.backend}')` (decode kernels for T <= {DECODE_MAX_TOKENS}, prefill above)",
         "- dense: `prunepath_ops.reference.dense_ffn` = F.linear(h, Wd) with h = silu(F.linear(x, Wg)) * "
@@ -426,14 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print()
     print(report)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, args.name + ".json"), "w") as f:
-            dense_json = [{"shape": s, "T": t, "dense_us": v} for (s, t), v in dense.items()]
-            json.dump({"environment": env, "dense": dense_json, "rows": rows}, f, indent=2)
-        with open(os.path.join(args.out, args.name + ".md"), "w") as f:
-            f.write(report)
-        print(f"wrote {os.path.join(args.out, args.name)}.json and .md")
+    dense_json = [{"shape": s, "T": t, "dense_us": v} for (s, t), v in dense.items()]
+    write_results(args.out, args.name, report, {"environment": env, "dense": dense_json, "rows": rows})
     return 1 if failures else 0
 
 

@@ -24,8 +24,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from common import environment, header_lines, make_timer, write_results  # noqa: E402
 from sparse_ffn_gpu import H200_COPY_TBPS, Weights, cuda_graphed, fixed_fraction_route, union_experts  # noqa: E402
-from topp_route_gpu import environment, make_timer  # noqa: E402
 
 from prunepath_ops import reference as R  # noqa: E402
 from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton, sparse_ffn_prefill_triton  # noqa: E402
@@ -132,10 +132,9 @@ def main(argv=None) -> int:
                         rows.append({"kind": "prefill", "T": T, "frac": frac, **cfg, "error": repr(exc)[:200]})
                         print(rows[-1], flush=True)
     env["elapsed_s"] = time.perf_counter() - start
-    lines = [f"# sparse_ffn tile sweep on {env.get('gpu') or env['cpu']}", "",
-             f"- command: `{env['command']}`", f"- date: {env['date_utc']}; torch {env['torch']}, triton {env['triton']}",
-             f"- timer: {timer_desc}; decode timed as CUDA-graph replays; TB/s over the union of selected experts' "
-             f"weights (peak {H200_COPY_TBPS} TB/s)", "",
+    lines = [*header_lines(f"sparse_ffn tile sweep on {env.get('gpu') or env['cpu']}", env, args),
+             f"- decode timed as CUDA-graph replays; TB/s over the union of selected experts' weights "
+             f"(peak {H200_COPY_TBPS} TB/s)", "",
              "| kind | T | active | config | us | TB/s | rel err |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         keys = (
@@ -158,13 +157,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['kind']} | {r['T']} | {r['frac']:.0%} | {cfg} | {us} | {tb} | {err} |")
     report = "\n".join(lines) + "\n"
     print(report)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        name = "sparse_ffn_sweep_" + args.device + ("_tiny" if args.tiny else "")
-        with open(os.path.join(args.out, name + ".json"), "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=2)
-        with open(os.path.join(args.out, name + ".md"), "w") as f:
-            f.write(report)
+    name = "sparse_ffn_sweep_" + args.device + ("_tiny" if args.tiny else "")
+    write_results(args.out, name, report, {"environment": env, "rows": rows})
     return 0 if all(r.get("ok", False) for r in rows) else 1
 
 

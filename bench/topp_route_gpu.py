@@ -36,12 +36,9 @@ The comparison goes to ``<name>_variants.md`` / ``.json``:
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -52,6 +49,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from common import environment, header_lines, make_timer, write_results  # noqa: E402
 from routing_bench import (  # noqa: E402
     DTYPES,
     E_VALUES,
@@ -66,8 +64,6 @@ from routing_bench import (  # noqa: E402
     op_fn,
     route_bytes,
 )
-
-import prunepath_ops  # noqa: E402
 
 # PRUNEPATH_TOPP_KERNEL values (csrc/include/prunepath/topp_route.cuh, kToppKernelNames).
 VARIANTS = ("auto", "warp", "block", "lean", "rank")
@@ -154,145 +150,6 @@ def build_cases(args: argparse.Namespace) -> list[dict]:
         if args.dtype != "fp32":
             cases.append({"T": fp32_shape[0], "E": fp32_shape[1], "dtype": "fp32", "tau": args.tau})
     return cases
-
-
-# ----------------------------------------------------------------------------- timers
-
-
-def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(times_ms, n=10, method="inclusive") if len(times_ms) > 1 else [times_ms[0]] * 9
-    return statistics.median(times_ms), q[1], q[7]  # median, p20, p80
-
-
-def make_timer(args: argparse.Namespace) -> tuple[str, Callable[[Callable[[], object]], tuple[float, float, float]]]:
-    """Returns (description, timer); timer(fn) -> (median, p20, p80) in ms of one call of fn."""
-    warmup, rep = args.warmup, args.rep
-    if args.device == "cpu":
-
-        def cpu_timer(fn):
-            fn()
-            start = time.perf_counter()
-            fn()
-            est = max(time.perf_counter() - start, 1e-7) * 1e3
-            for _ in range(max(0, int(warmup / est))):
-                fn()
-            times = []
-            for _ in range(max(3, int(rep / est))):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return _quantiles(times)
-
-        return "time.perf_counter per call (CPU)", cpu_timer
-
-    do_bench = None
-    if args.timer in ("auto", "do_bench"):
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            if args.timer == "do_bench":
-                raise
-    if do_bench is not None:
-
-        def triton_timer(fn):
-            try:
-                med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-            except TypeError:  # an older signature: median only
-                med = p20 = p80 = do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-            return med, p20, p80
-
-        return f"triton.testing.do_bench (warmup {warmup:g} ms, rep {rep:g} ms, L2 flushed, median)", triton_timer
-
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-
-    def event_timer(fn):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            flush.zero_()
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        est = max(start.elapsed_time(end) / 5, 1e-4)
-        for _ in range(max(1, int(warmup / est))):
-            fn()
-        n = max(1, int(rep / est))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for i in range(n):
-            flush.zero_()
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
-
-    return f"CUDA events (warmup {warmup:g} ms, rep {rep:g} ms, L2 flushed, median; triton missing)", event_timer
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def _git(*cmd: str) -> str | None:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(
-            ["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(args: argparse.Namespace, timer_desc: str) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "command": "python " + shlex.join(sys.argv),
-        "device": args.device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
-        "prunepath_ops": prunepath_ops.__version__,
-        "backends": prunepath_ops.backends(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None,
-        "timer": timer_desc,
-        "floor_bandwidth_TBps": args.peak_tbps,
-        "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
-        "torch_num_threads": torch.get_num_threads(),
-    }
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    env["git_dirty"] = None if status is None else bool(status)
-    if args.device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["gpu_sms"] = props.multi_processor_count
-        env["gpu_memory_GiB"] = round(props.total_memory / 2**30, 1)
-        env["cuda_driver"] = _nvidia_smi_driver()
-    return env
-
-
-def _nvidia_smi_driver() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        )
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
 
 
 # ----------------------------------------------------------------------------- main
@@ -539,11 +396,7 @@ def run_variants(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     table = variants_table(args.variants, results) if results.get(args.variants[0]) else "(no rows)"
     lines = [
-        f"# topp_route kernel variants on {env_info.get('gpu')}",
-        "",
-        f"- command: `{env_info['command']}`",
-        f"- date: {env_info['date_utc']}; git {env_info['git_commit']} (dirty: {env_info['git_dirty']})",
-        f"- torch {env_info['torch']} (CUDA {env_info['torch_cuda']}), triton {env_info['triton']}",
+        *header_lines(f"topp_route kernel variants on {env_info.get('gpu')}", env_info, args),
         "- variant = `PRUNEPATH_TOPP_KERNEL` (one subprocess each); every shape checked with `check_route` first",
         "- do_bench: median, L2 flushed, host launch overhead included; graph: "
         f"{args.graph_calls} calls captured in a CUDA graph, median device time per call, L2 warm",
@@ -558,14 +411,8 @@ def run_variants(args: argparse.Namespace) -> int:
     report = "\n".join(lines) + "\n"
     print()
     print(report)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, args.name + "_variants")
-        with open(stem + ".json", "w") as f:
-            json.dump({"environment": env_info, "variants": args.variants, "results": results}, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(report)
-        print(f"wrote {stem}.json and .md")
+    payload = {"environment": env_info, "variants": args.variants, "results": results}
+    write_results(args.out, args.name + "_variants", report, payload)
     return 1 if failed else 0
 
 
@@ -608,13 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = markdown_table([r for r in rows if r["check_ok"]])
     lines = [
-        f"# topp_route on {env.get('gpu') or env['cpu']}",
-        "",
-        f"- command: `{env['command']}`",
-        f"- date: {env['date_utc']}; git {env['git_commit']} (dirty: {env['git_dirty']})",
-        f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, python {env['python']}"
-        + (f", driver {env.get('cuda_driver')}" if args.device == "cuda" else f", {env['torch_num_threads']} threads"),
-        f"- timer: {timer_desc}",
+        *header_lines(f"topp_route on {env.get('gpu') or env['cpu']}", env, args),
         "- op: `prunepath_ops.topp_route(logits, tau)` (sigmoid gates, K = E); composite: "
         "`prunepath_ops.reference.topp_route` (softmax, stable sort, cumsum, mask, gather, sigmoid)",
         f"- floor: bytes the op must move (read logits, write int32 ids + fp32 gates [T, K], int32 num_active [T]) "
@@ -640,13 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report)
 
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, args.name + ".json"), "w") as f:
-            json.dump({"environment": env, "target": target, "rows": rows}, f, indent=2)
-        with open(os.path.join(args.out, args.name + ".md"), "w") as f:
-            f.write(report)
-        print(f"wrote {os.path.join(args.out, args.name)}.json and .md")
+    write_results(args.out, args.name, report, {"environment": env, "target": target, "rows": rows})
     if failures:
         return 1
     if args.strict and target is not None and not target["pass"]:
