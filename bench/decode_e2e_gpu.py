@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timer", choices=("auto", "do_bench", "events"), default="auto")
     ap.add_argument("--peak-tbps", type=float, default=H200_COPY_TBPS, help="bandwidth of the ideal, TB/s")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
+    ap.add_argument("--compile", action="store_true",
+                    help="graphed configurations capture torch.compile(decode_step, fullgraph=True) (names end in -compiled)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
     ap.add_argument("--name", default=None, help="output file stem (default decode_e2e_<device>[_tiny])")
@@ -328,7 +330,7 @@ def run_config(name: str, model, prompt, attn: str, graphed: bool, args, timer, 
     if graphed and args.device == "cuda":
         if decoder is None:
             t0 = time.perf_counter()
-            decoder = GraphedDecoder(model, attn)
+            decoder = GraphedDecoder(model, attn, compile=args.compile)
             row["capture_s"] = time.perf_counter() - t0
         n = args.new_tokens
         # Check: one replayed step against the eager step (same position, same cache row rewritten).
@@ -373,6 +375,8 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
     kernel_ok = fused or args.device != "cuda"  # the reference cannot be captured
     sparse_attn = "kernel" if kernel_ok else "sdpa"
 
+    suffix = "-compiled" if args.compile and args.device == "cuda" else ""
+
     def attempt(fn, name):
         try:
             return fn()
@@ -397,14 +401,14 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
 
     with torch.no_grad():
         attempt(lambda: dense("dense-eager-sdpa", "sdpa", False, split_attn="sdpa"), "dense-eager-sdpa")
-        attempt(lambda: dense("dense-graph-sdpa", "sdpa", True), "dense-graph-sdpa")
+        attempt(lambda: dense("dense-graph-sdpa" + suffix, "sdpa", True), "dense-graph-sdpa" + suffix)
         if kernel_ok:
-            name = "dense-graph-kernel"
+            name = "dense-graph-kernel" + suffix
             attempt(lambda: dense(name, "kernel", True, split_attn="kernel"), name)
         mlps = convert(model, args)
         decoder = None
         for frac in args.fractions:
-            name = f"prunepath-{round(frac * 100)}-graph"
+            name = f"prunepath-{round(frac * 100)}-graph" + suffix
 
             def sparse(frac=frac, name=name):
                 nonlocal decoder
@@ -482,7 +486,9 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         if "error" in r:
             lines.append(f"| {r['config']} | ERROR: {r['error'].strip().splitlines()[-1]} |")
     lines += ["", "## Ratios", ""]
-    dense_same = by.get("dense-graph-kernel" if fused or args.device != "cuda" else "dense-graph-sdpa")
+    suffix = "-compiled" if args.compile and args.device == "cuda" else ""
+    dense_kernel = "dense-graph-kernel" + suffix
+    dense_same = by.get(dense_kernel if fused or args.device != "cuda" else "dense-graph-sdpa" + suffix)
     best_dense = max((r for r in ok if r["config"].startswith("dense")), key=lambda r: r["decode_tok_s"], default=None)
     for r in ok:
         if not r["config"].startswith("prunepath"):
@@ -495,9 +501,9 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         if best_dense and best_dense is not dense_same:
             lines.append(f"- {r['config']} / {best_dense['config']} (fastest dense): "
                          f"{r['decode_tok_s'] / best_dense['decode_tok_s']:.2f}x")  # fmt: skip
-    if "kernel_vs_sdpa_rel_err" in by.get("dense-graph-kernel", {}):
+    if "kernel_vs_sdpa_rel_err" in by.get(dense_kernel, {}):
         lines.append(f"- kernel vs SDPA attention, one dense step's logits: rel err "
-                     f"{by['dense-graph-kernel']['kernel_vs_sdpa_rel_err']:.1e}")  # fmt: skip
+                     f"{by[dense_kernel]['kernel_vs_sdpa_rel_err']:.1e}")  # fmt: skip
     lines += ["", "## Bytes per token (ideal)", "",
               "| config | attention W MB | FFN W MB | router MB | LM head + embed row MB | KV MB | total MB | ideal tok/s |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

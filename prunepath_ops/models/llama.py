@@ -15,7 +15,6 @@ E experts, S expert width, S_max cache length.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunepath_ops.attention import kv_decode_attention
 from prunepath_ops.modules import PrunePathMLP
 
 
@@ -193,17 +193,13 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, self.n_heads * self.head_dim))
 
 
-@functools.cache
 def _decode_attention_op() -> Callable:
-    """``kv_decode_attention``: the fused op when it is built, else its readable reference.
+    """The decode attention :meth:`Attention.decode` calls: ``prunepath_ops.kv_decode_attention``.
 
-    The reference loops over sequences on the host (``.tolist()``), so only the fused op can be
-    captured in a CUDA graph; both have the same signature and semantics.
+    A function rather than a direct call so tests can swap in the readable reference and the
+    end-to-end benchmark a profiled wrapper (the reference reads ``cache_seqlens`` on the host,
+    so only the op can be captured in a CUDA graph; both have the same signature and semantics).
     """
-    try:
-        from prunepath_ops.attention import kv_decode_attention
-    except ImportError:
-        from prunepath_ops.reference import kv_decode_attention
     return kv_decode_attention
 
 
@@ -271,8 +267,8 @@ class Llama(nn.Module):
     config : LlamaConfig
     decode_attn : {"kernel", "sdpa"}
         Default attention of :meth:`decode_step` (settable later as ``model.decode_attn``):
-        ``kernel`` is ``prunepath_ops.attention.kv_decode_attention`` (its reference when the
-        fused op is not built), which reads each sequence's valid cache prefix only; ``sdpa``
+        ``kernel`` is ``prunepath_ops.attention.kv_decode_attention``, which reads each
+        sequence's valid cache prefix only; ``sdpa``
         is the dense oracle's masked SDPA over the whole cache. :meth:`forward` always uses SDPA.
 
     Examples
