@@ -256,6 +256,11 @@ def train(args: argparse.Namespace) -> int:
     if args.gate != "keep":
         for m in _routed(model):
             m.gate = args.gate
+    if args.straight_through:
+        if any(m.gate != "one" for m in _routed(model)):
+            raise CLIError("--straight-through needs gate 'one' (add --gate one)")
+        for m in _routed(model):
+            m.straight_through = True  # training only: not saved, values unchanged
     tokens = _tokens(args, tok, (0.0, 0.8))
     seq_len = min(args.seq_len, model.config.max_seq_len)
     cfg = TrainConfig(
@@ -563,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-router", type=float, default=1e-3, help="router learning rate (default 1e-3)")
     p.add_argument("--tau-min", type=float, default=0.5, help="final tau of the schedule (default 0.5)")
     p.add_argument("--train-backbone", action="store_true", help="also fine-tune the backbone")
+    p.add_argument(
+        "--straight-through",
+        action="store_true",
+        help="with gate 'one': gates of value 1 that pass the experts' probability gradient to the routers",
+    )
     p.add_argument(
         "--gate",
         choices=("keep", "one", "sigmoid", "prob", "renorm"),

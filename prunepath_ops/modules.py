@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from prunepath_ops.ffn.api import sparse_ffn
 from prunepath_ops.ffn.packing import PackedExperts, pack_experts
-from prunepath_ops.reference.routing import GATE_MODES
+from prunepath_ops.reference.routing import GATE_MODES, topp_gates
 from prunepath_ops.reference.sparse_ffn import activation
 from prunepath_ops.routing import topp_route
 
@@ -65,6 +65,39 @@ def expert_gate_mask(
     # Valid slots of one token hold distinct experts; column E collects the unused slots (zeros).
     mask = torch.zeros(T, num_experts + 1, dtype=dtype, device=gates.device).scatter(1, idx, src)
     return mask[:, :num_experts]  # [T, E]
+
+
+def straight_through_gates(logits: Tensor, route: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The routing with gates of value 1 whose gradient is that of the selected experts' probabilities.
+
+    Gate ``one`` keeps the dense model's scale (the experts' outputs are not shrunk as by
+    ``sigmoid`` gates at initialisation) but passes no gradient to the router; this
+    straight-through form has the same forward values and lets the task loss reach the router:
+    ``g = 1 + p - stop_gradient(p)`` with ``p`` the softmax probability of a selected expert.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[T, E]`` router logits (requiring grad).
+    route : Route or tuple
+        ``(expert_ids [T, K], gates [T, K], num_active [T])`` of a ``gate="one"`` routing.
+
+    Returns
+    -------
+    tuple
+        ``(expert_ids, gates, num_active)``: gates 1 in the selected slots, 0 elsewhere.
+
+    Examples
+    --------
+    >>> import torch, prunepath_ops as pp
+    >>> logits = torch.randn(3, 8, requires_grad=True)
+    >>> route = straight_through_gates(logits, pp.topp_route(logits.detach(), 0.6, gate="one"))
+    >>> bool((route[1][route[0] >= 0] == 1).all())
+    True
+    """
+    expert_ids, _, num_active = route
+    p = topp_gates(logits, expert_ids, "prob")  # [T, K], 0 in unused slots
+    return expert_ids, p - p.detach() + (expert_ids >= 0).to(p.dtype), num_active
 
 
 def masked_expert_ffn(x: Tensor, route: tuple[Tensor, Tensor, Tensor], packed: PackedExperts) -> Tensor:
@@ -136,6 +169,10 @@ class PrunePathMLP(nn.Module):
         :func:`prunepath_ops.sparse_ffn`, which has no autograd formula (no gradient reaches the
         router through it). ``"auto"``: the differentiable path when grad mode is on and the
         input, the router or an FFN weight requires grad.
+    straight_through : bool
+        With gate ``one``, the differentiable path's gates are 1 in value but carry the gradient of
+        the selected experts' probabilities (:func:`straight_through_gates`), so the task loss
+        trains the router; the sparse path and every output value are unchanged.
 
     Examples
     --------
@@ -160,6 +197,7 @@ class PrunePathMLP(nn.Module):
         path: str = "auto",
         backend: str = "auto",
         differentiable: bool | str = False,
+        straight_through: bool = False,
     ) -> None:
         super().__init__()
         if gate not in GATE_MODES:
@@ -178,6 +216,7 @@ class PrunePathMLP(nn.Module):
         self.tau, self.gate, self.min_experts, self.max_experts = tau, gate, min_experts, max_experts
         self.path, self.backend = path, backend
         self.differentiable = differentiable
+        self.straight_through = straight_through
 
     @classmethod
     def from_dense(
@@ -237,7 +276,9 @@ class PrunePathMLP(nn.Module):
 
     def route(self, x: Tensor):
         """The routing of ``x [T, d]`` at the current ``tau``."""
-        logits = self.router(x)  # [T, E]
+        return self._route(self.router(x))
+
+    def _route(self, logits: Tensor):
         return topp_route(
             logits, self.tau_tensor, min_experts=self.min_experts, max_experts=self.max_experts, gate=self.gate
         )
@@ -256,8 +297,13 @@ class PrunePathMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``[..., d] -> [..., d]``."""
         x2 = x.reshape(-1, x.shape[-1])
-        route = self.route(x2)
+        logits = self.router(x2)  # [T, E]
+        route = self._route(logits)
         if self._use_differentiable(x2):
+            if getattr(self, "straight_through", False):  # modules pickled before the attribute existed
+                if self.gate != "one":
+                    raise ValueError(f"PrunePathMLP: straight_through needs gate='one'; got {self.gate!r}")
+                route = straight_through_gates(logits, route)
             y = masked_expert_ffn(x2, route, self.packed)
         else:
             y = sparse_ffn(x2, route, self.packed, path=self.path, backend=self.backend)

@@ -66,13 +66,27 @@ def test_eval_dense_only_and_bench_and_info(tmp_path, capsys):
     assert main(["info"]) == 0
 
 
-def test_train_fast(ckpt, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # the checkpoint's gate
+        ["--gate", "one", "--straight-through"],  # gates of value 1 that still train the routers
+    ],
+)
+def test_train_fast(ckpt, tmp_path, capsys, extra):
     pytest.importorskip("prunepath_ops.train")
     out = str(tmp_path / "trained")
     argv = ["train", "--fast", "--no-progress", "--checkpoint", ckpt, "--steps", "2", "--seq-len", "32",
-            "--batch-size", "1", "--out", out]  # fmt: skip
+            "--batch-size", "1", "--out", out, *extra]  # fmt: skip
     assert main(argv) == 0
     assert os.path.isfile(os.path.join(out, "prunepath.safetensors"))
+
+
+def test_straight_through_needs_gate_one(ckpt, capsys):
+    argv = ["train", "--fast", "--no-progress", "--checkpoint", ckpt, "--steps", "1", "--gate", "sigmoid",
+            "--straight-through"]  # fmt: skip
+    assert main(argv) == 1
+    assert "--straight-through needs gate 'one'" in _error_line(capsys)
 
 
 def _error_line(capsys) -> str:

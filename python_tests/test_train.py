@@ -132,6 +132,32 @@ def test_gradients_match_reference_autograd(gate):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gated", "plain"])
+@pytest.mark.parametrize("tau", [0.5, 1.05])  # some experts / every expert
+def test_straight_through_gates_keep_gate_one_values_and_train_the_router(kind, tau):
+    x = torch.randn(7, 24, generator=torch.Generator().manual_seed(2))
+    probe = torch.randn(7, 24, generator=torch.Generator().manual_seed(3))
+    one = _mlp(kind, gate="one", tau=tau, differentiable=True)
+    st = _mlp(kind, gate="one", tau=tau, differentiable=True, straight_through=True)
+    prob = _mlp(kind, gate="prob", tau=tau, differentiable=True)  # same seed: same weights and router
+    y_one, y_st = one(x), st(x)
+    assert torch.equal(y_st, y_one)  # the values of gate one, bit for bit
+    (y_one * probe).sum().backward()
+    assert one.router.weight.grad is None or not one.router.weight.grad.any()  # gate one: no task gradient
+    (y_st * probe).sum().backward()
+    (prob(x) * probe).sum().backward()
+    # The loss is linear in each gate, so dL/dgate does not depend on the gate's value: the
+    # straight-through router gradient is exactly that of gate "prob" (same selection).
+    assert st.router.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(st.router.weight.grad, prob.router.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_straight_through_needs_gate_one():
+    mlp = _mlp("gated", gate="sigmoid", tau=0.5, differentiable=True, straight_through=True)
+    with pytest.raises(ValueError, match="straight_through needs gate='one'"):
+        mlp(torch.randn(3, 24))
+
+
 def test_masked_ffn_gradcheck_fp64():
     """Finite differences w.r.t. the gates, the input and the weights of the masked FFN (fixed selection)."""
     g = torch.Generator().manual_seed(4)
