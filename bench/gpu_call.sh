@@ -3,11 +3,17 @@
 # timeout so what finished still comes back. Results land in $OUT; copy them into bench/results/.
 # Usage on the GPU machine: bash bench/gpu_call.sh e2e kvbench kvtests ffnsweep ffnbench fftests topp ...
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-out=${OUT:-/tmp/prunepath-gpu}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# Everything a part writes goes to $out (a folder under $OUT), packed after every part into
+# $OUT/results.tgz: the device tool brings back at most 8 files, and a killed call keeps the parts
+# that finished. $OUT/prebuilt_* (bench/gpu_build.sh) come back beside it.
+OUT=${OUT:-/tmp/prunepath-gpu}
+export OUT
+out=$OUT/results
 mkdir -p "$out"
-bash bench/gpu_build.sh > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
-tail -2 "$out/build.log"
+pack() { tar -czf "$OUT/results.tgz" -C "$OUT" results; }
+bash bench/gpu_build.sh > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; pack; exit 1; }
+tail -3 "$out/build.log"
 t() { local s=$1; shift; timeout "$s" "$@"; }
 for part in "$@"; do
   start=$(date +%s)
@@ -27,8 +33,12 @@ for part in "$@"; do
     decodetests) t 90 python3 -m pytest python_tests/test_decode.py -q -p no:cacheprovider \
                    > "$out/gpu_tests_decode.log" 2>&1 ;;
     ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
+    toppvariants) t 300 python3 bench/topp_route_gpu.py --variants auto,warp,lean,rank,block --out "$out" \
+                    > "$out/topp_route_gpu.log" 2>&1 ;;
+    toppcheck) t 120 python3 bench/diag/topp_variants_check.py > "$out/topp_variants_check.log" 2>&1 ;;
     topp) t 200 python3 bench/topp_route_gpu.py --out "$out" > "$out/topp_route_gpu.log" 2>&1 ;;
     *) echo "unknown part $part"; continue ;;
   esac
   echo "== $part rc=$? in $(( $(date +%s) - start )) s"
+  pack
 done
