@@ -85,15 +85,22 @@ def main(argv=None) -> int:
             for T, frac in itertools.product((1, 4, 16), args.fractions):
                 x = torch.randn(T, d, device=device).to(dtype)
                 route = fixed_fraction_route(T, w.E, frac, device, 0)
-                # Around the best tiles of the earlier sweeps (block 256 / stages 3 at T = 1, 128 / 3-4 above).
-                base = [(32, 256, 3), (32, 512, 2)] if T == 1 else [(32, 128, 3), (32, 128, 4)]
+                # The balanced schedule around its defaults (group_rows 64, 128-wide tiles, 3 stages,
+                # one program per SM), and the per-expert schedule at its best earlier tiles.
+                sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
                 if args.tiny:
-                    base = [(32, 64, 2)]
+                    base, pps = [(16, 32, 2)], (1,)
+                elif T == 1:
+                    base, pps = [(64, 128, 3), (32, 256, 3), (32, 128, 4), (64, 128, 4), (128, 64, 3)], (1, 2)
+                else:
+                    base, pps = [(64, 128, 3), (32, 128, 3), (64, 64, 4)], (1, 2)
                 configs = []
-                for (r, b, ns), nw, bd in itertools.product(base, (4, 8), (None, 64)):
-                    for slot in (True, False) if T == 1 else (None,):
-                        configs.append({"rows": r, "block": b, "num_stages": ns, "num_warps": nw, "block_d": bd,
-                                        "slot_grid_one_token": slot})  # fmt: skip
+                for (rg, b, ns), nw, k in itertools.product(base, (4, 8), pps):
+                    configs.append({"schedule": "balanced", "group_rows": rg, "block": b, "num_stages": ns,
+                                    "num_warps": nw, "programs": k * sms})  # fmt: skip
+                configs.append({"schedule": "expert", "rows": 32 if not args.tiny else 16,
+                                "block": 256 if T == 1 and not args.tiny else (32 if args.tiny else 128),
+                                "num_stages": 3, "num_warps": 4})  # fmt: skip
                 for cfg in configs:
 
                     def fn(x, cfg=cfg, route=route):
@@ -138,6 +145,9 @@ def main(argv=None) -> int:
              "| kind | T | active | config | us | TB/s | rel err |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         keys = (
+            "schedule",
+            "group_rows",
+            "programs",
             "rows",
             "block",
             "use_dot",
