@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--compile", action="store_true",
                     help="graphed configurations capture torch.compile(decode_step, fullgraph=True) (names end in -compiled)")  # fmt: skip
+    ap.add_argument("--compile-both", action="store_true",
+                    help="every graphed configuration twice, plain and compiled, on one model (one calibration)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
     ap.add_argument("--name", default=None, help="output file stem (default decode_e2e_<device>[_tiny])")
@@ -120,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (5.0 if args.tiny else 50.0)
     args.rep = args.rep if args.rep is not None else (20.0 if args.tiny else 300.0)
     args.name = args.name or f"decode_e2e_{args.device}{'_tiny' if args.tiny else ''}"
+    # torch.compile'd graphs are a CUDA-only configuration here (CPU runs are eager).
+    cuda = args.device == "cuda"
+    args.modes = [False, True] if args.compile_both and cuda else [bool(args.compile and cuda)]
     return args
 
 
@@ -318,7 +323,9 @@ def measure_active(model, mlps, first, start: int, attn: str, args) -> float:
     return 1.0 - ffn_sparsity([torch.cat(r) for r in rec], mlps[0].w_down.shape[0])
 
 
-def run_config(name: str, model, prompt, attn: str, graphed: bool, args, timer, decoder=None, extra=None):
+def run_config(
+    name: str, model, prompt, attn: str, graphed: bool, args, timer, decoder=None, extra=None, compiled=False
+):
     """Prefill, then timed decode loops; returns (row, the GraphedDecoder or None, the first new token [1])."""
     row = {"config": name, "attn": attn, "graphed": graphed, **(extra or {})}
     if args.device == "cuda":
@@ -330,7 +337,7 @@ def run_config(name: str, model, prompt, attn: str, graphed: bool, args, timer, 
     if graphed and args.device == "cuda":
         if decoder is None:
             t0 = time.perf_counter()
-            decoder = GraphedDecoder(model, attn, compile=args.compile)
+            decoder = GraphedDecoder(model, attn, compile=compiled)
             row["capture_s"] = time.perf_counter() - t0
         n = args.new_tokens
         # Check: one replayed step against the eager step (same position, same cache row rewritten).
@@ -375,8 +382,6 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
     kernel_ok = fused or args.device != "cuda"  # the reference cannot be captured
     sparse_attn = "kernel" if kernel_ok else "sdpa"
 
-    suffix = "-compiled" if args.compile and args.device == "cuda" else ""
-
     def attempt(fn, name):
         try:
             return fn()
@@ -385,8 +390,8 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
             _print_row(rows[-1])
             return None
 
-    def dense(name, attn, graphed, split_attn=None):
-        row, decoder, first = run_config(name, model, prompt, attn, graphed, args, timer)
+    def dense(name, attn, graphed, split_attn=None, compiled=False):
+        row, decoder, first = run_config(name, model, prompt, attn, graphed, args, timer, compiled=compiled)
         if attn == "kernel":  # the two attention paths on one step, same cache and position
             pos = torch.full((1,), T, dtype=torch.int32, device=args.device)
             row["kernel_vs_sdpa_rel_err"] = rel_err(
@@ -401,17 +406,20 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
 
     with torch.no_grad():
         attempt(lambda: dense("dense-eager-sdpa", "sdpa", False, split_attn="sdpa"), "dense-eager-sdpa")
-        attempt(lambda: dense("dense-graph-sdpa" + suffix, "sdpa", True), "dense-graph-sdpa" + suffix)
-        if kernel_ok:
-            name = "dense-graph-kernel" + suffix
-            attempt(lambda: dense(name, "kernel", True, split_attn="kernel"), name)
+        for compiled in args.modes:
+            suffix = "-compiled" if compiled else ""
+            name = "dense-graph-sdpa" + suffix
+            attempt(lambda n=name, c=compiled: dense(n, "sdpa", True, compiled=c), name)
+            if kernel_ok:
+                name = "dense-graph-kernel" + suffix
+                split = "kernel" if compiled == args.modes[0] else None
+                attempt(lambda n=name, sp=split, c=compiled: dense(n, "kernel", True, split_attn=sp, compiled=c), name)
         mlps = convert(model, args)
-        decoder = None
+        decoders = {}
         for frac in args.fractions:
-            name = f"prunepath-{round(frac * 100)}-graph" + suffix
+            name = f"prunepath-{round(frac * 100)}-graph"
 
             def sparse(frac=frac, name=name):
-                nonlocal decoder
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     measure = make_measure_fn(mlps, lambda: model(prompt, 0, last_only=True), per_layer=True)
@@ -425,15 +433,28 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                     "calibrated_fraction": 1.0 - sum(r.sparsity for r in res) / len(res),
                     "calibration_warnings": [str(w.message) for w in caught],
                     "active_fraction": measure_active(model, mlps, first, T, sparse_attn, args),
-                    "recaptured": decoder is None,
                 }
-                row, decoder, first = run_config(name, model, prompt, sparse_attn, True, args, timer, decoder, extra)
-                rows.append(row)
-                _print_row(row)
-                splits[name] = time_split(model, first, T, sparse_attn, args)
+                for compiled in args.modes:
+                    suffix = "-compiled" if compiled else ""
+                    x = {**extra, "recaptured": compiled not in decoders}
+                    row, decoders[compiled], first = run_config(
+                        name + suffix,
+                        model,
+                        prompt,
+                        sparse_attn,
+                        True,
+                        args,
+                        timer,
+                        decoders.get(compiled),
+                        x,
+                        compiled,
+                    )
+                    rows.append(row)
+                    _print_row(row)
+                splits[name + ("-compiled" if args.modes[0] else "")] = time_split(model, first, T, sparse_attn, args)
 
             attempt(sparse, name)
-        del decoder
+        decoders.clear()  # frees the graphs
     return rows, splits, cfg, fused
 
 
@@ -486,13 +507,14 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         if "error" in r:
             lines.append(f"| {r['config']} | ERROR: {r['error'].strip().splitlines()[-1]} |")
     lines += ["", "## Ratios", ""]
-    suffix = "-compiled" if args.compile and args.device == "cuda" else ""
-    dense_kernel = "dense-graph-kernel" + suffix
-    dense_same = by.get(dense_kernel if fused or args.device != "cuda" else "dense-graph-sdpa" + suffix)
     best_dense = max((r for r in ok if r["config"].startswith("dense")), key=lambda r: r["decode_tok_s"], default=None)
     for r in ok:
         if not r["config"].startswith("prunepath"):
             continue
+        # Against the dense oracle run the same way (graphed, same attention, compiled or not).
+        suffix = "-compiled" if r["config"].endswith("-compiled") else ""
+        dense_kernel = "dense-graph-kernel" + suffix
+        dense_same = by.get(dense_kernel if fused or args.device != "cuda" else "dense-graph-sdpa" + suffix)
         if dense_same:
             ratio = r["decode_tok_s"] / dense_same["decode_tok_s"]
             verdict = " (target >= 1.7x)" if r.get("target_fraction") == 0.3 else ""
@@ -501,9 +523,10 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         if best_dense and best_dense is not dense_same:
             lines.append(f"- {r['config']} / {best_dense['config']} (fastest dense): "
                          f"{r['decode_tok_s'] / best_dense['decode_tok_s']:.2f}x")  # fmt: skip
-    if "kernel_vs_sdpa_rel_err" in by.get(dense_kernel, {}):
-        lines.append(f"- kernel vs SDPA attention, one dense step's logits: rel err "
-                     f"{by[dense_kernel]['kernel_vs_sdpa_rel_err']:.1e}")  # fmt: skip
+    for name in ("dense-graph-kernel", "dense-graph-kernel-compiled"):
+        if "kernel_vs_sdpa_rel_err" in by.get(name, {}):
+            lines.append(f"- kernel vs SDPA attention, one dense step's logits ({name}): rel err "
+                         f"{by[name]['kernel_vs_sdpa_rel_err']:.1e}")  # fmt: skip
     lines += ["", "## Bytes per token (ideal)", "",
               "| config | attention W MB | FFN W MB | router MB | LM head + embed row MB | KV MB | total MB | ideal tok/s |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

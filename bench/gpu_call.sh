@@ -21,6 +21,8 @@ for part in "$@"; do
     e2e) t 230 python3 bench/decode_e2e_gpu.py --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
     e2ecompiled) t 400 python3 bench/decode_e2e_gpu.py --compile --name decode_e2e_cuda_compiled --out "$out" \
                    > "$out/decode_e2e_compiled.log" 2>&1 ;;
+    e2eboth) t ${E2E_TIMEOUT:-560} python3 bench/decode_e2e_gpu.py --compile-both --name decode_e2e_cuda --out "$out" \
+               > "$out/decode_e2e.log" 2>&1 ;;
     kvbench) t 120 python3 bench/kv_attention_gpu.py --out "$out" --sweep > "$out/kv_attention.log" 2>&1 ;;
     kvtests) t 150 python3 -m pytest python_tests/test_kv_decode_attention.py python_tests/test_decode.py \
                -q -p no:cacheprovider > "$out/gpu_tests_kv_decode.log" 2>&1 ;;
