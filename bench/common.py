@@ -135,6 +135,8 @@ def environment(args: argparse.Namespace, timer_desc: str) -> dict:
         "host": platform.node(),
         "cpu": platform.processor() or platform.machine(),
         "torch_num_threads": torch.get_num_threads(),
+        # Kernel choices made through the environment (PRUNEPATH_TOPP_KERNEL, PRUNEPATH_DECODE_SCHEDULE, ...).
+        "prunepath_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("PRUNEPATH_")},
     }
     status = _git("status", "--porcelain", "--untracked-files=no")
     env["git_dirty"] = None if status is None else bool(status)
@@ -196,6 +198,11 @@ def header_lines(title: str, env: dict, args: argparse.Namespace) -> list[str]:
         f"- date: {env['date_utc']}; git {env['git_commit']} (dirty: {env['git_dirty']})",
         f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, python {env['python']}" + where,
         f"- timer: {env['timer']}",
+        *(
+            [f"- environment: {', '.join(f'{k}={v}' for k, v in env['prunepath_env'].items())}"]
+            if env.get("prunepath_env")
+            else []
+        ),
     ]
 
 

@@ -228,11 +228,12 @@ def run_case(shape: str, w: Weights, T: int, frac: float, xs, dense_us: float, a
         row["TBps_graph"] = nbytes / (row["sparse_graph_us"] * 1e-6) / 1e12
         row["pct_bw_graph"] = 100 * row["TBps_graph"] / args.peak_tbps
         if args.backend in ("auto", "triton"):
-            # The previous decode schedule (a program per selected expert) in the same run, for the change log.
+            # Both decode schedules in the same run (the default above is one of them).
             p = w.packed
-            old = cuda_graphed(lambda x: sparse_ffn_decode_triton(x, *route, p.w_in, p.b_in, p.w_down, p.b_out,
-                                                                  p.gated, p.act, schedule="expert"), xs[0])  # fmt: skip
-            row["per_expert_graph_us"] = timer(old)[0] * 1e3
+            for sched in ("expert", "balanced"):
+                fn = cuda_graphed(lambda x, sched=sched: sparse_ffn_decode_triton(
+                    x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, schedule=sched), xs[0])  # fmt: skip
+                row[f"{sched}_graph_us"] = timer(fn)[0] * 1e3
     if T == 1:
         ids_x = xs[0]
         ref_out = prunepath_ops.sparse_ffn(ids_x, route, w.packed, backend=args.backend).float()
@@ -270,15 +271,15 @@ def _time(r: dict, key: str) -> str:
 
 def decode_table(rows: list[dict]) -> str:
     head = ("| shape | T | active | experts/token | union | sparse us (graph) | dense us (graph) | vs dense (graph) "
-            "| TB/s (graph) | % of peak (graph) | per-expert schedule us (graph) | sparse us (eager) | dense us (eager) | index_select us (eager) "
+            "| TB/s (graph) | % of peak (graph) | expert schedule us (graph) | balanced schedule us (graph) | sparse us (eager) | dense us (eager) | index_select us (eager) "
             "| vs dense (eager) | vs index_select (eager) | union MB | floor us | rel err |")  # fmt: skip
-    out = [head, "|" + "---|" * 2 + "---:|" * 17]
+    out = [head, "|" + "---|" * 2 + "---:|" * 18]
     for r in rows:
         out.append(
             f"| {r['shape']} | {r['T']} | {r['frac']:.0%} | {r['n_active']} | {r['union_experts']} "
             f"| {_time(r, 'sparse_graph_us')} | {_time(r, 'dense_graph_us')} "
             f"| {_f(r.get('speedup_dense_graph'), '.2f', 'x')} | {_f(r.get('TBps_graph'), '.2f')} "
-            f"| {_f(r.get('pct_bw_graph'), '.0f')} | {_time(r, 'per_expert_graph_us')} "
+            f"| {_f(r.get('pct_bw_graph'), '.0f')} | {_time(r, 'expert_graph_us')} | {_time(r, 'balanced_graph_us')} "
             f"| {_time(r, 'sparse_us')} | {_time(r, 'dense_us')} | {_time(r, 'index_select_us')} "
             f"| {_f(r.get('speedup_dense'), '.2f', 'x')} | {_f(r.get('speedup_index_select'), '.2f', 'x')} "
             f"| {r['union_bytes'] / 1e6:.1f} | {_time(r, 'floor_us')} | {_f(r.get('rel_err'), '.1e')} |"

@@ -85,29 +85,27 @@ def main(argv=None) -> int:
             for T, frac in itertools.product((1, 4, 16), args.fractions):
                 x = torch.randn(T, d, device=device).to(dtype)
                 route = fixed_fraction_route(T, w.E, frac, device, 0)
-                # The balanced schedule around its defaults (group_rows 64, 128-wide tiles, 3 stages,
-                # one program per SM), and the per-expert schedule at its best earlier tiles.
+                # Balanced schedule (group_rows, block_k, block_n, stages, programs per SM) and the
+                # per-expert schedule (rows, block, stages), 4 warps (8 never won in earlier sweeps).
                 sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
                 if args.tiny:
-                    base, pps = [(16, 32, 2)], (1,)
+                    bal, exp = [(16, 32, 32, 2, 1)], [(16, 32, 2)]
                 elif T == 1:
-                    base, pps = [(64, 128, 3), (32, 256, 3), (32, 128, 4), (64, 128, 4), (128, 64, 3)], (1, 2)
+                    bal = [(16, 512, 256, 3, 1), (16, 256, 256, 4, 1), (32, 256, 256, 3, 1), (32, 256, 128, 4, 1),
+                           (16, 256, 256, 3, 2), (64, 128, 128, 4, 1)]  # fmt: skip
+                    exp = [(32, 256, 3), (32, 256, 4), (32, 128, 4)]
                 else:
-                    base, pps = [(64, 128, 3), (32, 128, 3), (64, 64, 4)], (1, 2)
-                configs = []
-                for (rg, b, ns), nw, k in itertools.product(base, (4, 8), pps):
-                    configs.append({"schedule": "balanced", "group_rows": rg, "block": b, "num_stages": ns,
-                                    "num_warps": nw, "programs": k * sms})  # fmt: skip
-                configs.append({"schedule": "expert", "rows": 32 if not args.tiny else 16,
-                                "block": 256 if T == 1 and not args.tiny else (32 if args.tiny else 128),
-                                "num_stages": 3, "num_warps": 4})  # fmt: skip
+                    bal = [(16, 256, 128, 3, 1), (32, 128, 128, 3, 1), (16, 256, 128, 3, 2), (32, 128, 128, 4, 1)]
+                    exp = [(32, 128, 3), (32, 128, 4)]
+                configs = [{"schedule": "balanced", "group_rows": rg, "block_k": bk, "block_n": bn, "num_stages": ns,
+                            "num_warps": 4, "programs": k * sms} for rg, bk, bn, ns, k in bal]  # fmt: skip
+                configs += [{"schedule": "expert", "rows": r, "block_k": b, "block_n": b, "num_stages": ns,
+                             "num_warps": 4} for r, b, ns in exp]  # fmt: skip
                 for cfg in configs:
 
                     def fn(x, cfg=cfg, route=route):
-                        c = dict(cfg)
-                        b = c.pop("block")
                         return sparse_ffn_decode_triton(
-                            x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, block_k=b, block_n=b, **c
+                            x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, **cfg
                         )
 
                     try:
@@ -149,7 +147,7 @@ def main(argv=None) -> int:
             "group_rows",
             "programs",
             "rows",
-            "block",
+            "block_n",
             "use_dot",
             "slot_grid_one_token",
             "block_d",

@@ -246,6 +246,18 @@ def decode_reduce_kernel(
 
 
 @triton.jit
+def _balanced_rows(list_ptr, n_lo, n_hi, g, E, S: tl.constexpr, RG: tl.constexpr):
+    """Group g of a program's neurons: (ok [RG], expert e [RG] int64, neuron within it w [RG], slot j [RG])."""
+    n = n_lo + g * RG + tl.arange(0, RG)
+    ok = n < n_hi
+    j = n // S  # list position
+    w = n % S  # neuron within the expert
+    e = tl.load(list_ptr + j, mask=ok, other=0)
+    ok = ok & (e >= 0) & (e < E)
+    return ok, tl.where(ok, e, 0).to(tl.int64), w, j
+
+
+@triton.jit
 def decode_balanced_kernel(
     x_ptr,  # [T, d]
     w_in_ptr,  # [E, 2S or S, d]
@@ -256,11 +268,13 @@ def decode_balanced_kernel(
     list_ptr,  # expert list: the token's expert_ids [1, K] (T == 1) or the union [E] (T > 1)
     gates_ptr,  # [1, K] fp32 (T == 1)
     count_ptr,  # [1] int32: num_active (T == 1) or the union's size (T > 1)
+    h_ptr,  # [P, G_MAX, TP, RG] fp32 scratch: each program's gated intermediate
     partial_ptr,  # [P, T, d] fp32 out, every row written
     T,
     d,
     E,
     LIST_LEN,
+    G_MAX,
     stride_x,
     ONE_TOKEN: tl.constexpr,
     S: tl.constexpr,
@@ -275,74 +289,86 @@ def decode_balanced_kernel(
 ):
     # Program p owns the selected neurons [p * N / P, (p + 1) * N / P) of the N = n * S neurons of
     # the listed experts, counted in list order: every program reads the same number of weight
-    # bytes (within one neuron), whatever the number of selected experts, so no SM idles in a tail
-    # wave. Its neurons come RG at a time, gathered across expert boundaries (row pointers),
-    # so a program runs one pipelined gate/up loop and one down loop per RG neurons.
+    # bytes (within one neuron), whatever the number of selected experts, so no SM idles in a
+    # tail wave. It takes them RG at a time (row pointers gathered across expert boundaries), in
+    # two flat loops, one over (group, k block) for gate/up and one over (n block, group) for the
+    # down projection: the software pipeline runs across group boundaries instead of draining at
+    # each, so a last, nearly empty group costs a few iterations, not a pipeline fill.
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     n_list = tl.minimum(tl.maximum(tl.load(count_ptr), 0), LIST_LEN)
     N = n_list * S
     n_lo = (pid * N) // P
     n_hi = ((pid + 1) * N) // P
+    G = tl.minimum(tl.cdiv(n_hi - n_lo, RG), G_MAX)  # the launcher sizes G_MAX for the largest share
     rows_in: tl.constexpr = 2 * S if GATED else S
     offs_t = tl.arange(0, TP)
     t_ok = offs_t < T
+    offs_r = tl.arange(0, RG)
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
-    dst = partial_ptr + pid.to(tl.int64) * T * d
-    for r0 in range(n_lo, n_hi, RG):
-        later = (tl.zeros((TP, BLOCK_N), tl.int32) + r0) > n_lo  # groups after the program's first
-        n = r0 + tl.arange(0, RG)
-        ok = n < n_hi
-        j = n // S  # list position
-        w = n % S  # neuron within the expert
-        e = tl.load(list_ptr + j, mask=ok, other=0)
-        ok = ok & (e >= 0) & (e < E)
-        e = tl.where(ok, e, 0).to(tl.int64)
+    h_base = h_ptr + pid.to(tl.int64) * G_MAX * TP * RG
+    h_tile = offs_t[:, None] * RG + offs_r[None, :]  # [TP, RG] offsets of one group's h
+    n_kb = tl.cdiv(d, BLOCK_K)
+
+    # 1. Gate/up: acc += x @ W[rows]^T over the k blocks; at a group's last k block, the activation
+    #    and the gates, into the program's h scratch (L1/L2-resident, read back in step 2).
+    acc_g = tl.zeros((TP, RG), dtype=tl.float32)
+    acc_u = tl.zeros((TP, RG), dtype=tl.float32)
+    for it in range(0, G * n_kb):
+        g = it // n_kb
+        kb = it % n_kb
+        ok, e, w, j = _balanced_rows(list_ptr, n_lo, n_hi, g, E, S, RG)
+        kk = kb * BLOCK_K + offs_k
+        k_ok = kk < d
+        wm = ok[:, None] & k_ok[None, :]
+        w_gate = w_in_ptr + e * (rows_in * d) + w * d  # [RG] row starts
+        xt = tl.load(x_ptr + offs_t[:, None] * stride_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(w_gate[:, None] + kk[None, :], mask=wm, other=0.0)  # [RG, BLOCK_K]
+        acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision=DOT_PREC)  # [TP, RG]
+        if GATED:
+            wu = tl.load(w_gate[:, None] + S * d + kk[None, :], mask=wm, other=0.0)
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision=DOT_PREC)
+        last = (tl.zeros((TP, RG), tl.int32) + kb) == n_kb - 1  # [TP, RG], the group is complete
         if ONE_TOKEN:
             gv = tl.load(gates_ptr + j, mask=ok, other=0.0)  # [RG]
             sel = (offs_t[:, None] == 0) & ok[None, :]  # [TP, RG]
-            g = tl.where(sel, gv[None, :], 0.0)
+            gate = tl.where(sel, gv[None, :], 0.0)
         else:
             cell = e[None, :] * TP + offs_t[:, None]  # [TP, RG]
-            m = t_ok[:, None] & ok[None, :]
-            sel = tl.load(sel_ptr + cell, mask=m, other=0) != 0
-            g = tl.load(table_ptr + cell, mask=m, other=0.0)
-        w_gate = w_in_ptr + e * (rows_in * d) + w * d  # [RG] row starts
-        acc_g = tl.zeros((TP, RG), dtype=tl.float32)
-        acc_u = tl.zeros((TP, RG), dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < d
-            wm = ok[:, None] & k_ok[None, :]
-            xt = tl.load(
-                x_ptr + offs_t[:, None] * stride_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            wg = tl.load(w_gate[:, None] + kk[None, :], mask=wm, other=0.0)  # [RG, BLOCK_K]
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision=DOT_PREC)  # [TP, RG]
-            if GATED:
-                wu = tl.load(w_gate[:, None] + S * d + kk[None, :], mask=wm, other=0.0)
-                acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision=DOT_PREC)
+            cm = t_ok[:, None] & ok[None, :]
+            sel = tl.load(sel_ptr + cell, mask=cm, other=0) != 0
+            gate = tl.load(table_ptr + cell, mask=cm, other=0.0)
+        pre = acc_g
         if HAS_BIAS:
-            acc_g += tl.load(b_in_ptr + e * S + w, mask=ok, other=0.0).to(tl.float32)[None, :]
-        h = apply_act(acc_g, ACT)
+            pre += tl.load(b_in_ptr + e * S + w, mask=ok, other=0.0).to(tl.float32)[None, :]
+        h = apply_act(pre, ACT)
         if GATED:
             h = h * acc_u
-        # Tokens that did not select the neuron's expert get a zero row (a where, so inf/nan stay out).
-        a = tl.where(sel, h * g, 0.0).to(w_in_ptr.dtype.element_ty)  # [TP, RG]
+        # Tokens that did not select the neuron's expert get zeros (a where, so inf/nan stay out).
+        h = tl.where(sel, h * gate, 0.0)
+        tl.store(h_base + g * (TP * RG) + h_tile, h, mask=last)
+        acc_g = tl.where(last, 0.0, acc_g)
+        acc_u = tl.where(last, 0.0, acc_u)
+    tl.debug_barrier()  # step 2 reads h written by other threads of the program
+
+    # 2. Down: for every n block, the sum over the program's groups in order, stored once.
+    dst = partial_ptr + pid.to(tl.int64) * T * d
+    acc = tl.zeros((TP, BLOCK_N), dtype=tl.float32)
+    for it in range(0, tl.cdiv(d, BLOCK_N) * G):
+        nb = it // G
+        g = it % G
+        ok, e, w, j = _balanced_rows(list_ptr, n_lo, n_hi, g, E, S, RG)
+        nn = nb * BLOCK_N + offs_n
+        n_ok = nn < d
+        a = tl.load(h_base + g * (TP * RG) + h_tile).to(w_in_ptr.dtype.element_ty)  # [TP, RG]
         w_dn = w_down_ptr + e * (S * d) + w * d  # [RG] row starts
-        for c0 in range(0, d, BLOCK_N):
-            nn = c0 + offs_n
-            n_ok = nn < d
-            wd = tl.load(w_dn[:, None] + nn[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)  # [RG, BLOCK_N]
-            out = tl.dot(a, wd, input_precision=DOT_PREC)  # [TP, BLOCK_N]
-            ptrs = dst + offs_t[:, None] * d + nn[None, :]
-            m = t_ok[:, None] & n_ok[None, :]
-            # Groups after the first add to what this program stored (its own rows, in order).
-            out += tl.load(ptrs, mask=m & later, other=0.0)
-            tl.store(ptrs, out, mask=m)
-        tl.debug_barrier()  # the next group's loads see this group's stores from every thread
-    if n_hi <= n_lo:  # a program without neurons still owns a partial row: zeros
+        wd = tl.load(w_dn[:, None] + nn[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)  # [RG, BLOCK_N]
+        acc = tl.dot(a, wd, acc, input_precision=DOT_PREC)  # [TP, BLOCK_N]
+        done = (tl.zeros((TP, BLOCK_N), tl.int32) + g) == G - 1
+        tl.store(dst + offs_t[:, None] * d + nn[None, :], acc, mask=done & t_ok[:, None] & n_ok[None, :])
+        acc = tl.where(done, 0.0, acc)
+    if G == 0:  # a program without neurons still owns a partial row: zeros
         for c0 in range(0, d, BLOCK_N):
             nn = c0 + offs_n
             m = t_ok[:, None] & (nn < d)[None, :]

@@ -7,6 +7,8 @@ kernels read the amount of work from the device.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from torch import Tensor
@@ -146,7 +148,7 @@ def sparse_ffn_decode_triton(
     gated: bool,
     act: str,
     *,
-    schedule: str = "balanced",
+    schedule: str | None = None,
     programs: int | None = None,
     group_rows: int | None = None,
     rows: int | None = None,
@@ -164,13 +166,16 @@ def sparse_ffn_decode_triton(
     ``schedule`` splits the weight streaming over the GPU (see
     :mod:`prunepath_ops.ffn.decode_kernels`):
 
-    - ``"balanced"`` (default): ``programs`` programs (default: one per SM) each own an equal
-      share of the selected neurons, ``group_rows`` at a time; one token needs two launches
-      (fused expert FFN, ordered sum of the partials), a batch a third one first (gate table
-      and union of the selected experts).
-    - ``"expert"``: one program per (selected expert, ``rows``-neuron chunk); with 134
-      experts selected on 132 SMs the last two run in a second wave. ``use_dot=False``
+    - ``"expert"`` (default): one program per (selected expert, ``rows``-neuron chunk); with
+      134 experts selected on 132 SMs the last two run in a second wave. ``use_dot=False``
       (CUDA-core single-token path) and ``slot_grid_one_token`` apply to it only.
+    - ``"balanced"``: ``programs`` programs (default: one per SM) each own an equal share of
+      the selected neurons, ``group_rows`` at a time; one token needs two launches (fused
+      expert FFN, ordered sum of the partials), a batch a third one first (gate table and
+      union of the selected experts).
+
+    ``schedule=None`` takes the environment variable ``PRUNEPATH_DECODE_SCHEDULE``, else
+    ``"expert"`` (bench/results/sparse_ffn_sweep_cuda.md compares the two).
 
     ``block_k``, ``block_n``, ``num_warps``, ``num_stages`` override the tiles, ``block_d``
     the reduction's. Returns ``[T, d]`` in the dtype of ``x``.
@@ -179,6 +184,7 @@ def sparse_ffn_decode_triton(
     E, S, _ = w_down.shape
     if T > DECODE_MAX_TOKENS:
         raise ValueError(f"sparse_ffn: the decode path handles T <= {DECODE_MAX_TOKENS} tokens; got {T}")
+    schedule = schedule or os.environ.get("PRUNEPATH_DECODE_SCHEDULE") or "expert"
     if schedule not in ("balanced", "expert"):
         raise ValueError(f"sparse_ffn: schedule must be 'balanced' or 'expert'; got {schedule!r}")
     if T == 0:
@@ -197,11 +203,12 @@ def sparse_ffn_decode_triton(
     dummy = w_down
     tp = 16  # tensor cores need 16 rows: tokens are padded to 16
     two_byte = x.element_size() <= 2
-    # Tiles: bench/results/sparse_ffn_sweep_decode_cuda.md (H200, Llama-3-8B shape, bf16). 64 rows x
-    # 128 columns keep the gate, up and x stages within shared memory at 3 stages; fp32 halves the rows.
-    rg = group_rows or (16 if interp else (64 if two_byte else 32))
-    bk = block_k or (32 if interp else 128)
-    bn = block_n or (32 if interp else 128)
+    # Tiles: full 16-row groups and wide k blocks keep many weight bytes in flight per program (one
+    # program per SM streams at (bytes in flight) / latency); 3 stages of gate, up and x tiles fit
+    # in shared memory (144 KB). bench/sparse_ffn_sweep.py compares the alternatives.
+    rg = group_rows or 16
+    bk = block_k or (32 if interp else (512 if two_byte else 256))
+    bn = block_n or (32 if interp else (256 if two_byte else 128))
     if rg < 16 or rg & (rg - 1):
         raise ValueError(f"sparse_ffn: group_rows must be a power of two >= 16; got {rg}")
     n_prog = programs or _num_sms(dev)
@@ -221,9 +228,11 @@ def sparse_ffn_decode_triton(
         )  # fmt: skip
         gts, list_len = dummy, E
     partial = torch.empty(n_prog, T, d, dtype=torch.float32, device=dev)  # [P, T, d], every row written
+    g_max = triton.cdiv(triton.cdiv(list_len * S, n_prog), rg) + 1  # groups of the largest share, + 1 for rounding
+    h = torch.empty(n_prog, g_max, tp, rg, dtype=torch.float32, device=dev)  # [P, G_MAX, TP, RG] scratch
     decode_kernels.decode_balanced_kernel[(n_prog,)](
-        x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, lst, gts, cnt, partial,
-        T, d, E, list_len, x.stride(0),
+        x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, lst, gts, cnt, h, partial,
+        T, d, E, list_len, g_max, x.stride(0),
         ONE_TOKEN=T == 1, S=S, RG=rg, TP=tp, GATED=gated, HAS_BIAS=b_in is not None,
         ACT=kernels.ACT_CODES[act], BLOCK_K=bk, BLOCK_N=bn, DOT_PREC=_dot_precision(x.dtype),
         **({} if interp else {"num_warps": num_warps or 4, "num_stages": num_stages or 3}),
