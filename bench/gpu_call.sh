@@ -27,21 +27,6 @@ for part in "$@"; do
     kvtests) t 150 python3 -m pytest python_tests/test_kv_decode_attention.py python_tests/test_decode.py \
                -q -p no:cacheprovider > "$out/gpu_tests_kv_decode.log" 2>&1 ;;
     ffnsweep) t 150 python3 bench/sparse_ffn_sweep.py --what decode --out "$out" > "$out/sweep.log" 2>&1 ;;
-    choose) # The decode schedule for the later parts of this call: the faster of the two at T = 1 with
-            # their default tiles in the sweep just run (the launcher reads PRUNEPATH_DECODE_SCHEDULE).
-      sched=$(python3 - "$out/sparse_ffn_sweep_cuda.json" <<'PY'
-import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r.get("T") == 1 and "us" in r]
-def us(**kw):
-    return min((r["us"] for r in rows if all(r.get(k) == v for k, v in kw.items())), default=float("inf"))
-bal = us(schedule="balanced", group_rows=16, block_k=512, block_n=256, num_stages=3, num_warps=4)
-exp = us(schedule="expert", rows=32, block_k=256, block_n=256, num_stages=3, num_warps=4)
-print("balanced" if bal < exp else "expert", f"(T=1 30%: balanced {bal:.1f} us, expert {exp:.1f} us)", file=sys.stderr)
-print("balanced" if bal < exp else "expert")
-PY
-      ) && export PRUNEPATH_DECODE_SCHEDULE=$sched; echo "PRUNEPATH_DECODE_SCHEDULE=${PRUNEPATH_DECODE_SCHEDULE:-}" ;;
-    ffntestsbal) t ${FFNTESTS_TIMEOUT:-240} env PRUNEPATH_DECODE_SCHEDULE=balanced python3 -m pytest python_tests/test_sparse_ffn.py \
-                   -q -p no:cacheprovider -k "decode or gpu or balanced or graph" > "$out/gpu_tests_ffn_balanced.log" 2>&1 ;;
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
     ffn8b) t 150 python3 bench/sparse_ffn_gpu.py --shapes llama3-8b --batches 1 4 16 --prefill 4096 \
              --name sparse_ffn_cuda_llama3_8b --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;

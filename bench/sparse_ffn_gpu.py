@@ -50,7 +50,6 @@ from common import capture, environment, header_lines, make_timer, write_results
 import prunepath_ops  # noqa: E402
 from prunepath_ops import reference as R  # noqa: E402
 from prunepath_ops.ffn._env import DECODE_MAX_TOKENS  # noqa: E402
-from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton  # noqa: E402
 
 H200_COPY_TBPS = 4.24
 H200_BF16_TFLOPS = 690.0
@@ -227,13 +226,6 @@ def run_case(shape: str, w: Weights, T: int, frac: float, xs, dense_us: float, a
         row["speedup_dense_graph"] = row["dense_graph_us"] / row["sparse_graph_us"]
         row["TBps_graph"] = nbytes / (row["sparse_graph_us"] * 1e-6) / 1e12
         row["pct_bw_graph"] = 100 * row["TBps_graph"] / args.peak_tbps
-        if args.backend in ("auto", "triton"):
-            # Both decode schedules in the same run (the default above is one of them).
-            p = w.packed
-            for sched in ("expert", "balanced"):
-                fn = cuda_graphed(lambda x, sched=sched: sparse_ffn_decode_triton(
-                    x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, schedule=sched), xs[0])  # fmt: skip
-                row[f"{sched}_graph_us"] = timer(fn)[0] * 1e3
     if T == 1:
         ids_x = xs[0]
         ref_out = prunepath_ops.sparse_ffn(ids_x, route, w.packed, backend=args.backend).float()
@@ -271,15 +263,15 @@ def _time(r: dict, key: str) -> str:
 
 def decode_table(rows: list[dict]) -> str:
     head = ("| shape | T | active | experts/token | union | sparse us (graph) | dense us (graph) | vs dense (graph) "
-            "| TB/s (graph) | % of peak (graph) | expert schedule us (graph) | balanced schedule us (graph) | sparse us (eager) | dense us (eager) | index_select us (eager) "
+            "| TB/s (graph) | % of peak (graph) | sparse us (eager) | dense us (eager) | index_select us (eager) "
             "| vs dense (eager) | vs index_select (eager) | union MB | floor us | rel err |")  # fmt: skip
-    out = [head, "|" + "---|" * 2 + "---:|" * 18]
+    out = [head, "|" + "---|" * 2 + "---:|" * 16]
     for r in rows:
         out.append(
             f"| {r['shape']} | {r['T']} | {r['frac']:.0%} | {r['n_active']} | {r['union_experts']} "
             f"| {_time(r, 'sparse_graph_us')} | {_time(r, 'dense_graph_us')} "
             f"| {_f(r.get('speedup_dense_graph'), '.2f', 'x')} | {_f(r.get('TBps_graph'), '.2f')} "
-            f"| {_f(r.get('pct_bw_graph'), '.0f')} | {_time(r, 'expert_graph_us')} | {_time(r, 'balanced_graph_us')} "
+            f"| {_f(r.get('pct_bw_graph'), '.0f')} "
             f"| {_time(r, 'sparse_us')} | {_time(r, 'dense_us')} | {_time(r, 'index_select_us')} "
             f"| {_f(r.get('speedup_dense'), '.2f', 'x')} | {_f(r.get('speedup_index_select'), '.2f', 'x')} "
             f"| {r['union_bytes'] / 1e6:.1f} | {_time(r, 'floor_us')} | {_f(r.get('rel_err'), '.1e')} |"

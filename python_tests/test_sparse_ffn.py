@@ -199,40 +199,9 @@ def test_decode_chunked_reduction(T, S, rows, use_dot, slot_grid):
         packed.b_out,
         False,
         "gelu",
-        schedule="expert",
         rows=rows,
         use_dot=use_dot,
         slot_grid_one_token=slot_grid,
-    )
-    check(out, ref, torch.float32)
-
-
-@needs_triton
-@pytest.mark.parametrize(
-    "T, programs, group_rows, tau, gated",
-    [
-        (1, 3, 16, 0.8, True),  # one token; program ranges cut through experts (S = 32, ~21+ neurons each)
-        (1, 1, 16, 1.5, False),  # all experts on one program: several groups add into its partial row
-        (1, 70, 16, 0.3, True),  # more programs than selected neurons: most own none and write zeros
-        (5, 4, 32, 0.6, False),  # a batch: the union of experts; tokens that skip an expert are zeroed
-        (16, 2, 16, 0.9, True),  # the largest decode batch, two programs with several groups each
-        (2, None, None, 0.05, True),  # tau below every top probability: one expert per token; default split
-    ],
-)
-def test_decode_balanced_schedule(T, programs, group_rows, tau, gated):
-    from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
-
-    d, F, S = 40, 128, 32
-    act = "silu" if gated else "gelu"
-    w, _, packed = make_ffn(d, F, S, bias=not gated, gated=gated, act=act, device=DEVICE)
-    x = torch.randn(T, d, device=DEVICE)
-    route = pp.topp_route(torch.randn(T, F // S, device=DEVICE), tau)
-    ref = R.sparse_ffn(
-        x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=gated, act=act
-    )
-    args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, gated, act)
-    out = sparse_ffn_decode_triton(
-        x, *poison_padding(route, F // S, F // S), *args, schedule="balanced", programs=programs, group_rows=group_rows
     )
     check(out, ref, torch.float32)
 

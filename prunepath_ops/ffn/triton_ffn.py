@@ -7,8 +7,6 @@ kernels read the amount of work from the device.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
@@ -148,9 +146,6 @@ def sparse_ffn_decode_triton(
     gated: bool,
     act: str,
     *,
-    schedule: str | None = None,
-    programs: int | None = None,
-    group_rows: int | None = None,
     rows: int | None = None,
     block_k: int | None = None,
     block_n: int | None = None,
@@ -162,117 +157,24 @@ def sparse_ffn_decode_triton(
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
 
-    Arguments as :func:`prunepath_ops.sparse_ffn` (inputs already validated, contiguous).
-    ``schedule`` splits the weight streaming over the GPU (see
-    :mod:`prunepath_ops.ffn.decode_kernels`):
-
-    - ``"expert"`` (default): one program per (selected expert, ``rows``-neuron chunk); with
-      134 experts selected on 132 SMs the last two run in a second wave. ``use_dot=False``
-      (CUDA-core single-token path) and ``slot_grid_one_token`` apply to it only.
-    - ``"balanced"``: ``programs`` programs (default: one per SM) each own an equal share of
-      the selected neurons, ``group_rows`` at a time; one token needs two launches (fused
-      expert FFN, ordered sum of the partials), a batch a third one first (gate table and
-      union of the selected experts).
-
-    ``schedule=None`` takes the environment variable ``PRUNEPATH_DECODE_SCHEDULE``, else
-    ``"expert"`` (bench/results/sparse_ffn_sweep_cuda.md compares the two).
-
-    ``block_k``, ``block_n``, ``num_warps``, ``num_stages`` override the tiles, ``block_d``
-    the reduction's. Returns ``[T, d]`` in the dtype of ``x``.
+    Three launches (gate table, fused expert FFN, ordered reduction; see
+    :mod:`prunepath_ops.ffn.decode_kernels`), no alignment, no host synchronisation.
+    Arguments as :func:`prunepath_ops.sparse_ffn` (inputs already validated, contiguous);
+    ``rows`` (neurons per program, R), ``block_k``, ``block_n``, ``num_warps``,
+    ``num_stages`` override the tile choice and ``use_dot`` the tensor-core path
+    (tokens padded to 16 rows; the default for every T: its software-pipelined
+    loads stream weights faster than the CUDA-core reduction, see
+    bench/results/sparse_ffn_sweep_cuda.md); ``slot_grid_one_token=False`` makes a single
+    token go through the gate table like a batch, ``block_d`` sets the reduction's tile.
+    Returns ``[T, d]`` in the dtype of ``x``.
     """
     T, d = x.shape
+    K = expert_ids.shape[1]
     E, S, _ = w_down.shape
     if T > DECODE_MAX_TOKENS:
         raise ValueError(f"sparse_ffn: the decode path handles T <= {DECODE_MAX_TOKENS} tokens; got {T}")
-    schedule = schedule or os.environ.get("PRUNEPATH_DECODE_SCHEDULE") or "expert"
-    if schedule not in ("balanced", "expert"):
-        raise ValueError(f"sparse_ffn: schedule must be 'balanced' or 'expert'; got {schedule!r}")
     if T == 0:
         return torch.empty(0, d, dtype=x.dtype, device=x.device)
-    if schedule == "expert":
-        return _decode_per_expert(
-            x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act,
-            rows=rows, block_k=block_k, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-            use_dot=use_dot, slot_grid_one_token=slot_grid_one_token, block_d=block_d,
-        )  # fmt: skip
-    if programs is not None and programs < 1:
-        raise ValueError(f"sparse_ffn: programs must be >= 1; got {programs}")
-    K = expert_ids.shape[1]
-    interp = _interpreting()
-    dev = x.device
-    dummy = w_down
-    tp = 16  # tensor cores need 16 rows: tokens are padded to 16
-    two_byte = x.element_size() <= 2
-    # Tiles: full 16-row groups and wide k blocks keep many weight bytes in flight per program (one
-    # program per SM streams at (bytes in flight) / latency); 3 stages of gate, up and x tiles fit
-    # in shared memory (144 KB). bench/sparse_ffn_sweep.py compares the alternatives.
-    rg = group_rows or 16
-    bk = block_k or (32 if interp else (512 if two_byte else 256))
-    bn = block_n or (32 if interp else (256 if two_byte else 128))
-    if rg < 16 or rg & (rg - 1):
-        raise ValueError(f"sparse_ffn: group_rows must be a power of two >= 16; got {rg}")
-    n_prog = programs or _num_sms(dev)
-    if T == 1:
-        # The token's own slot list: no gate table, no union.
-        table = sel = dummy
-        lst, gts, cnt, list_len = expert_ids, gates, num_active, K
-    else:
-        table = torch.empty(E, tp, dtype=torch.float32, device=dev)  # [E, TP]
-        sel = torch.empty(E, tp, dtype=torch.int32, device=dev)  # [E, TP]
-        lst = torch.empty(E, dtype=torch.int32, device=dev)  # [E] union, first cnt entries valid
-        cnt = torch.empty(1, dtype=torch.int32, device=dev)
-        decode_kernels.decode_gate_table_kernel[(1,)](
-            expert_ids, gates, num_active, table, sel, lst, cnt, T, K, E,
-            TP=tp, BLOCK=256 if interp else 1024, WITH_UNION=True,
-            **({} if interp else {"num_warps": 4}),
-        )  # fmt: skip
-        gts, list_len = dummy, E
-    partial = torch.empty(n_prog, T, d, dtype=torch.float32, device=dev)  # [P, T, d], every row written
-    g_max = triton.cdiv(triton.cdiv(list_len * S, n_prog), rg) + 1  # groups of the largest share, + 1 for rounding
-    h = torch.empty(n_prog, g_max, tp, rg, dtype=torch.float32, device=dev)  # [P, G_MAX, TP, RG] scratch
-    decode_kernels.decode_balanced_kernel[(n_prog,)](
-        x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, lst, gts, cnt, h, partial,
-        T, d, E, list_len, g_max, x.stride(0),
-        ONE_TOKEN=T == 1, S=S, RG=rg, TP=tp, GATED=gated, HAS_BIAS=b_in is not None,
-        ACT=kernels.ACT_CODES[act], BLOCK_K=bk, BLOCK_N=bn, DOT_PREC=_dot_precision(x.dtype),
-        **({} if interp else {"num_warps": num_warps or 4, "num_stages": num_stages or 3}),
-    )  # fmt: skip
-    y = torch.empty(T, d, dtype=x.dtype, device=dev)
-    bp = 16 if interp else min(triton.next_power_of_2(n_prog), 64)
-    bd = block_d or (32 if interp else 64)
-    decode_kernels.decode_sum_partials_kernel[(T, triton.cdiv(d, bd))](
-        partial, b_out if b_out is not None else dummy, y, n_prog, T, d, y.stride(0),
-        HAS_BIAS=b_out is not None, BLOCK_P=bp, BLOCK_D=bd,
-        **({} if interp else {"num_warps": 4}),
-    )  # fmt: skip
-    return y
-
-
-def _decode_per_expert(
-    x: Tensor,
-    expert_ids: Tensor,
-    gates: Tensor,
-    num_active: Tensor,
-    w_in: Tensor,
-    b_in: Tensor | None,
-    w_down: Tensor,
-    b_out: Tensor | None,
-    gated: bool,
-    act: str,
-    *,
-    rows: int | None,
-    block_k: int | None,
-    block_n: int | None,
-    num_warps: int | None,
-    num_stages: int | None,
-    use_dot: bool | None,
-    slot_grid_one_token: bool | None,
-    block_d: int | None,
-) -> Tensor:
-    """``schedule="expert"`` of :func:`sparse_ffn_decode_triton`: a program per (expert, chunk)."""
-    T, d = x.shape
-    K = expert_ids.shape[1]
-    E, S, _ = w_down.shape
     interp = _interpreting()
     if use_dot is None:
         use_dot = True
@@ -293,8 +195,7 @@ def _decode_per_expert(
         table = torch.empty(E, tp, dtype=torch.float32, device=dev)  # [E, TP]
         sel = torch.empty(E, tp, dtype=torch.int32, device=dev)  # [E, TP]
         decode_kernels.decode_gate_table_kernel[(1,)](
-            expert_ids, gates, num_active, table, sel, dummy, dummy, T, K, E,
-            TP=tp, BLOCK=256 if interp else 1024, WITH_UNION=False,
+            expert_ids, gates, num_active, table, sel, T, K, E, TP=tp, BLOCK=256 if interp else 1024,
             **({} if interp else {"num_warps": 4}),
         )  # fmt: skip
         units = E
