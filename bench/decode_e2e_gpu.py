@@ -240,9 +240,11 @@ def annotated(model: Llama):
         if isinstance(layer.ffn, LlamaMLP):
             layer.ffn.forward = ranged("ffn_experts", layer.ffn.forward)
             patched.append((layer.ffn, "forward", None))
-        else:
-            layer.ffn.route = ranged("router", layer.ffn.route)
-            patched.append((layer.ffn, "route", None))
+        else:  # PrunePathMLP.forward: self.router(x) (the linear), then self._route(logits) (topp_route)
+            layer.ffn.router.forward = ranged("router", layer.ffn.router.forward)
+            patched.append((layer.ffn.router, "forward", None))
+            layer.ffn._route = ranged("router", layer.ffn._route)
+            patched.append((layer.ffn, "_route", None))
     model.lm_head.forward = ranged("lm_head", model.lm_head.forward)
     patched.append((model.lm_head, "forward", None))
     originals = [(pp_modules, "sparse_ffn"), (llama_mod, "attention"), (llama_mod, "_decode_attention_op")]

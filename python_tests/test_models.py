@@ -381,3 +381,49 @@ def test_smollm2_gguf_greedy_paris():
     # With every expert on and gate 'one', the PrunePath model decodes the same.
     to_prunepath(model, 32, tau=1.05, gate="one")
     assert torch.equal(generate(model, prompt, 4), out)
+
+
+# -- q/k/v as row blocks of one fused weight ---------------------------------------------------
+def _unfused_qkv(attn, x):
+    w = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    return tuple(torch.nn.functional.linear(x, t.detach().clone()) for t in w)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "none",  # as constructed
+        "inplace",  # an optimiser-style in-place update of q_proj.weight reaches the fused GEMV
+        "to_double",  # a dtype conversion gives each parameter its own storage: refused by _apply
+        "load_state_dict",  # loading copies into the views
+        "deepcopy",  # the copy's views must share the copy's fused tensor (or fall back)
+        "replaced",  # a new Parameter object: no longer fused, the three projections are used
+    ],
+)
+@torch.no_grad()
+def test_fused_qkv_projection(change):
+    import copy
+
+    cfg = LlamaConfig.tiny()
+    model = Llama(cfg).eval()
+    attn = model.layers[0].attn
+    x = torch.randn(3, cfg.d)
+    if change == "inplace":
+        attn.q_proj.weight.add_(1.0)
+    elif change == "to_double":
+        model = model.double()
+        attn, x = model.layers[0].attn, x.double()
+    elif change == "load_state_dict":
+        other = Llama(cfg).eval()
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(attn.qkv_weight[: attn.q_proj.out_features], other.layers[0].attn.q_proj.weight)
+    elif change == "deepcopy":
+        model = copy.deepcopy(model)
+        attn = model.layers[0].attn
+        attn.k_proj.weight.mul_(2.0)  # must reach whatever projection the copy runs
+    elif change == "replaced":
+        attn.v_proj.weight = torch.nn.Parameter(torch.randn_like(attn.v_proj.weight))
+    assert attn.qkv_fused() == (change != "replaced")
+    for got, want in zip(attn.project_qkv(x), _unfused_qkv(attn, x), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert [n for n, _ in attn.named_parameters()] == [f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
