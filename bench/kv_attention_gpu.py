@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 import time
@@ -80,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--contexts", type=int, nargs="+", default=None, help="uniform lengths (default 1024 4096 16384)")
     ap.add_argument("--no-ragged", action="store_true", help="skip the ragged batch")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of launcher configurations")
+    ap.add_argument("--steady-calls", type=int, default=20, help="calls per graph of the steady-state timing (0: skip)")
+    ap.add_argument("--steady-mb", type=float, default=256.0, help="KV cache copies the steady calls cycle over, MB")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--backend", choices=("auto", "triton", "cpu"), default="auto")
     ap.add_argument("--warmup", type=float, default=None, help="warmup per measurement, ms (default 10)")
@@ -208,6 +211,44 @@ def sdpa_reference(case: Case) -> torch.Tensor:
     return out
 
 
+# ----------------------------------------------------------------------------- steady state
+
+
+def steady_state(case: Case, args: argparse.Namespace, timer) -> dict:
+    """Device time per call with ``--steady-calls`` calls in one CUDA graph (us), ours and SDPA best.
+
+    The calls cycle over copies of the caches (as many as make ``--steady-mb`` MB, up to 8), so the
+    KV bytes come from HBM as they do when every layer has its own cache; the graph's own launch,
+    which a single captured call pays in full, is spread over the calls. SDPA best gets the same
+    treatment on copies of its contiguous valid prefix (uniform lengths only).
+    """
+    n = args.steady_calls
+    per_copy = 2 * case.k_cache.numel() * case.k_cache.element_size()
+    copies = max(1, min(8, math.ceil(args.steady_mb * 2**20 / per_copy)))
+    caches = [(case.k_cache, case.v_cache)] + [(case.k_cache.clone(), case.v_cache.clone()) for _ in range(copies - 1)]
+
+    def ours():
+        for i in range(n):
+            kc, vc = caches[i % copies]
+            kv_decode_attention(case.q, kc, vc, case.seqlens, backend=args.backend)
+
+    out = {"steady_copies": copies, "steady_us": timer(capture(ours)[0])[0] * 1e3 / n}
+    if case.uniform:
+        L, q = case.lens[0], case.q[:, :, None, :]
+        prefixes = [(k[:, :L].transpose(1, 2).contiguous(), v[:, :L].transpose(1, 2).contiguous()) for k, v in caches]
+
+        def sdpa():
+            for i in range(n):
+                k, v = prefixes[i % copies]
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        try:
+            out["sdpa_steady_us"] = timer(capture(sdpa)[0])[0] * 1e3 / n
+        except (RuntimeError, TypeError):  # enable_gqa missing on this torch: no steady SDPA number
+            pass
+    return out
+
+
 # ----------------------------------------------------------------------------- one case
 
 
@@ -252,6 +293,14 @@ def run_case(case: Case, args: argparse.Namespace, timer) -> dict:
             row["ratio_sdpa_best"] = row["ours_us"] / row["sdpa_best_us"]
             if "graph_us" in row:
                 row["graph_ratio_sdpa_best"] = row["graph_us"] / row["sdpa_best_us"]
+    if replay is not None and args.steady_calls > 0:
+        try:
+            row.update(steady_state(case, args, timer))
+            row["steady_TBps"] = case.kv_bytes / (row["steady_us"] * 1e-6) / 1e12
+            if "sdpa_steady_us" in row:
+                row["steady_ratio_sdpa"] = row["steady_us"] / row["sdpa_steady_us"]
+        except Exception as exc:  # e.g. out of memory for the copies: keep the other columns
+            row["steady_error"] = repr(exc)[:300]
     variant, ms = fastest(sdpa_masked(case), timer, ref)
     if variant is not None:
         row.update({"sdpa_masked_us": ms * 1e3, "sdpa_masked_variant": variant})
@@ -335,15 +384,17 @@ def _us(r: dict, key: str) -> str:
 
 def case_table(rows: list[dict]) -> str:
     head = ("| case | S_max | splits x chunk | ours us | TB/s | graphed us | TB/s | SDPA best us | ours / SDPA best "
-            "| graphed / SDPA best | SDPA masked us | masked / ours | floor us | rel err |")  # fmt: skip
-    out = [head, "|---|" + "---:|" * 13]
+            "| graphed / SDPA best | steady us | TB/s | SDPA steady us | steady / SDPA steady | SDPA masked us "
+            "| masked / ours | floor us | rel err |")  # fmt: skip
+    out = [head, "|---|" + "---:|" * 17]
     for r in rows:
         plan = f"{r['cfg_num_splits']} x {r['cfg_chunk']}" if "cfg_num_splits" in r else "-"
         out.append(
             f"| {r['case']} | {r['S_max']} | {plan} | {_us(r, 'ours_us')} | {_f(r.get('TBps'), '.2f')} "
             f"| {_us(r, 'graph_us')} | {_f(r.get('graph_TBps'), '.2f')} | {_us(r, 'sdpa_best_us')} "
             f"| {_f(r.get('ratio_sdpa_best'), '.2f')} | {_f(r.get('graph_ratio_sdpa_best'), '.2f')} "
-            f"| {_us(r, 'sdpa_masked_us')} | {_f(r.get('speedup_sdpa_masked'), '.1f', 'x')} "
+            f"| {_us(r, 'steady_us')} | {_f(r.get('steady_TBps'), '.2f')} | {_us(r, 'sdpa_steady_us')} "
+            f"| {_f(r.get('steady_ratio_sdpa'), '.2f')} | {_us(r, 'sdpa_masked_us')} | {_f(r.get('speedup_sdpa_masked'), '.1f', 'x')} "
             f"| {_us(r, 'floor_us')} | {_f(r.get('rel_err'), '.1e')} |"
         )
     return "\n".join(out)
@@ -445,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         "of exactly the valid prefix made before timing, with `enable_gqa=True` or with kv heads repeated to Hq "
         "(copies made before timing), the faster of the two; only the attention call is timed",
         "- SDPA masked: the same over the whole `[B, *, S_max, D]` cache with a boolean `[B, 1, 1, S_max]` mask",
+        f"- steady: {args.steady_calls} calls in one CUDA graph cycling over copies of the caches (about "
+        f"{args.steady_mb:g} MB, at most 8 copies), time / calls: the kernels and the gaps between them as in a "
+        "model's decode step, without the graph's launch and with the KV bytes coming from HBM; SDPA steady: "
+        "the enable_gqa form the same way",
         f"- TB/s over the KV bytes actually read, sum_b L_b * Hkv * D * 2 tensors * sizeof(dtype); floor = bytes / "
         f"{args.peak_tbps} TB/s (measured H200 copy)",
         "- checks before timing: relative error vs fp32 SDPA over each valid prefix (< 2e-2 for bf16), two runs "
