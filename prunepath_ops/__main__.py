@@ -351,6 +351,13 @@ def evaluate(args: argparse.Namespace) -> int:
         bad = [k for k in ks if not 1 <= k <= E]
         if bad:
             raise CLIError(f"bad --ks {bad}: k must be in [1, E={E}]")
+    if args.min_experts is not None:
+        routed = _routed(model)
+        E = min((m.w_down.shape[0] for m in routed), default=0)
+        if not routed or not 1 <= args.min_experts <= E:
+            raise CLIError(f"bad --min-experts {args.min_experts}: it must be in [1, E={E}] (and needs a checkpoint)")
+        for m in routed:
+            m.min_experts = args.min_experts
     methods = [m for m in args.static_methods.split(",") if m]
     rows = sweep(
         model, tokens, taus=taus, ks=ks if args.checkpoint else [], static_fractions=fracs, static_methods=methods,
@@ -602,6 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     p.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the last 20%% of the text")
     p.add_argument("--calib-tokens", type=int, default=4096, help="Wanda calibration tokens (first 80%%)")
+    p.add_argument(
+        "--min-experts",
+        type=int,
+        help="PrunePath points keep at least this many experts per token (topp_route's floor; default: the checkpoint's)",
+    )
     p.add_argument(
         "--out-dir", default="prunepath_eval", help="sweep.md, sweep.csv, sweep.png (default ./prunepath_eval)"
     )

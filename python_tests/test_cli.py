@@ -56,6 +56,26 @@ def test_convert_calibrate_eval_generate_fast(ckpt, tmp_path, capsys):
     assert captured.out.startswith("The capital of France is") and "s_FFN" in captured.err
 
 
+def test_eval_min_experts_floor(ckpt, tmp_path, capsys):
+    argv = ["eval", "--fast", "--no-progress", "--checkpoint", ckpt, "--taus", "0.05", "--ks", "2",
+            "--static-fractions", "", "--max-tokens", "120", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    plain = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| prunepath | tau=0.05 |")]
+    assert main([*argv, "--min-experts", "2"]) == 0
+    out = capsys.readouterr().out
+    floored = [line for line in out.splitlines() if line.startswith("| prunepath | tau=0.05,min=2 |")]
+    topk = [line for line in out.splitlines() if line.startswith("| topk | k=2 |")]
+    assert len(plain) == len(floored) == len(topk) == 1
+    s_plain, s_floor, s_topk = (float(r.split("|")[3]) for r in (plain[0], floored[0], topk[0]))
+    # tau = 0.05 keeps only the top expert; the floor keeps two, exactly top-2.
+    assert s_floor < s_plain and s_floor == pytest.approx(s_topk)
+    with pytest.raises(SystemExit):  # argparse: not an integer
+        main([*argv, "--min-experts", "x"])
+    capsys.readouterr()
+    assert main([*argv, "--min-experts", "0"]) == 1
+    assert "bad --min-experts" in _error_line(capsys)
+
+
 def test_eval_dense_only_and_bench_and_info(tmp_path, capsys):
     argv = ["eval", "--fast", "--no-progress", "--static-fractions", "0.5", "--max-tokens", "150",
             "--out-dir", str(tmp_path)]  # fmt: skip

@@ -140,7 +140,8 @@ def sweep(
             for tau in taus:
                 for m in routed:
                     m.tau = float(tau)
-                run("prunepath", f"tau={tau:g}")
+                floor = min(m.min_experts for m in routed)
+                run("prunepath", f"tau={tau:g}" + (f",min={floor}" if floor > 1 else ""))
         finally:
             for m, t in zip(routed, saved, strict=True):
                 m.tau = t
