@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device-tool calls: build once (cheap again on a warm machine), then the named parts, each under a
-# timeout so what finished still comes back. Results land in $OUT; copy them into bench/results/.
-# Usage on the GPU machine: bash bench/gpu_call.sh e2e kvbench kvtests ffnsweep ffnbench fftests topp ...
+# timeout so what finished still comes back. Results land in $OUT/results, packed into $OUT/results.tgz
+# after every part; copy them into bench/results/.
+# Usage on the GPU machine: bash bench/gpu_call.sh tests e2e kvbench kvtests ffnsweep ffnbench ffntests topp ...
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 # Everything a part writes goes to $out (a folder under $OUT), packed after every part into
@@ -30,6 +31,8 @@ for part in "$@"; do
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
     ffn8b) t 150 python3 bench/sparse_ffn_gpu.py --shapes llama3-8b --batches 1 4 16 --prefill 4096 \
              --name sparse_ffn_cuda_llama3_8b --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
+    tests) t ${TESTS_TIMEOUT:-580} python3 -X faulthandler -m pytest python_tests -q -p no:cacheprovider \
+             > "$out/gpu_tests.log" 2>&1 ;;
     topptests) t 120 python3 -m pytest python_tests/test_topp_route.py -x -q -p no:cacheprovider \
                  > "$out/gpu_tests_topp.log" 2>&1 ;;
     decodetests) t 90 python3 -m pytest python_tests/test_decode.py -q -p no:cacheprovider \

@@ -68,14 +68,17 @@ def main(argv=None) -> int:
     rows = []
 
     def record(kind, T, frac, cfg, fn, x, route, graphed):
-        out = fn(x)
-        err = rel_err(out, w, x, route)
-        row = {"kind": kind, "T": T, "frac": frac, **cfg, "rel_err": err, "ok": err < tol}
-        if row["ok"]:
-            timed = cuda_graphed(fn, x) if graphed and x.is_cuda else (lambda: fn(x))
-            row["us"] = timer(timed)[0] * 1e3
-            n_union = union_experts(route, w.E)
-            row["TBps"] = n_union * w.expert_bytes / (row["us"] * 1e-6) / 1e12
+        row = {"kind": kind, "T": T, "frac": frac, **cfg}
+        try:
+            err = rel_err(fn(x), w, x, route)
+            row.update({"rel_err": err, "ok": err < tol})
+            if row["ok"]:
+                timed = cuda_graphed(fn, x) if graphed and x.is_cuda else (lambda: fn(x))
+                row["us"] = timer(timed)[0] * 1e3
+                n_union = union_experts(route, w.E)
+                row["TBps"] = n_union * w.expert_bytes / (row["us"] * 1e-6) / 1e12
+        except Exception as exc:  # e.g. out of shared memory for a large tile
+            row["error"] = repr(exc)[:200]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -103,11 +106,7 @@ def main(argv=None) -> int:
                             x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, **cfg
                         )
 
-                    try:
-                        record("decode", T, frac, cfg, fn, x, route, graphed=True)
-                    except Exception as exc:  # e.g. out of shared memory for a large tile
-                        rows.append({"kind": "decode", "T": T, "frac": frac, **cfg, "error": repr(exc)[:200]})
-                        print(rows[-1], flush=True)
+                    record("decode", T, frac, cfg, fn, x, route, graphed=True)
         if args.what in ("prefill", "both"):
             T = 24 if args.tiny else 4096
             for frac in sorted({*args.fractions, 1.0}):
@@ -126,11 +125,7 @@ def main(argv=None) -> int:
                             x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, **cfg
                         )
 
-                    try:
-                        record("prefill", T, frac, cfg, fn, x, route, graphed=False)
-                    except Exception as exc:  # e.g. out of shared memory for a large tile
-                        rows.append({"kind": "prefill", "T": T, "frac": frac, **cfg, "error": repr(exc)[:200]})
-                        print(rows[-1], flush=True)
+                    record("prefill", T, frac, cfg, fn, x, route, graphed=False)
     env["elapsed_s"] = time.perf_counter() - start
     lines = [*header_lines(f"sparse_ffn tile sweep on {env.get('gpu') or env['cpu']}", env, args),
              f"- decode timed as CUDA-graph replays; TB/s over the union of selected experts' weights "
