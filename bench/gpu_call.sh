@@ -28,6 +28,8 @@ for part in "$@"; do
     kvtests) t 150 python3 -m pytest python_tests/test_kv_decode_attention.py python_tests/test_decode.py \
                -q -p no:cacheprovider > "$out/gpu_tests_kv_decode.log" 2>&1 ;;
     ffnsweep) t 150 python3 bench/sparse_ffn_sweep.py --what decode --out "$out" > "$out/sweep.log" 2>&1 ;;
+    ffnsweepall) t 300 python3 bench/sparse_ffn_sweep.py --what both --out "$out" > "$out/sweep.log" 2>&1 ;;
+    profile) t 180 python3 bench/diag/kernel_profile.py --out "$out" > "$out/kernel_profile.log" 2>&1 ;;
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
     ffn8b) t 150 python3 bench/sparse_ffn_gpu.py --shapes llama3-8b --batches 1 4 16 --prefill 4096 \
              --name sparse_ffn_cuda_llama3_8b --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Tile sweep of the Triton routed-FFN kernels on the GPU (picks the launchers' defaults).
 
-Decode (T in {1, 4, 16}): ``rows`` (neurons per program), ``block_k = block_n`` and ``num_warps``
-of :func:`prunepath_ops.ffn.triton_ffn.sparse_ffn_decode_triton`, timed as CUDA-graph replays
-(the way a decode step runs). Prefill (T = 4096): the down projection (``mm`` or ``blocksparse``)
-and the up kernel's ``block_m``, ``block_k``, ``num_warps``, ``num_stages``. Llama-3-8B FFN shape
+Decode (T in {1, 4, 16}): ``rows`` (neurons per program), ``block_k = block_n``, ``num_stages``
+and ``pdl`` (programmatic dependent launch) of
+:func:`prunepath_ops.ffn.triton_ffn.sparse_ffn_decode_triton`, timed twice: one call captured in
+a CUDA graph and replayed ("graph"), and 20 calls in one graph cycling over 4 copies of the
+weights, time per call ("steady": no weights left in L2, no graph launch, the gaps between the
+kernels as in a decode step). Prefill (T = 4096): the up kernel's ``block_m``, ``block_k``,
+``num_warps``, ``num_stages`` (down projection ``mm``). Llama-3-8B FFN shape
 (d=4096, F=14336, S=32, E=448), bf16, every token keeping exactly the given fraction of experts.
 Every configuration is checked against ``reference.masked_dense_ffn`` (fp32) before it is timed.
 
@@ -15,6 +18,7 @@ Every configuration is checked against ``reference.masked_dense_ffn`` (fp32) bef
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -24,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import environment, header_lines, make_timer, write_results  # noqa: E402
+from common import capture, environment, header_lines, make_timer, write_results  # noqa: E402
 from sparse_ffn_gpu import H200_COPY_TBPS, Weights, cuda_graphed, fixed_fraction_route, union_experts  # noqa: E402
 
 from prunepath_ops import reference as R  # noqa: E402
@@ -41,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--rep", type=float, default=40.0)
     ap.add_argument("--timer", default="auto")
+    ap.add_argument("--steady-calls", type=int, default=20, help="decode calls per steady-state graph (0: skip)")
+    ap.add_argument("--steady-copies", type=int, default=4, help="weight copies the steady calls cycle over")
     args = ap.parse_args(argv)
     args.quick = True
     args.peak_tbps = H200_COPY_TBPS
@@ -67,6 +73,11 @@ def main(argv=None) -> int:
     tol = 2e-2 if dtype != torch.float32 else 1e-4
     rows = []
 
+    # Weight copies for the steady-state decode timing (4 x 352 MB against a 50 MB L2).
+    steady = args.steady_calls > 0 and device.type == "cuda" and args.what in ("decode", "both")
+    packs = [p] + ([dataclasses.replace(p, w_in=p.w_in.clone(), w_down=p.w_down.clone())
+                    for _ in range(args.steady_copies - 1)] if steady else [])  # fmt: skip
+
     def record(kind, T, frac, cfg, fn, x, route, graphed):
         row = {"kind": kind, "T": T, "frac": frac, **cfg}
         try:
@@ -75,8 +86,17 @@ def main(argv=None) -> int:
             if row["ok"]:
                 timed = cuda_graphed(fn, x) if graphed and x.is_cuda else (lambda: fn(x))
                 row["us"] = timer(timed)[0] * 1e3
-                n_union = union_experts(route, w.E)
-                row["TBps"] = n_union * w.expert_bytes / (row["us"] * 1e-6) / 1e12
+                n_bytes = union_experts(route, w.E) * w.expert_bytes
+                row["TBps"] = n_bytes / (row["us"] * 1e-6) / 1e12
+                if graphed and steady:
+                    n = args.steady_calls
+
+                    def calls():
+                        for i in range(n):
+                            fn(x, pk=packs[i % len(packs)])
+
+                    row["steady_us"] = timer(capture(calls)[0])[0] * 1e3 / n
+                    row["steady_TBps"] = n_bytes / (row["steady_us"] * 1e-6) / 1e12
         except Exception as exc:  # e.g. out of shared memory for a large tile
             row["error"] = repr(exc)[:200]
         rows.append(row)
@@ -94,16 +114,17 @@ def main(argv=None) -> int:
                 if args.tiny:
                     exp = [(16, 32, 2)]
                 elif T == 1:
-                    exp = [(32, 256, 3), (32, 256, 4), (32, 128, 4), (32, 512, 2)]
+                    exp = [(32, 256, 3), (32, 256, 4), (32, 128, 4), (32, 128, 5), (16, 256, 3), (16, 256, 4),
+                           (16, 128, 4), (16, 128, 5)]  # fmt: skip
                 else:
                     exp = [(32, 128, 3), (32, 128, 4)]
-                configs = [{"rows": r, "block_k": b, "block_n": b, "num_stages": ns, "num_warps": 4}
-                           for r, b, ns in exp]  # fmt: skip
+                configs = [{"rows": r, "block_k": b, "block_n": b, "num_stages": ns, "num_warps": 4, "pdl": pdl}
+                           for r, b, ns in exp for pdl in (False, True)]  # fmt: skip
                 for cfg in configs:
 
-                    def fn(x, cfg=cfg, route=route):
+                    def fn(x, cfg=cfg, route=route, pk=p):
                         return sparse_ffn_decode_triton(
-                            x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, **cfg
+                            x, *route, pk.w_in, pk.b_in, pk.w_down, pk.b_out, pk.gated, pk.act, **cfg
                         )
 
                     record("decode", T, frac, cfg, fn, x, route, graphed=True)
@@ -112,12 +133,14 @@ def main(argv=None) -> int:
             for frac in sorted({*args.fractions, 1.0}):
                 x = torch.randn(T, d, device=device).to(dtype)
                 route = fixed_fraction_route(T, w.E, frac, device, 0)
-                base = {"down": "mm", "block_m": 16 if args.tiny else 128}
-                configs = [{**base, "block_k": 16 if args.tiny else 64, "num_warps": 4, "num_stages": 2 if args.tiny
-                            else 4, "one_dot": False}]  # fmt: skip
-                grid = ((16,), (4,), (2,)) if args.tiny else ((64, 128), (4, 8), (3, 4, 5))
-                for bk, nw, ns in itertools.product(*grid):
-                    configs.append({**base, "block_k": bk, "num_warps": nw, "num_stages": ns, "one_dot": True})
+                # block_m 256 halves the weight tiles re-read per expert (the x rows gathered per
+                # (token, expert) pair are the same whatever block_m): the earlier sweeps stopped at 128.
+                grid = [(16, 16, 4, 2)] if args.tiny else [
+                    (128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 4),
+                    (256, 64, 8, 3), (256, 64, 8, 4), (256, 32, 8, 4), (256, 32, 8, 5), (256, 64, 4, 3),
+                ]  # fmt: skip
+                configs = [{"down": "mm", "block_m": bm, "block_k": bk, "num_warps": nw, "num_stages": ns,
+                            "one_dot": True} for bm, bk, nw, ns in grid]  # fmt: skip
                 for cfg in configs:
 
                     def fn(x, cfg=cfg, route=route):
@@ -128,9 +151,11 @@ def main(argv=None) -> int:
                     record("prefill", T, frac, cfg, fn, x, route, graphed=False)
     env["elapsed_s"] = time.perf_counter() - start
     lines = [*header_lines(f"sparse_ffn tile sweep on {env.get('gpu') or env['cpu']}", env, args),
-             f"- decode timed as CUDA-graph replays; TB/s over the union of selected experts' weights "
-             f"(peak {H200_COPY_TBPS} TB/s)", "",
-             "| kind | T | active | config | us | TB/s | rel err |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+             f"- decode timed as CUDA-graph replays (one call: \"us\"; {args.steady_calls} calls cycling over "
+             f"{args.steady_copies} weight copies, per call: \"steady\"); TB/s over the union of selected experts' "
+             f"weights (peak {H200_COPY_TBPS} TB/s); prefill timed eagerly", "",
+             "| kind | T | active | config | us | TB/s | steady us | steady TB/s | rel err |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         keys = (
             "rows",
@@ -144,12 +169,14 @@ def main(argv=None) -> int:
             "block_k",
             "num_warps",
             "num_stages",
+            "pdl",
         )
         cfg = ", ".join(f"{k}={r[k]}" for k in keys if k in r and r[k] is not None)
         us = f"{r['us']:.1f}" if "us" in r else ("ERROR" if "error" in r else "FAIL")
         tb = f"{r['TBps']:.2f}" if "TBps" in r else "-"
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"
-        lines.append(f"| {r['kind']} | {r['T']} | {r['frac']:.0%} | {cfg} | {us} | {tb} | {err} |")
+        st = f"{r['steady_us']:.1f} | {r['steady_TBps']:.2f}" if "steady_us" in r else "- | -"
+        lines.append(f"| {r['kind']} | {r['T']} | {r['frac']:.0%} | {cfg} | {us} | {tb} | {st} | {err} |")
     report = "\n".join(lines) + "\n"
     print(report)
     name = "sparse_ffn_sweep_" + args.device + ("_tiny" if args.tiny else "")

@@ -15,6 +15,8 @@ Flash-decoding in two kernels:
      valid splits ``s < cdiv(L_b, CHUNK)`` in split order (bitwise reproducible, no atomics).
 
 Lengths are read on the device; the grid depends only on static sizes (CUDA-graph capturable).
+With ``PDL`` (:mod:`prunepath_ops._pdl`) both kernels wait for their predecessor before any memory
+access, so the combine's launch overlaps the split kernel's tail; results are bitwise unchanged.
 A length outside ``[0, S_max]`` is clamped into it. With ``k_new``/``v_new``, the program whose
 chunk holds row ``n = cache_seqlens[b]`` scores the new key from registers and writes both rows
 into the caches itself: no other program reads row n, so there is no read-after-write hazard
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from prunepath_ops._pdl import pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
@@ -79,7 +83,11 @@ def decode_attention_split_kernel(
     HAS_NEW: tl.constexpr,
     SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
+    K_ROWS: tl.constexpr,
 ):
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -111,7 +119,12 @@ def decode_attention_split_kernel(
         rows = n0 + offs_n
         r_ok = rows < stop_old
         rows64 = rows.to(tl.int64)
-        kt = tl.load(k_base + rows64[None, :] * stride_ks + offs_d[:, None], mask=r_ok[None, :], other=0.0)
+        if K_ROWS:
+            # Keys as stored, [BLOCK_N, D] rows, transposed in shared memory for the dot.
+            k = tl.load(k_base + rows64[:, None] * stride_ks + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+            kt = tl.trans(k)
+        else:
+            kt = tl.load(k_base + rows64[None, :] * stride_ks + offs_d[:, None], mask=r_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # [G_PAD, BLOCK_N]
         s = tl.where(r_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -166,7 +179,10 @@ def combine_splits_kernel(
     D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_NEW: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
     pid = tl.program_id(0)
     b = pid // Hq
     h = pid % Hq

@@ -15,6 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
+from prunepath_ops import _pdl
 from prunepath_ops.attention import kernels
 from prunepath_ops.ffn._env import interpreting as _interpreting
 
@@ -136,6 +137,8 @@ def kv_decode_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     block_s: int | None = None,
+    pdl: bool | None = None,
+    k_rows: bool = False,
 ) -> Tensor:
     """Split-KV decode attention with the Triton kernels; arguments as :func:`prunepath_ops.attention.kv_decode_attention`.
 
@@ -144,7 +147,9 @@ def kv_decode_attention_triton(
     in place. The keyword arguments override the choice of :func:`launch_config` (for sweeps):
     ``block_n`` keys per tile, ``num_splits`` splits of the key axis (1: one kernel, no combine),
     ``num_warps`` and ``num_stages`` of the attention kernel, ``block_s`` splits per step of the
-    combine kernel.
+    combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`),
+    ``k_rows`` loads key tiles as stored (``[BLOCK_N, D]``) and transposes them on chip instead of
+    loading them transposed (a sweep option).
 
     Returns
     -------
@@ -174,7 +179,9 @@ def kv_decode_attention_triton(
     else:
         o_part = torch.empty(B, Hq, ns, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device)
-    opts = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    pdl = _pdl.use_pdl(q.device) if pdl is None else bool(pdl and _pdl.use_pdl(q.device))
+    launch = _pdl.launch_options(pdl)
+    opts = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **launch}
     with _device_guard(q.device):
         kernels.decode_attention_split_kernel[(B * Hkv, ns)](
             q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse,
@@ -184,13 +191,14 @@ def kv_decode_attention_triton(
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             *nk_strides, *nv_strides, out.stride(0), out.stride(1),
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=cfg["block_n"],
-            HAS_NEW=has_new, SINGLE=single, DOT_PREC=_dot_precision(q.dtype), **opts,
+            HAS_NEW=has_new, SINGLE=single, DOT_PREC=_dot_precision(q.dtype), PDL=pdl, K_ROWS=k_rows,
+            **opts,
         )  # fmt: skip
         if not single:
             bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)
             kernels.combine_splits_kernel[(B * Hq,)](
                 o_part, lse, out, cache_seqlens, S_max, Hq, chunk, ns, cache_seqlens.stride(0),
-                out.stride(0), out.stride(1), D=D, BLOCK_S=bs, HAS_NEW=has_new,
-                **({} if interp else {"num_warps": 4 if D >= 128 else 2}),
+                out.stride(0), out.stride(1), D=D, BLOCK_S=bs, HAS_NEW=has_new, PDL=pdl,
+                **({} if interp else {"num_warps": 4 if D >= 128 else 2, **launch}),
             )  # fmt: skip
     return out

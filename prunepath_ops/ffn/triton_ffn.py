@@ -11,6 +11,7 @@ import torch
 import triton
 from torch import Tensor
 
+from prunepath_ops import _pdl
 from prunepath_ops.ffn import decode_kernels, kernels
 from prunepath_ops.ffn._env import DECODE_MAX_TOKENS
 from prunepath_ops.ffn._env import interpreting as _interpreting
@@ -154,6 +155,7 @@ def sparse_ffn_decode_triton(
     use_dot: bool | None = None,
     slot_grid_one_token: bool | None = None,
     block_d: int | None = None,
+    pdl: bool | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
 
@@ -165,7 +167,8 @@ def sparse_ffn_decode_triton(
     (tokens padded to 16 rows; the default for every T: its software-pipelined
     loads stream weights faster than the CUDA-core reduction, see
     bench/results/sparse_ffn_sweep_cuda.md); ``slot_grid_one_token=False`` makes a single
-    token go through the gate table like a batch, ``block_d`` sets the reduction's tile.
+    token go through the gate table like a batch, ``block_d`` sets the reduction's tile,
+    ``pdl`` the programmatic dependent launch of the kernels (default :func:`prunepath_ops._pdl.use_pdl`).
     Returns ``[T, d]`` in the dtype of ``x``.
     """
     T, d = x.shape
@@ -186,6 +189,8 @@ def sparse_ffn_decode_triton(
         raise ValueError(f"sparse_ffn: rows={r} must divide S={S} (and be >= 16 on the tensor-core path)")
     nc = S // r
     dev = x.device
+    pdl = _pdl.use_pdl(dev) if pdl is None else bool(pdl and _pdl.use_pdl(dev))
+    launch = {} if interp else {"num_warps": 4, **_pdl.launch_options(pdl)}
     slot_grid = T == 1 and (slot_grid_one_token if slot_grid_one_token is not None else True)
     dummy = w_down
     if slot_grid:
@@ -195,8 +200,8 @@ def sparse_ffn_decode_triton(
         table = torch.empty(E, tp, dtype=torch.float32, device=dev)  # [E, TP]
         sel = torch.empty(E, tp, dtype=torch.int32, device=dev)  # [E, TP]
         decode_kernels.decode_gate_table_kernel[(1,)](
-            expert_ids, gates, num_active, table, sel, T, K, E, TP=tp, BLOCK=256 if interp else 1024,
-            **({} if interp else {"num_warps": 4}),
+            expert_ids, gates, num_active, table, sel, T, K, E, TP=tp, BLOCK=256 if interp else 1024, PDL=pdl,
+            **launch,
         )  # fmt: skip
         units = E
     partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
@@ -210,8 +215,8 @@ def sparse_ffn_decode_triton(
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
         T, d, E, K, x.stride(0),
         SLOT_GRID=slot_grid, S=S, R=r, TP=tp, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
-        BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot, DOT_PREC=_dot_precision(x.dtype),
-        **({} if interp else {"num_warps": num_warps or 4, "num_stages": stages}),
+        BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot, DOT_PREC=_dot_precision(x.dtype), PDL=pdl,
+        **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
     # All of a token's slots in one tile (up to 512) and narrow d blocks: one round trip to memory
@@ -221,7 +226,7 @@ def sparse_ffn_decode_triton(
     bd = 32 if interp else (block_d or max(16, min(128, 8192 // bj)))
     decode_kernels.decode_reduce_kernel[(T, triton.cdiv(d, bd))](
         partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, T, K, E, d, y.stride(0),
-        SLOT_GRID=slot_grid, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=bj, BLOCK_D=bd,
-        **({} if interp else {"num_warps": 4}),
+        SLOT_GRID=slot_grid, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=bj, BLOCK_D=bd, PDL=pdl,
+        **launch,
     )  # fmt: skip
     return y
