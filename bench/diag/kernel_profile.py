@@ -92,12 +92,14 @@ def main() -> int:
                 def calls(route=route, pdl=pdl):
                     for i in range(n):
                         pk = packs[i % 4]
-                        sparse_ffn_decode_triton(x, *route, pk.w_in, pk.b_in, pk.w_down, pk.b_out, True, "silu", pdl=pdl)
+                        sparse_ffn_decode_triton(
+                            x, *route, pk.w_in, pk.b_in, pk.w_down, pk.b_out, True, "silu", pdl=pdl
+                        )
 
                 res[f"{frac:.0%} pdl={int(pdl)}"] = profile(capture(calls)[0], n)
         lines += table("decode FFN, Llama-3-8B, T = 1, steady (20 calls / graph, 4 weight copies)", res)
         print("\n".join(lines), flush=True)
-        del packs
+        packs.clear()
 
         B, L, Hq, Hkv, D = 1, 16384, 32, 8, 128
         q = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16)
@@ -116,7 +118,7 @@ def main() -> int:
                 res[f"pdl={int(pdl)} bn={bn} krows={int(kr)}"] = profile(capture(attn)[0], n)
         lines += table("decode attention, B = 1, 16k, steady (20 calls / graph, 4 cache copies)", res)
         print("\n".join(lines[-10:]), flush=True)
-        del caches
+        caches.clear()
 
         res = {}
         x = torch.randn(4096, 4096, device=dev).to(torch.bfloat16)
