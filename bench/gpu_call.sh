@@ -25,9 +25,11 @@ for part in "$@"; do
     e2eboth) t ${E2E_TIMEOUT:-560} python3 bench/decode_e2e_gpu.py --compile-both --name decode_e2e_cuda --out "$out" \
                > "$out/decode_e2e.log" 2>&1 ;;
     kvbench) t 120 python3 bench/kv_attention_gpu.py --out "$out" --sweep > "$out/kv_attention.log" 2>&1 ;;
-    kvtests) t 150 python3 -m pytest python_tests/test_kv_decode_attention.py python_tests/test_decode.py \
+    kvtests) t ${KVTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_kv_decode_attention.py python_tests/test_decode.py \
                -q -p no:cacheprovider > "$out/gpu_tests_kv_decode.log" 2>&1 ;;
     ffnsweep) t 150 python3 bench/sparse_ffn_sweep.py --what decode --out "$out" > "$out/sweep.log" 2>&1 ;;
+    ffntail) t 120 python3 bench/sparse_ffn_sweep.py --what decode --batches 1 --defaults-only --fractions 0.25 0.29 0.3 0.35 \
+               --out "$out/tail" > "$out/sweep_tail.log" 2>&1 ;;
     ffnsweepall) t 300 python3 bench/sparse_ffn_sweep.py --what both --out "$out" > "$out/sweep.log" 2>&1 ;;
     profile) t 180 python3 bench/diag/kernel_profile.py --out "$out" > "$out/kernel_profile.log" 2>&1 ;;
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;

@@ -25,7 +25,7 @@ For every case the script
    least 2x faster than masked SDPA.
 
 ``--sweep`` also times a grid of launcher configurations (``block_n``, ``num_splits`` up to 8x
-the default, ``num_warps``, ``num_stages``) at B = 1 / 16k and B = 32 / 4k through
+the default, ``num_warps``, ``num_stages``) at B = 1 / 16k, B = 32 / 1k and B = 32 / 4k through
 ``kv_decode_attention_triton``'s overrides, each checked against the default configuration and
 timed as CUDA-graph replays on the GPU.
 
@@ -66,7 +66,7 @@ TARGET_RAGGED_SPEEDUP = 2.0  # masked SDPA / ours at least this ("far faster")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 FULL = {"Hq": 32, "Hkv": 8, "D": 128, "batches": (1, 8, 32), "contexts": (1024, 4096, 16384), "slack": 256,
-        "ragged": (32, 16384, 128, 2048), "sweep": ((1, 16384), (32, 4096))}  # fmt: skip
+        "ragged": (32, 16384, 128, 2048), "sweep": ((1, 16384), (32, 1024), (32, 4096))}  # fmt: skip
 TINY = {"Hq": 8, "Hkv": 2, "D": 16, "batches": (1, 3), "contexts": (24, 40), "slack": 8,
         "ragged": (3, 40, 3, 12), "sweep": ((1, 40),)}  # fmt: skip
 
@@ -328,7 +328,7 @@ def sweep_configs(args: argparse.Namespace, B: int, S_max: int) -> list[dict]:
     for block_n in (64, 128):
         auto = launch_config(B, sh["Hkv"], S_max, sh["D"], torch.device(args.device), block_n=block_n)["num_splits"]
         # Up to 8x the default split count: more programs per SM keep more KV bytes in flight.
-        for ns in sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto, 8 * auto}):
+        for ns in sorted({1, max(1, auto // 2), auto, 2 * auto, 4 * auto, 8 * auto}):
             for warps in (4, 8):
                 for stages in (2, 3):
                     out.append({"block_n": block_n, "num_splits": ns, "num_warps": warps, "num_stages": stages})

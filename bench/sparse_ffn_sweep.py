@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="tiny shape, few configs (CPU smoke test)")
     ap.add_argument("--what", choices=("decode", "prefill", "both"), default="both")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.3])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="decode T values")
+    ap.add_argument("--defaults-only", action="store_true", help="decode: only the launcher's defaults, PDL on and off")
     ap.add_argument("--out", default=None)
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--rep", type=float, default=40.0)
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with torch.inference_mode():
         if args.what in ("decode", "both"):
-            for T, frac in itertools.product((1, 4, 16), args.fractions):
+            for T, frac in itertools.product(args.batches, args.fractions):
                 x = torch.randn(T, d, device=device).to(dtype)
                 route = fixed_fraction_route(T, w.E, frac, device, 0)
                 # Around the per-expert schedule's defaults (rows 32; 256-wide tiles and 3 stages at
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
                     exp = [(32, 128, 3), (32, 128, 4)]
                 configs = [{"rows": r, "block_k": b, "block_n": b, "num_stages": ns, "num_warps": 4, "pdl": pdl}
                            for r, b, ns in exp for pdl in (False, True)]  # fmt: skip
+                if args.defaults_only:
+                    configs = [{"pdl": False}, {"pdl": True}]
                 for cfg in configs:
 
                     def fn(x, cfg=cfg, route=route, pk=p):

@@ -181,12 +181,13 @@ def combine_splits_kernel(
     HAS_NEW: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     pdl_launch_dependents(PDL)
     pid = tl.program_id(0)
     b = pid // Hq
     h = pid % Hq
+    # The lengths were final before the split kernel started: read them before waiting for it.
     _, L, _ = valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW)
+    pdl_wait(PDL)
     n_valid = (L + chunk - 1) // chunk  # splits the attention kernel wrote
     base = pid.to(tl.int64) * num_splits
     offs_s = tl.arange(0, BLOCK_S)

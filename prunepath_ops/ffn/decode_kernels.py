@@ -205,7 +205,6 @@ def decode_reduce_kernel(
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     pdl_launch_dependents(PDL)
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -219,10 +218,14 @@ def decode_reduce_kernel(
         e = tl.load(expert_ids_ptr + t * K + j, mask=ok, other=0).to(tl.int64)
         ok = ok & (e >= 0) & (e < E)
         unit = j.to(tl.int64) if SLOT_GRID else e  # partials are indexed by slot or by expert
+        # The routing was final before the expert kernel started (it waited for its producer), so
+        # only the partials wait for the expert kernel: one memory round trip after it ends, not three.
+        pdl_wait(PDL)
         for c in range(NC):
             rows = (unit * NC + c) * T + t  # [BLOCK_J]
             p = tl.load(partial_ptr + rows[:, None] * d + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
             acc += tl.sum(p, axis=0)
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pdl_wait(PDL)  # a token without slots skipped the loop; nothing is written before the wait
     tl.store(y_ptr + t * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)

@@ -2,12 +2,20 @@
 // Tokens are cut into chunks of 32 (one bit per token of a chunk):
 //   1. align_bitmap_kernel (grid: chunks): bitmap[c][e] has bit i set when token
 //      32c + i selected expert e among its active slots.
-//   2. align_scan_kernel (one block): per expert, an exclusive scan of popc over
-//      the chunks (chunk_base), the totals (counts), a block scan of the padded
-//      counts (offsets) and the expert of every block.
-//   3. align_scatter_kernel (grid: chunks): a pair's row is
+//   2. align_colscan_kernel (grid: E / 32 blocks of 32 warps): per expert (a
+//      lane), an exclusive scan of popc over the chunks (chunk_base), each warp
+//      summing a contiguous range of chunks, the ranges combined in shared
+//      memory; the totals are the counts.
+//   3. align_offsets_kernel (one block): a block scan of the padded counts
+//      (offsets).
+//   4. align_scatter_kernel (grid: chunks): a pair's row is
 //      offsets[e] + chunk_base[c][e] + popc(bitmap[c][e] & lanes below it): token
 //      order within an expert, no atomics on positions, so the output is fixed.
+//      The same grid writes the expert of every block of rows.
+// Every kernel walks a token's active slots directly (a warp per token), so no
+// slot past num_active is read and no 64-bit division runs per pair. The first
+// version (one block scanning every chunk of every expert serially, a division
+// per slot) took 94 us at T = 4096, E = 448 on the H200, 6 % of the prefill FFN.
 // Precondition (topp_route guarantees it): a token's active slots hold distinct
 // experts. Active ids outside [0, E) are dropped (a kernel cannot raise).
 // Torch-free: raw pointers and a cudaStream_t.
@@ -21,9 +29,11 @@
 
 namespace prunepath {
 
-constexpr int kAlignChunk = 32;          // tokens per bitmap word
-constexpr int kAlignScanThreads = 1024;  // threads of the single-block scan
-constexpr int kAlignScanItems = 8;       // experts per scan thread
+constexpr int kAlignChunk = 32;           // tokens per bitmap word
+constexpr int kAlignThreads = 256;        // threads of the bitmap and scatter blocks
+constexpr int kAlignScanThreads = 1024;   // threads of the offsets block (and of a colscan block)
+constexpr int kAlignScanItems = 8;        // experts per offsets thread
+constexpr int kAlignColscanWarps = kAlignScanThreads / 32;
 constexpr int32_t kAlignCudaMaxExperts = kAlignScanThreads * kAlignScanItems;
 
 namespace detail {
@@ -32,45 +42,71 @@ __device__ __forceinline__ int32_t active_of(const AlignParams& p, int64_t t) {
   return clamp_num_active(p.num_active[t], p.k);
 }
 
-__global__ void align_bitmap_kernel(const AlignParams p, uint32_t* __restrict__ bitmap) {
+__global__ void __launch_bounds__(kAlignThreads)
+    align_bitmap_kernel(const AlignParams p, uint32_t* __restrict__ bitmap) {
   extern __shared__ uint32_t bits[];  // [E]
   const int32_t E = p.num_experts;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) bits[e] = 0u;
   __syncthreads();
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kAlignChunk;
-  const int64_t n_pairs = static_cast<int64_t>(kAlignChunk) * p.k;
-  for (int64_t i = threadIdx.x; i < n_pairs; i += blockDim.x) {
-    const int64_t t = t0 + i / p.k;
-    const int32_t j = static_cast<int32_t>(i % p.k);
-    if (t >= p.num_tokens || j >= active_of(p, t)) continue;
-    const int32_t e = p.expert_ids[t * p.k + j];
-    if (e >= 0 && e < E) atomicOr(&bits[e], 1u << (t - t0));
+  const int lane = threadIdx.x % 32;
+  for (int i = threadIdx.x / 32; i < kAlignChunk; i += blockDim.x / 32) {  // a warp per token
+    const int64_t t = t0 + i;
+    if (t >= p.num_tokens) break;
+    const int32_t n = active_of(p, t);
+    const int32_t* ids = p.expert_ids + t * p.k;
+    for (int32_t j = lane; j < n; j += 32) {
+      const int32_t e = ids[j];
+      if (e >= 0 && e < E) atomicOr(&bits[e], 1u << i);
+    }
   }
   __syncthreads();
   uint32_t* out = bitmap + static_cast<int64_t>(blockIdx.x) * E;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) out[e] = bits[e];
 }
 
+// Block b: experts 32b + lane; warp w: chunks [w * per, (w + 1) * per).
 __global__ void __launch_bounds__(kAlignScanThreads)
-    align_scan_kernel(const AlignParams p, const uint32_t* __restrict__ bitmap,
-                      int32_t* __restrict__ chunk_base, int64_t num_chunks) {
+    align_colscan_kernel(const AlignParams p, const uint32_t* __restrict__ bitmap,
+                         int32_t* __restrict__ chunk_base, int64_t num_chunks) {
+  __shared__ int32_t sums[kAlignColscanWarps][32];
+  const int32_t E = p.num_experts;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int32_t e = blockIdx.x * 32 + lane;
+  const int64_t per = (num_chunks + kAlignColscanWarps - 1) / kAlignColscanWarps;
+  const int64_t c0 = warp * per, c1 = min(num_chunks, c0 + per);
+  int32_t s = 0;
+  if (e < E) {
+#pragma unroll 8
+    for (int64_t c = c0; c < c1; ++c) s += __popc(bitmap[c * E + e]);
+  }
+  sums[warp][lane] = s;
+  __syncthreads();
+  int32_t running = 0, total = 0;
+  for (int w = 0; w < kAlignColscanWarps; ++w) {
+    const int32_t v = sums[w][lane];
+    running += w < warp ? v : 0;
+    total += v;
+  }
+  if (e >= E) return;
+  for (int64_t c = c0; c < c1; ++c) {
+    chunk_base[c * E + e] = running;
+    running += __popc(bitmap[c * E + e]);
+  }
+  if (warp == 0) p.expert_counts[e] = total;
+}
+
+__global__ void __launch_bounds__(kAlignScanThreads) align_offsets_kernel(const AlignParams p) {
   using Scan = cub::BlockScan<int32_t, kAlignScanThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   const int32_t E = p.num_experts;
   int32_t padded[kAlignScanItems];
-  // Blocked arrangement: thread i owns experts [i * ITEMS, (i + 1) * ITEMS) for the scan.
+  // Blocked arrangement: thread i owns experts [i * ITEMS, (i + 1) * ITEMS).
 #pragma unroll
   for (int it = 0; it < kAlignScanItems; ++it) {
     const int32_t e = threadIdx.x * kAlignScanItems + it;
-    int32_t running = 0;
-    if (e < E) {
-      for (int64_t c = 0; c < num_chunks; ++c) {
-        chunk_base[c * E + e] = running;
-        running += __popc(bitmap[c * E + e]);
-      }
-      p.expert_counts[e] = running;
-    }
-    padded[it] = (running + p.block_m - 1) / p.block_m * p.block_m;
+    const int32_t n = e < E ? p.expert_counts[e] : 0;
+    padded[it] = (n + p.block_m - 1) / p.block_m * p.block_m;
   }
   int32_t total = 0;
   Scan(scan_storage).ExclusiveSum(padded, padded, total);
@@ -80,11 +116,35 @@ __global__ void __launch_bounds__(kAlignScanThreads)
     if (e < E) p.expert_offsets[e] = padded[it];
   }
   if (threadIdx.x == 0) p.expert_offsets[E] = total;
-  __syncthreads();  // offsets in global memory are visible to the whole block from here
-  for (int64_t b = threadIdx.x; b < p.max_blocks; b += blockDim.x) {
+}
+
+__global__ void __launch_bounds__(kAlignThreads)
+    align_scatter_kernel(const AlignParams p, const uint32_t* __restrict__ bitmap,
+                         const int32_t* __restrict__ chunk_base) {
+  const int32_t E = p.num_experts;
+  const int64_t c = blockIdx.x;
+  const int64_t t0 = c * kAlignChunk;
+  const int lane = threadIdx.x % 32;
+  for (int i = threadIdx.x / 32; i < kAlignChunk; i += blockDim.x / 32) {  // a warp per token
+    const int64_t t = t0 + i;
+    if (t >= p.num_tokens) break;
+    const int32_t n = active_of(p, t);
+    const int32_t* ids = p.expert_ids + t * p.k;
+    const uint32_t below = (1u << i) - 1u;
+    for (int32_t j = lane; j < n; j += 32) {
+      const int32_t e = ids[j];
+      if (e < 0 || e >= E) continue;
+      const int32_t rank = chunk_base[c * E + e] + __popc(bitmap[c * E + e] & below);
+      p.sorted_pairs[p.expert_offsets[e] + rank] = static_cast<int32_t>(t * p.k + j);
+    }
+  }
+  // The expert of every block of rows: the last expert whose offset is <= the block's first row.
+  const int32_t total = p.expert_offsets[E];
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < p.max_blocks;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = b * p.block_m;
     int32_t expert = -1;
-    if (row < total) {  // last expert whose offset is <= row (upper bound - 1)
+    if (row < total) {
       int32_t lo = 0, hi = E;
       while (hi - lo > 1) {
         const int32_t mid = (lo + hi) / 2;
@@ -96,24 +156,6 @@ __global__ void __launch_bounds__(kAlignScanThreads)
       expert = lo;
     }
     p.block_expert[b] = expert;
-  }
-}
-
-__global__ void align_scatter_kernel(const AlignParams p, const uint32_t* __restrict__ bitmap,
-                                     const int32_t* __restrict__ chunk_base) {
-  const int32_t E = p.num_experts;
-  const int64_t c = blockIdx.x;
-  const int64_t t0 = c * kAlignChunk;
-  const int64_t n_pairs = static_cast<int64_t>(kAlignChunk) * p.k;
-  for (int64_t i = threadIdx.x; i < n_pairs; i += blockDim.x) {
-    const int64_t t = t0 + i / p.k;
-    const int32_t j = static_cast<int32_t>(i % p.k);
-    if (t >= p.num_tokens || j >= active_of(p, t)) continue;
-    const int32_t e = p.expert_ids[t * p.k + j];
-    if (e < 0 || e >= E) continue;
-    const uint32_t below = (1u << (t - t0)) - 1u;
-    const int32_t rank = chunk_base[c * E + e] + __popc(bitmap[c * E + e] & below);
-    p.sorted_pairs[p.expert_offsets[e] + rank] = static_cast<int32_t>(t * p.k + j);
   }
 }
 
@@ -130,9 +172,13 @@ inline cudaError_t launch_align_experts(const AlignParams& p, uint32_t* bitmap, 
     if (err != cudaSuccess) return err;
   }
   const size_t smem = static_cast<size_t>(p.num_experts) * sizeof(uint32_t);
-  if (chunks > 0) detail::align_bitmap_kernel<<<chunks, 256, smem, stream>>>(p, bitmap);
-  detail::align_scan_kernel<<<1, kAlignScanThreads, 0, stream>>>(p, bitmap, chunk_base, chunks);
-  if (chunks > 0) detail::align_scatter_kernel<<<chunks, 256, 0, stream>>>(p, bitmap, chunk_base);
+  const unsigned expert_tiles = static_cast<unsigned>((p.num_experts + 31) / 32);
+  if (chunks > 0) detail::align_bitmap_kernel<<<chunks, kAlignThreads, smem, stream>>>(p, bitmap);
+  detail::align_colscan_kernel<<<expert_tiles, kAlignScanThreads, 0, stream>>>(p, bitmap, chunk_base, chunks);
+  detail::align_offsets_kernel<<<1, kAlignScanThreads, 0, stream>>>(p);
+  // At least one block: block_expert is written even without tokens.
+  const int64_t scatter_blocks = chunks > 0 ? chunks : 1;
+  detail::align_scatter_kernel<<<scatter_blocks, kAlignThreads, 0, stream>>>(p, bitmap, chunk_base);
   return cudaGetLastError();
 }
 
