@@ -29,10 +29,10 @@
 
 namespace prunepath {
 
-constexpr int kAlignChunk = 32;           // tokens per bitmap word
-constexpr int kAlignThreads = 256;        // threads of the bitmap and scatter blocks
-constexpr int kAlignScanThreads = 1024;   // threads of the offsets block (and of a colscan block)
-constexpr int kAlignScanItems = 8;        // experts per offsets thread
+constexpr int kAlignChunk = 32;          // tokens per bitmap word
+constexpr int kAlignThreads = 256;       // threads of the bitmap and scatter blocks
+constexpr int kAlignScanThreads = 1024;  // threads of the offsets block (and of a colscan block)
+constexpr int kAlignScanItems = 8;       // experts per offsets thread
 constexpr int kAlignColscanWarps = kAlignScanThreads / 32;
 constexpr int32_t kAlignCudaMaxExperts = kAlignScanThreads * kAlignScanItems;
 
