@@ -19,7 +19,7 @@ t() { local s=$1; shift; timeout "$s" "$@"; }
 for part in "$@"; do
   start=$(date +%s)
   case "$part" in
-    e2e) t 230 python3 bench/decode_e2e_gpu.py --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
+    e2e) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
     e2ecompiled) t 400 python3 bench/decode_e2e_gpu.py --compile --name decode_e2e_cuda_compiled --out "$out" \
                    > "$out/decode_e2e_compiled.log" 2>&1 ;;
     e2eboth) t ${E2E_TIMEOUT:-560} python3 bench/decode_e2e_gpu.py --compile-both --name decode_e2e_cuda --out "$out" \
@@ -41,6 +41,8 @@ for part in "$@"; do
                  > "$out/gpu_tests_topp.log" 2>&1 ;;
     decodetests) t 90 python3 -m pytest python_tests/test_decode.py -q -p no:cacheprovider \
                    > "$out/gpu_tests_decode.log" 2>&1 ;;
+    ffntestsgpu) t 150 python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider \
+                  -k "test_gpu or edge_routings or tau_one or decode_chunked or both_oracles" > "$out/gpu_tests_ffn.log" 2>&1 ;;
     ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
     toppvariants) t 300 python3 bench/topp_route_gpu.py --variants auto,warp,lean,rank,block --out "$out" \
                     > "$out/topp_route_gpu.log" 2>&1 ;;

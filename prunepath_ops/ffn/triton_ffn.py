@@ -50,20 +50,22 @@ def gate_matrix_t(expert_ids: Tensor, gates: Tensor, num_active: Tensor, E: int)
     return out.scatter_(0, flat.flatten(), g.flatten()).view(E + 1, T)[:E]
 
 
-def _prefill_tiles(elem: int, w_rows: int, interp: bool) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_K, num_stages)`` of the prefill up kernel.
+def _prefill_tiles(elem: int, w_rows: int, interp: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_K, num_stages, num_warps)`` of the prefill up kernel.
 
-    2-byte dtypes with at most 128 weight rows per expert (gated S <= 64): the best of
-    bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, T = 4096, at 30 % and
-    100 % active): 128 x 64 tiles, 4 stages. Otherwise (fp32, wide experts, whose stages would
-    crowd the 227 KB of shared memory) the smaller tiles that passed every GPU test before
-    the sweep: 64 x 64, 3 stages.
+    2-byte dtypes with at most 128 weight rows per expert (gated S <= 64): 256 x 64 tiles, 4 stages,
+    8 warps. Each tile gathers its tokens' rows of x once per expert whatever BLOCK_M, but reads the
+    expert's weights once per tile, so 256 rows halve the weight traffic of 128: the up kernel took
+    683-685 us against 728-729 us at 128 x 64 (H200, Llama-3-8B shape, bf16, T = 4096, 30 % active,
+    two runs of bench/diag/kernel_profile.py; bench/results/kernel_profile_cuda.md). Otherwise (fp32,
+    wide experts, whose stages would crowd the 227 KB of shared memory) the smaller tiles that passed
+    every GPU test before the sweeps: 64 x 64, 3 stages, 4 warps.
     """
     if interp:
-        return 16, 16, 1
+        return 16, 16, 1, 4
     if elem <= 2 and w_rows <= 128:
-        return 128, 64, 4
-    return 64, 64, 3
+        return 256, 64, 4, 8
+    return 64, 64, 3, 4
 
 
 def sparse_ffn_prefill_triton(
@@ -104,8 +106,8 @@ def sparse_ffn_prefill_triton(
     if T == 0:
         return y
     interp = _interpreting()
-    bm, bk, stages = _prefill_tiles(x.element_size(), (2 * S if gated and one_dot else S), interp)
-    bm, bk, stages = block_m or bm, block_k or bk, num_stages or stages
+    bm, bk, stages, warps = _prefill_tiles(x.element_size(), (2 * S if gated and one_dot else S), interp)
+    bm, bk, stages, warps = block_m or bm, block_k or bk, num_stages or stages, num_warps or warps
     sorted_pairs, block_expert, expert_offsets, _ = _align(expert_ids, num_active, E, bm)
     _, b_max = align_bounds(T * K, E, bm)
     mm = down == "mm"
@@ -119,7 +121,7 @@ def sparse_ffn_prefill_triton(
         T, d, K, E, x.stride(0),
         S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=mm,
         ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=bk, DOT_PREC=_dot_precision(x.dtype),
-        **({} if interp else {"num_warps": num_warps or 4, "num_stages": stages}),
+        **({} if interp else {"num_warps": warps, "num_stages": stages}),
     )  # fmt: skip
     if mm:
         y = torch.mm(h, w_down.view(E * S, d), out=y)  # [T, F] @ [F, d]
@@ -208,11 +210,15 @@ def sparse_ffn_decode_triton(
         )  # fmt: skip
         units = E
     partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
-    # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, 30 % active);
-    # fp32 keeps 128-wide tiles, whose 3 stages fit in shared memory (256-wide would need 245 KB).
+    # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, 30 % active).
+    # One token: each SM holds about one selected expert, so the bytes in flight per program set the
+    # bandwidth; the down loop's 512-wide tiles keep as many in flight as the gate/up loop's 256-wide
+    # ones (with 256 the down third of the bytes streamed at half the rate: 33.8 against 35.3 us per
+    # call in the steady state). 98 KB of shared memory, two programs per SM. fp32 keeps 128-wide
+    # tiles, whose 3 stages fit in shared memory.
     wide = T == 1 and x.element_size() <= 2
     bk = block_k or (32 if interp else (256 if wide else 128))
-    bn = block_n or (32 if interp else (256 if wide else 128))
+    bn = block_n or (32 if interp else (512 if wide else 128))
     stages = num_stages or 3
     pf = 0 if interp and down_prefetch is None else (down_prefetch or 0)
     if pf and (pf < 16 or pf & (pf - 1)):
