@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from prunepath_ops import reference as R
 from prunepath_ops.attention import kv_decode_attention
-from prunepath_ops.attention.triton_attention import split_plan
+from prunepath_ops.attention.triton_attention import SHORT_CACHE, split_plan
 from prunepath_ops.testing import assert_close
 
 HAS_CUDA = torch.cuda.is_available()
@@ -237,13 +237,18 @@ def test_cpu_composite_random_shapes(lens, group, Hkv, D, with_new, seed):
         (1, 8, 16640),  # one 16k sequence must still fill the GPU
         (8, 8, 4352),
         (32, 8, 16640),  # the ragged benchmark batch: its long sequence must not run on 8 programs
-        (32, 8, 1280),
+        (32, 8, 4352),
+        (32, 8, 1280),  # the batch fills the GPU and the cache is short: one split
         (256, 8, 300),  # the batch alone fills the GPU
+        (16, 8, 2048),  # 128 programs do not fill 132 SMs: split
     ],
 )
 def test_split_plan_fills_h200(B, Hkv, S_max):
     ns, chunk = split_plan(B, Hkv, S_max, 132, 64)
     assert chunk % 64 == 0 and ns * chunk >= S_max > (ns - 1) * chunk  # every row in exactly one split
+    if B * Hkv >= 132 and S_max <= SHORT_CACHE:
+        assert ns == 1
+        return
     assert chunk >= min(256, S_max) or ns == 1
     assert chunk <= 512  # a long sequence is spread over many programs
     assert B * Hkv * ns >= min(264, B * Hkv * math.ceil(S_max / 256))

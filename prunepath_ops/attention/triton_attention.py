@@ -26,6 +26,12 @@ MIN_CHUNK = 256
 #: Most keys per split, whatever the batch: bounds the work of one program, so that a few long
 #: sequences in a batch of short ones are spread over many SMs instead of finishing last.
 MAX_CHUNK = 512
+#: Longest cache that is not split when the batch alone gives every SM a program: a split then
+#: only adds a partial write and the combine kernel, and a cache this short cannot leave one
+#: sequence's programs running long after the others. B = 32 x 8 kv heads, 1280 rows on the H200:
+#: 46.1 us in one split against 53.6 us in the three the fill rule made (CUDA graph replays,
+#: bench/results/kv_attention_cuda.md, sweep); SDPA given the exact prefix took 46.2 us.
+SHORT_CACHE = 2048
 #: The grid's second axis (the splits) is limited to 65535 programs.
 MAX_SPLITS = 65535
 
@@ -52,12 +58,14 @@ def split_plan(
     *,
     min_chunk: int = MIN_CHUNK,
     max_chunk: int = MAX_CHUNK,
+    short_cache: int = SHORT_CACHE,
 ) -> tuple[int, int]:
     """``(NS, CHUNK)`` from static sizes: how the key axis ``[0, S_max)`` is cut between programs.
 
-    Without ``num_splits``: enough splits that ``B * Hkv * NS`` reaches ``PROGRAMS_PER_SM * sms``
-    and that no split exceeds ``max_chunk`` keys, but none below ``min_chunk`` keys. ``CHUNK`` is a
-    multiple of ``block_n`` and ``NS = cdiv(S_max, CHUNK)``, so the splits cover every row once.
+    Without ``num_splits``: one split when ``B * Hkv >= sms`` and ``S_max <= short_cache``;
+    otherwise enough splits that ``B * Hkv * NS`` reaches ``PROGRAMS_PER_SM * sms`` and that no
+    split exceeds ``max_chunk`` keys, but none below ``min_chunk`` keys. ``CHUNK`` is a multiple of
+    ``block_n`` and ``NS = cdiv(S_max, CHUNK)``, so the splits cover every row once.
 
     Examples
     --------
@@ -65,9 +73,13 @@ def split_plan(
     (33, 512)
     >>> split_plan(32, 8, 4352, 132, 64)
     (9, 512)
+    >>> split_plan(32, 8, 1280, 132, 64)  # the batch fills the GPU, the cache is short: no split
+    (1, 1280)
     """
     if S_max <= 0:
         return 1, block_n
+    if num_splits is None and B * Hkv >= sms and S_max <= short_cache:
+        num_splits = 1
     if num_splits is None:
         fill = triton.cdiv(PROGRAMS_PER_SM * sms, max(1, B * Hkv))
         by_length = triton.cdiv(S_max, max_chunk)
@@ -101,7 +113,7 @@ def launch_config(
     if block_n is None:
         block_n = 16 if interp else (64 if D <= 128 else 32)
     # The interpreter's chunks are a few tiles, so that tiny test caches take the split path too.
-    chunks = {"min_chunk": block_n, "max_chunk": 2 * block_n} if interp else {}
+    chunks = {"min_chunk": block_n, "max_chunk": 2 * block_n, "short_cache": 0} if interp else {}
     ns, chunk = split_plan(B, Hkv, S_max, num_sms(device), block_n, num_splits, **chunks)
     if interp:
         num_warps = num_stages = None
