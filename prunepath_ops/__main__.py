@@ -358,6 +358,17 @@ def evaluate(args: argparse.Namespace) -> int:
             raise CLIError(f"bad --min-experts {args.min_experts}: it must be in [1, E={E}] (and needs a checkpoint)")
         for m in routed:
             m.min_experts = args.min_experts
+    if args.max_experts is not None:
+        routed = _routed(model)
+        E = min((m.w_down.shape[0] for m in routed), default=0)
+        floor = max((m.min_experts for m in routed), default=1)
+        if not routed or not max(1, floor) <= args.max_experts <= E:
+            raise CLIError(
+                f"bad --max-experts {args.max_experts}: it must be in [max(1, min_experts={floor}), E={E}]"
+                " (and needs a checkpoint)"
+            )
+        for m in routed:
+            m.max_experts = args.max_experts
     methods = [m for m in args.static_methods.split(",") if m]
     rows = sweep(
         model, tokens, taus=taus, ks=ks if args.checkpoint else [], static_fractions=fracs, static_methods=methods,
@@ -613,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-experts",
         type=int,
         help="PrunePath points keep at least this many experts per token (topp_route's floor; default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--max-experts",
+        type=int,
+        help="PrunePath points keep at most this many experts per token (topp_route's cap; default: every expert)",
     )
     p.add_argument(
         "--out-dir", default="prunepath_eval", help="sweep.md, sweep.csv, sweep.png (default ./prunepath_eval)"

@@ -76,6 +76,22 @@ def test_eval_min_experts_floor(ckpt, tmp_path, capsys):
     assert "bad --min-experts" in _error_line(capsys)
 
 
+def test_eval_max_experts_cap(ckpt, tmp_path, capsys):
+    argv = ["eval", "--fast", "--no-progress", "--checkpoint", ckpt, "--taus", "1.05", "--ks", "2",
+            "--static-fractions", "", "--max-tokens", "120", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main([*argv, "--max-experts", "2"]) == 0
+    out = capsys.readouterr().out
+    capped = [line for line in out.splitlines() if line.startswith("| prunepath | tau=1.05,max=2 |")]
+    topk = [line for line in out.splitlines() if line.startswith("| topk | k=2 |")]
+    assert len(capped) == len(topk) == 1
+    # tau >= 1 keeps every expert; the cap keeps two, exactly top-2 (same sparsity and perplexity).
+    assert capped[0].split("|")[3:5] == topk[0].split("|")[3:5]
+    assert main([*argv, "--max-experts", "0"]) == 1
+    assert "bad --max-experts" in _error_line(capsys)
+    assert main([*argv, "--min-experts", "3", "--max-experts", "2"]) == 1  # cap below the floor
+    assert "bad --max-experts" in _error_line(capsys)
+
+
 def test_eval_dense_only_and_bench_and_info(tmp_path, capsys):
     argv = ["eval", "--fast", "--no-progress", "--static-fractions", "0.5", "--max-tokens", "150",
             "--out-dir", str(tmp_path)]  # fmt: skip

@@ -141,7 +141,11 @@ def sweep(
                 for m in routed:
                     m.tau = float(tau)
                 floor = min(m.min_experts for m in routed)
-                run("prunepath", f"tau={tau:g}" + (f",min={floor}" if floor > 1 else ""))
+                caps = [
+                    m.max_experts for m in routed if m.max_experts is not None and m.max_experts < m.w_down.shape[0]
+                ]
+                cap = f",max={max(caps)}" if caps else ""
+                run("prunepath", f"tau={tau:g}" + (f",min={floor}" if floor > 1 else "") + cap)
         finally:
             for m, t in zip(routed, saved, strict=True):
                 m.tau = t
