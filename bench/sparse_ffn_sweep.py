@@ -113,25 +113,26 @@ def main(argv=None) -> int:
                 # Around the per-expert schedule's defaults (rows 32; 256-wide tiles and 3 stages at
                 # T = 1, 128 above), 4 warps (8 never won). Two "balanced" schedules (an equal share of
                 # the selected neurons per SM) measured 1.1-2.6x slower: bench/results/sparse_ffn_sweep_decode_balanced_*.
-                # (rows, block_k, block_n, num_stages, down_prefetch, pdl, extra). The down loop streams
-                # a third of the bytes with its own tile width (block_n): wider tiles keep as many bytes
-                # in flight as the gate/up loop does (session 4: one program per SM at 30 %, so the
+                # (rows, block_k, block_n, num_stages, pdl, extra). The down loop streams a third of
+                # the bytes with its own tile width (block_n): wider tiles keep as many bytes in
+                # flight as the gate/up loop does (session 4: one program per SM at 30 %, so the
                 # bytes in flight per SM set the bandwidth); rows 16 with 512-wide tiles puts two
-                # programs on each SM with as many bytes in flight each.
+                # programs on each SM with as many bytes in flight each. (Prefetching the first down
+                # tile during the gate/up loop was measured too, no gain, and removed:
+                # bench/results/sparse_ffn_sweep_decode_tiles_cuda.md.)
                 if args.tiny:
-                    exp = [(16, 32, 32, 2, 0, False, {}), (16, 32, 32, 2, 16, False, {})]
+                    exp = [(16, 32, 32, 2, False, {})]
                 elif T == 1:
-                    exp = [(32, 256, 256, 3, 0, False, {}), (32, 256, 256, 3, 0, True, {}),
-                           (32, 256, 512, 3, 0, True, {}), (32, 256, 512, 3, 0, True, {"num_warps": 8}),
-                           (32, 256, 512, 3, 0, True, {"block_d": 32}), (32, 256, 512, 3, 0, True, {"block_d": 64}),
-                           (16, 512, 512, 3, 0, True, {}), (16, 512, 1024, 3, 0, True, {}),
-                           (16, 256, 512, 4, 0, True, {}), (32, 256, 512, 3, 128, True, {})]  # fmt: skip
+                    exp = [(32, 256, 256, 3, False, {}), (32, 256, 256, 3, True, {}),
+                           (32, 256, 512, 3, True, {}), (32, 256, 512, 3, True, {"num_warps": 8}),
+                           (32, 256, 512, 3, True, {"block_d": 32}), (32, 256, 512, 3, True, {"block_d": 64}),
+                           (16, 512, 512, 3, True, {}), (16, 512, 1024, 3, True, {}),
+                           (16, 256, 512, 4, True, {})]  # fmt: skip
                 else:
-                    exp = [(32, 128, 128, 3, 0, False, {}), (32, 128, 128, 3, 0, True, {}),
-                           (32, 128, 256, 3, 0, True, {}), (32, 128, 256, 3, 128, True, {}),
-                           (32, 128, 128, 4, 0, True, {})]  # fmt: skip
+                    exp = [(32, 128, 128, 3, False, {}), (32, 128, 128, 3, True, {}),
+                           (32, 128, 256, 3, True, {}), (32, 128, 128, 4, True, {})]  # fmt: skip
                 configs = [{"rows": r, "block_k": bk, "block_n": bn, "num_stages": ns, "num_warps": 4,
-                            "down_prefetch": pf, "pdl": pdl, **extra} for r, bk, bn, ns, pf, pdl, extra in exp]  # fmt: skip
+                            "pdl": pdl, **extra} for r, bk, bn, ns, pdl, extra in exp]  # fmt: skip
                 if args.defaults_only:
                     configs = [{"pdl": False}, {"pdl": True}]
                 for cfg in configs:
@@ -183,7 +184,6 @@ def main(argv=None) -> int:
             "block_k",
             "num_warps",
             "num_stages",
-            "down_prefetch",
             "pdl",
         )
         cfg = ", ".join(f"{k}={r[k]}" for k in keys if k in r and r[k] is not None)

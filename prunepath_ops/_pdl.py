@@ -42,6 +42,11 @@ def use_pdl(device: torch.device) -> bool:
     return _device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def resolve(pdl: bool | None, device: torch.device) -> bool:
+    """A launcher's ``pdl`` argument: None takes :func:`use_pdl`; True only where PDL is available."""
+    return (pdl is None or bool(pdl)) and use_pdl(device)
+
+
 def launch_options(pdl: bool) -> dict:
     """Keyword arguments of a Triton launch for ``pdl`` (empty when off, so older Tritons never see the key)."""
     return {"launch_pdl": True} if pdl else {}

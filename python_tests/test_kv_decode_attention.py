@@ -134,7 +134,6 @@ def test_softmax_scale(backend, scale):
 
 
 @needs_triton
-@pytest.mark.parametrize("k_rows", [False, True], ids=["k-transposed-load", "k-rows-then-trans"])  # two key layouts
 @pytest.mark.parametrize("num_splits", [1, 2, 4])  # one kernel (no combine); 32-key chunks; one tile per chunk
 @pytest.mark.parametrize(
     "lens,with_new",
@@ -144,7 +143,7 @@ def test_softmax_scale(backend, scale):
         ([32, 0, 47], True),  # new row at a 32-key chunk boundary; an empty cache that gets one key
     ],
 )
-def test_split_boundaries(k_rows, num_splits, lens, with_new):
+def test_split_boundaries(num_splits, lens, with_new):
     from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
 
     device = device_for("triton")
@@ -153,7 +152,7 @@ def test_split_boundaries(k_rows, num_splits, lens, with_new):
     k_ref, v_ref = k.cpu().clone(), v.cpu().clone()
     cpu = [t.cpu() if t is not None else None for t in (q, seqlens, kn, vn)]
     expected = R.kv_decode_attention(cpu[0], k_ref, v_ref, cpu[1], cpu[2], cpu[3])
-    out = kv_decode_attention_triton(q, k, v, seqlens, kn, vn, None, block_n=16, num_splits=num_splits, k_rows=k_rows)
+    out = kv_decode_attention_triton(q, k, v, seqlens, kn, vn, None, block_n=16, num_splits=num_splits)
     assert_close(out.cpu(), expected)
     torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(v.cpu(), v_ref, atol=0, rtol=0, equal_nan=True)

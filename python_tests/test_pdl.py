@@ -10,6 +10,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 def test_cpu_and_interpreter_never_use_pdl(monkeypatch):
     assert not _pdl.use_pdl(torch.device("cpu"))
+    assert not _pdl.resolve(True, torch.device("cpu"))  # asking for PDL where it is unavailable: off
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not _pdl.use_pdl(torch.device("cuda", 0))  # the interpreter has no grid dependency control
 

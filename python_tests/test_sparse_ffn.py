@@ -180,10 +180,7 @@ def test_triton_fp16(path):
     ],
 )
 @pytest.mark.parametrize("slot_grid", [True, False])  # one token: programs per slot, or the gate table
-# the first down tile loaded before the gate/up loop: none; narrower than the down tiles (32) and
-# wider than d = 48 (64: its masked tail is the whole second half, the loop then starts past d)
-@pytest.mark.parametrize("down_prefetch", [0, 16, 64])
-def test_decode_chunked_reduction(T, S, rows, use_dot, slot_grid, down_prefetch):
+def test_decode_chunked_reduction(T, S, rows, use_dot, slot_grid):
     from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
 
     d, F = 48, 128
@@ -205,21 +202,8 @@ def test_decode_chunked_reduction(T, S, rows, use_dot, slot_grid, down_prefetch)
         rows=rows,
         use_dot=use_dot,
         slot_grid_one_token=slot_grid,
-        down_prefetch=down_prefetch,
     )
     check(out, ref, torch.float32)
-
-
-def test_decode_down_prefetch_must_be_a_power_of_two():
-    from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
-
-    w, _, packed = make_ffn(48, 128, 32, device="cpu")
-    x = torch.randn(1, 48)
-    route = pp.topp_route(torch.randn(1, 4), 0.8)
-    args = (x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, packed.gated, packed.act)
-    for bad in (8, 24):
-        with pytest.raises(ValueError, match="down_prefetch must be 0 or a power of two >= 16"):
-            sparse_ffn_decode_triton(*args, down_prefetch=bad)
 
 
 @needs_triton

@@ -84,7 +84,6 @@ def decode_attention_split_kernel(
     SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
-    K_ROWS: tl.constexpr,
 ):
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
@@ -119,12 +118,7 @@ def decode_attention_split_kernel(
         rows = n0 + offs_n
         r_ok = rows < stop_old
         rows64 = rows.to(tl.int64)
-        if K_ROWS:
-            # Keys as stored, [BLOCK_N, D] rows, transposed in shared memory for the dot.
-            k = tl.load(k_base + rows64[:, None] * stride_ks + offs_d[None, :], mask=r_ok[:, None], other=0.0)
-            kt = tl.trans(k)
-        else:
-            kt = tl.load(k_base + rows64[None, :] * stride_ks + offs_d[:, None], mask=r_ok[None, :], other=0.0)
+        kt = tl.load(k_base + rows64[None, :] * stride_ks + offs_d[:, None], mask=r_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # [G_PAD, BLOCK_N]
         s = tl.where(r_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))

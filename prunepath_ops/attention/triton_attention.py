@@ -150,7 +150,6 @@ def kv_decode_attention_triton(
     num_stages: int | None = None,
     block_s: int | None = None,
     pdl: bool | None = None,
-    k_rows: bool = False,
 ) -> Tensor:
     """Split-KV decode attention with the Triton kernels; arguments as :func:`prunepath_ops.attention.kv_decode_attention`.
 
@@ -159,9 +158,7 @@ def kv_decode_attention_triton(
     in place. The keyword arguments override the choice of :func:`launch_config` (for sweeps):
     ``block_n`` keys per tile, ``num_splits`` splits of the key axis (1: one kernel, no combine),
     ``num_warps`` and ``num_stages`` of the attention kernel, ``block_s`` splits per step of the
-    combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`),
-    ``k_rows`` loads key tiles as stored (``[BLOCK_N, D]``) and transposes them on chip instead of
-    loading them transposed (a sweep option).
+    combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`).
 
     Returns
     -------
@@ -191,7 +188,7 @@ def kv_decode_attention_triton(
     else:
         o_part = torch.empty(B, Hq, ns, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device)
-    pdl = _pdl.use_pdl(q.device) if pdl is None else bool(pdl and _pdl.use_pdl(q.device))
+    pdl = _pdl.resolve(pdl, q.device)
     launch = _pdl.launch_options(pdl)
     opts = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **launch}
     with _device_guard(q.device):
@@ -203,8 +200,7 @@ def kv_decode_attention_triton(
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             *nk_strides, *nv_strides, out.stride(0), out.stride(1),
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=cfg["block_n"],
-            HAS_NEW=has_new, SINGLE=single, DOT_PREC=_dot_precision(q.dtype), PDL=pdl, K_ROWS=k_rows,
-            **opts,
+            HAS_NEW=has_new, SINGLE=single, DOT_PREC=_dot_precision(q.dtype), PDL=pdl, **opts,
         )  # fmt: skip
         if not single:
             bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)

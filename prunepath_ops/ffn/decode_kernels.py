@@ -103,7 +103,6 @@ def decode_expert_kernel(
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
-    DOWN_PREFETCH: tl.constexpr,
 ):
     # With PDL the reduction's programs are scheduled once all of these started, and wait there.
     pdl_wait(PDL)
@@ -132,12 +131,6 @@ def decode_expert_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         w_gate = w_in_ptr + e * rows_in * d + offs_r[:, None] * d  # [R, 1] row starts
         w_up = w_gate + S * d
-        w_down = w_down_ptr + e * S * d + offs_r[:, None] * d  # [R, 1] row starts
-        if DOWN_PREFETCH > 0:
-            # The first down tile is loaded now and stays in flight during the gate/up loop: the
-            # down loop's pipeline then starts with data instead of a full memory latency.
-            offs_p = tl.arange(0, DOWN_PREFETCH)
-            wd_first = tl.load(w_down + offs_p[None, :], mask=offs_p[None, :] < d, other=0.0)  # [R, DOWN_PREFETCH]
         if USE_DOT:
             acc_g = tl.zeros((TP, R), dtype=tl.float32)
             acc_u = tl.zeros((TP, R), dtype=tl.float32)
@@ -177,19 +170,10 @@ def decode_expert_kernel(
             a = h.to(w_in_ptr.dtype.element_ty)
         else:
             h = tl.sum(tl.where(sel[:, None] != 0, h[None, :] * g[:, None], 0.0), axis=0)  # [R]
+        w_down = w_down_ptr + e * S * d + offs_r[:, None] * d  # [R, 1] row starts
         offs_n = tl.arange(0, BLOCK_N)
         dst = partial_ptr + (unit * NC + chunk) * T * d
-        if DOWN_PREFETCH > 0:
-            p_ok = offs_p < d
-            if USE_DOT:
-                out_first = tl.dot(a, wd_first, input_precision=DOT_PREC)  # [TP, DOWN_PREFETCH]
-                tl.store(
-                    dst + offs_t[:, None] * d + offs_p[None, :], out_first, mask=(sel != 0)[:, None] & p_ok[None, :]
-                )
-            else:
-                out_first = tl.sum(wd_first.to(tl.float32) * h[:, None], axis=0)  # [DOWN_PREFETCH]
-                tl.store(dst + offs_p, out_first, mask=p_ok)
-        for n0 in range(DOWN_PREFETCH, d, BLOCK_N):
+        for n0 in range(0, d, BLOCK_N):
             nn = n0 + offs_n
             n_ok = nn < d
             wd = tl.load(w_down + nn[None, :], mask=n_ok[None, :], other=0.0)  # [R, BLOCK_N]

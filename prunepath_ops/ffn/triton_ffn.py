@@ -158,7 +158,6 @@ def sparse_ffn_decode_triton(
     slot_grid_one_token: bool | None = None,
     block_d: int | None = None,
     pdl: bool | None = None,
-    down_prefetch: int | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
 
@@ -171,9 +170,7 @@ def sparse_ffn_decode_triton(
     loads stream weights faster than the CUDA-core reduction, see
     bench/results/sparse_ffn_sweep_cuda.md); ``slot_grid_one_token=False`` makes a single
     token go through the gate table like a batch, ``block_d`` sets the reduction's tile,
-    ``pdl`` the programmatic dependent launch of the kernels (default :func:`prunepath_ops._pdl.use_pdl`),
-    ``down_prefetch`` the width of the first down-projection tile loaded before the gate/up loop
-    (0: none; a power of two >= 16).
+    ``pdl`` the programmatic dependent launch of the kernels (default :func:`prunepath_ops._pdl.use_pdl`).
     Returns ``[T, d]`` in the dtype of ``x``.
     """
     T, d = x.shape
@@ -194,7 +191,7 @@ def sparse_ffn_decode_triton(
         raise ValueError(f"sparse_ffn: rows={r} must divide S={S} (and be >= 16 on the tensor-core path)")
     nc = S // r
     dev = x.device
-    pdl = _pdl.use_pdl(dev) if pdl is None else bool(pdl and _pdl.use_pdl(dev))
+    pdl = _pdl.resolve(pdl, dev)
     launch = {} if interp else {"num_warps": 4, **_pdl.launch_options(pdl)}
     slot_grid = T == 1 and (slot_grid_one_token if slot_grid_one_token is not None else True)
     dummy = w_down
@@ -220,15 +217,12 @@ def sparse_ffn_decode_triton(
     bk = block_k or (32 if interp else (256 if wide else 128))
     bn = block_n or (32 if interp else (512 if wide else 128))
     stages = num_stages or 3
-    pf = 0 if interp and down_prefetch is None else (down_prefetch or 0)
-    if pf and (pf < 16 or pf & (pf - 1)):
-        raise ValueError(f"sparse_ffn: down_prefetch must be 0 or a power of two >= 16; got {pf}")
     decode_kernels.decode_expert_kernel[(units, nc)](
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
         T, d, E, K, x.stride(0),
         SLOT_GRID=slot_grid, S=S, R=r, TP=tp, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
         BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot, DOT_PREC=_dot_precision(x.dtype), PDL=pdl,
-        DOWN_PREFETCH=pf, **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
+        **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
     # All of a token's slots in one tile (up to 512) and narrow d blocks: one round trip to memory
