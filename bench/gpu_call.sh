@@ -31,6 +31,12 @@ for part in "$@"; do
     ffntail) t 120 python3 bench/sparse_ffn_sweep.py --what decode --batches 1 --defaults-only --fractions 0.25 0.29 0.3 0.35 \
                --out "$out/tail" > "$out/sweep_tail.log" 2>&1 ;;
     ffnsweepall) t 300 python3 bench/sparse_ffn_sweep.py --what both --out "$out" > "$out/sweep.log" 2>&1 ;;
+    ncudecode) for spec in "triton decode_expert_kernel|decode_reduce 2 2" "bulk decode_expert_bulk 2 1" "dense nvjet|gemv|gemm 3 3"; do
+                 read -r which re skip count <<< "$spec"
+                 t 120 ncu --clock-control none -k "regex:$re" --launch-skip "$skip" --launch-count "$count" --section SpeedOfLight \
+                   --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+                   --section SchedulerStats python3 bench/diag/decode_expert_ncu.py --which "$which" > "$out/ncu_decode_$which.log" 2>&1
+               done ;;
     profile) t 180 python3 bench/diag/kernel_profile.py --out "$out" > "$out/kernel_profile.log" 2>&1 ;;
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
     ffn8b) t 150 python3 bench/sparse_ffn_gpu.py --shapes llama3-8b --batches 1 4 16 --prefill 4096 \
