@@ -519,3 +519,31 @@ def test_gpu_cuda_graph_capture_decode():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+def test_decode_trace_argument_checked():
+    from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
+
+    _, _, packed = make_ffn(32, 64, 16, device=DEVICE)
+    x = torch.randn(1, 32, device=DEVICE)
+    route = pp.topp_route(torch.randn(1, 4, device=DEVICE), 0.5)
+    args = (x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, True, "silu")
+    with pytest.raises(ValueError, match="trace must be an int64"):
+        sparse_ffn_decode_triton(*args, trace=torch.zeros(3, 4, dtype=torch.int64, device=DEVICE))  # wrong rows
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (%smid and %globaltimer)")
+def test_gpu_decode_trace_records_each_program():
+    from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
+
+    _, _, packed = make_ffn(256, 32 * 12, 32, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1, 256, device="cuda").bfloat16()
+    route = pp.topp_route(torch.randn(1, 12, device="cuda"), 0.6)
+    args = (x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, True, "silu")
+    trace = torch.zeros(12, 4, dtype=torch.int64, device="cuda")
+    out = sparse_ffn_decode_triton(*args, trace=trace)
+    assert torch.equal(out, sparse_ffn_decode_triton(*args))  # tracing leaves the result alone
+    sm, start, end, active = trace.cpu().T
+    assert int(active.sum()) == int(route.num_active)  # one program per selected slot did work
+    assert bool((end >= start).all()) and bool((start > 0).all())
+    assert int(sm.max()) < torch.cuda.get_device_properties(0).multi_processor_count

@@ -86,6 +86,7 @@ def decode_expert_kernel(
     gates_ptr,  # [1, K] fp32 (SLOT_GRID only)
     num_active_ptr,  # [1] int32 (SLOT_GRID only)
     partial_ptr,  # [units, NC, T, d] fp32 out (only selected experts' rows are written)
+    trace_ptr,  # [units * NC, 4] int64 (TRACE only): SM id, start and end %globaltimer, active
     T,
     d,
     E,
@@ -103,10 +104,13 @@ def decode_expert_kernel(
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     # With PDL the reduction's programs are scheduled once all of these started, and wait there.
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
+    if TRACE:
+        t_start = _globaltimer()
     unit = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     NC: tl.constexpr = S // R
@@ -184,6 +188,22 @@ def decode_expert_kernel(
             else:
                 out = tl.sum(wd.to(tl.float32) * h[:, None], axis=0)  # [BLOCK_N]
                 tl.store(dst + nn, out, mask=n_ok)
+    if TRACE:
+        row = trace_ptr + (tl.program_id(0) * NC + chunk) * 4
+        tl.store(row, _smid().to(tl.int64))
+        tl.store(row + 1, t_start)
+        tl.store(row + 2, _globaltimer())
+        tl.store(row + 3, (tl.max(sel, axis=0) > 0).to(tl.int64))
+
+
+@triton.jit
+def _globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _smid():
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -158,6 +158,7 @@ def sparse_ffn_decode_triton(
     slot_grid_one_token: bool | None = None,
     block_d: int | None = None,
     pdl: bool | None = None,
+    trace: Tensor | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
 
@@ -171,6 +172,8 @@ def sparse_ffn_decode_triton(
     bench/results/sparse_ffn_sweep_cuda.md); ``slot_grid_one_token=False`` makes a single
     token go through the gate table like a batch, ``block_d`` sets the reduction's tile,
     ``pdl`` the programmatic dependent launch of the kernels (default :func:`prunepath_ops._pdl.use_pdl`).
+    Diagnostics (bench/diag/decode_expert_trace.py): ``trace`` (int64 ``[units * NC, 4]``, GPU only)
+    receives each expert program's SM id, start and end ``%globaltimer`` and whether it had work.
     Returns ``[T, d]`` in the dtype of ``x``.
     """
     T, d = x.shape
@@ -206,6 +209,8 @@ def sparse_ffn_decode_triton(
             **launch,
         )  # fmt: skip
         units = E
+    if trace is not None and (interp or trace.device != dev or trace.dtype != torch.int64 or trace.shape != (units * nc, 4)):
+        raise ValueError(f"sparse_ffn: trace must be an int64 [{units * nc}, 4] tensor on {dev} (and not interpreted)")
     partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
     # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, 30 % active).
     # One token: each SM holds about one selected expert, so the bytes in flight per program set the
@@ -219,9 +224,10 @@ def sparse_ffn_decode_triton(
     stages = num_stages or 3
     decode_kernels.decode_expert_kernel[(units, nc)](
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
-        T, d, E, K, x.stride(0),
-        SLOT_GRID=slot_grid, S=S, R=r, TP=tp, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
-        BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot, DOT_PREC=_dot_precision(x.dtype), PDL=pdl,
+        trace if trace is not None else dummy, T, d, E, K, x.stride(0),
+        SLOT_GRID=slot_grid, S=S, R=r, TP=tp, GATED=gated,
+        HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot,
+        DOT_PREC=_dot_precision(x.dtype), PDL=pdl, TRACE=trace is not None,
         **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
