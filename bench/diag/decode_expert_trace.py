@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for frac in args.fractions:
             route = fixed_fraction_route(1, ws[0].E, frac, "cuda", 0)
+            lines.append(f"fraction {frac}:")
             lines += trace_once(ws[0], x, route, dump if frac == 0.3 else None)
             us = [steady_us(ws, x, route) for _ in range(args.rounds)]  # their spread is the noise
             lines.append(
