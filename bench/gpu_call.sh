@@ -30,6 +30,8 @@ for part in "$@"; do
     ffnsweep) t 150 python3 bench/sparse_ffn_sweep.py --what decode --out "$out" > "$out/sweep.log" 2>&1 ;;
     ffntail) t 120 python3 bench/sparse_ffn_sweep.py --what decode --batches 1 --defaults-only --fractions 0.25 0.29 0.3 0.35 \
                --out "$out/tail" > "$out/sweep_tail.log" 2>&1 ;;
+    ffnsm) t 200 python3 bench/sparse_ffn_sweep.py --what decode --batches 1 --t1-quick --fractions 0.1 0.3 0.5 1.0 \
+             --out "$out/sm" > "$out/sweep_sm.log" 2>&1 ;;
     ffnsweepall) t 300 python3 bench/sparse_ffn_sweep.py --what both --out "$out" > "$out/sweep.log" 2>&1 ;;
     ncudecode) for spec in "triton decode_expert_kernel|decode_reduce 2 2" "bulk decode_expert_bulk 2 1" "dense nvjet|gemv|gemm 3 3"; do
                  read -r which re skip count <<< "$spec"

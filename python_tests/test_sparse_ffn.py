@@ -521,6 +521,52 @@ def test_gpu_cuda_graph_capture_decode():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize(
+    "n",
+    [
+        0,  # no slot active: nothing served, zeros out
+        2,  # fewer slots than SMs: some SMs serve nothing
+        5,  # more than one slot per SM: the second tickets serve the second wave
+        13,  # more than two waves: each program loops over its slots
+        40,  # every expert
+    ],
+)
+@pytest.mark.parametrize(
+    "fake_sm",
+    [
+        None,  # the real SM ids on the GPU (the interpreter: program id % sms, two programs per "SM")
+        2,  # every program on "SM" 0: the last program to arrive serves the slots of the missing tickets
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_sm_schedule(n, fake_sm, dtype):
+    from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
+
+    d, S, E = 48, 16, 40  # d not a multiple of 16
+    sms = 4 if DEVICE == "cpu" or fake_sm is not None else None  # None: the device's SM count
+    w, _, packed = make_ffn(d, S * E, S, dtype=dtype, device=DEVICE)
+    x = torch.randn(1, d, device=DEVICE).to(dtype)
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randperm(E, generator=g).int()[None]  # [1, K = E]
+    route = (ids.to(DEVICE), torch.rand(1, E, generator=g).to(DEVICE), torch.tensor([n], dtype=torch.int32).to(DEVICE))
+    route = poison_padding(route, E, E)
+    args = (x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, True, "silu")
+    out = sparse_ffn_decode_triton(*args, schedule="sm", sms=sms, fake_sm=fake_sm)
+    ref = R.sparse_ffn(x.float(), *route, packed.w_in.float(), packed.w_down.float(), act="silu")
+    check(out, ref, dtype)
+    assert torch.equal(out, sparse_ffn_decode_triton(*args, schedule="slots"))  # each slot's partial: same code
+
+
+def test_decode_schedule_checked():
+    from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
+
+    _, _, packed = make_ffn(32, 64, 16, device=DEVICE)
+    x = torch.randn(1, 32, device=DEVICE)
+    route = pp.topp_route(torch.randn(1, 4, device=DEVICE), 0.5)
+    with pytest.raises(ValueError, match="schedule must be 'slots' or 'sm'"):
+        sparse_ffn_decode_triton(x, *route, packed.w_in, None, packed.w_down, None, True, "silu", schedule="smart")
+
+
 def test_decode_trace_argument_checked():
     from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
 

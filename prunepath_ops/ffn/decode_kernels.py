@@ -130,70 +130,167 @@ def decode_expert_kernel(
         g = tl.load(table_ptr + e * TP + offs_t, mask=t_ok, other=0.0)  # [TP]
     # Programs of experts no token selected do nothing (most of the grid at decode).
     if tl.max(sel, axis=0) > 0:
-        rows_in: tl.constexpr = 2 * S if GATED else S
-        offs_r = chunk * R + tl.arange(0, R)
-        offs_k = tl.arange(0, BLOCK_K)
-        w_gate = w_in_ptr + e * rows_in * d + offs_r[:, None] * d  # [R, 1] row starts
-        w_up = w_gate + S * d
-        if USE_DOT:
-            acc_g = tl.zeros((TP, R), dtype=tl.float32)
-            acc_u = tl.zeros((TP, R), dtype=tl.float32)
-        else:
-            acc_g = tl.zeros((R,), dtype=tl.float32)
-            acc_u = tl.zeros((R,), dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < d
-            wg = tl.load(w_gate + kk[None, :], mask=k_ok[None, :], other=0.0)  # [R, BLOCK_K]
-            if GATED:
-                wu = tl.load(w_up + kk[None, :], mask=k_ok[None, :], other=0.0)  # [R, BLOCK_K]
-            if USE_DOT:
-                xt = tl.load(
-                    x_ptr + offs_t[:, None] * stride_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
-                )
-                acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision=DOT_PREC)  # [TP, R]
-                if GATED:
-                    acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision=DOT_PREC)
-            else:
-                xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K], token 0
-                acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
-                if GATED:
-                    acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
-        if HAS_BIAS:
-            b = tl.load(b_in_ptr + e * S + offs_r).to(tl.float32)
-            if USE_DOT:
-                acc_g += b[None, :]
-            else:
-                acc_g += b
-        h = apply_act(acc_g, ACT)
-        if GATED:
-            h = h * acc_u
-        # Rows of tokens that did not choose e are zeroed with a where, so inf/nan stay out.
-        if USE_DOT:
-            h = tl.where(sel[:, None] != 0, h * g[:, None], 0.0)  # [TP, R]
-            a = h.to(w_in_ptr.dtype.element_ty)
-        else:
-            h = tl.sum(tl.where(sel[:, None] != 0, h[None, :] * g[:, None], 0.0), axis=0)  # [R]
-        w_down = w_down_ptr + e * S * d + offs_r[:, None] * d  # [R, 1] row starts
-        offs_n = tl.arange(0, BLOCK_N)
         dst = partial_ptr + (unit * NC + chunk) * T * d
-        for n0 in range(0, d, BLOCK_N):
-            nn = n0 + offs_n
-            n_ok = nn < d
-            wd = tl.load(w_down + nn[None, :], mask=n_ok[None, :], other=0.0)  # [R, BLOCK_N]
-            if USE_DOT:
-                out = tl.dot(a, wd, input_precision=DOT_PREC)  # [TP, BLOCK_N]
-                # Only rows of tokens that selected e: the reduction reads no others.
-                tl.store(dst + offs_t[:, None] * d + nn[None, :], out, mask=(sel != 0)[:, None] & n_ok[None, :])
-            else:
-                out = tl.sum(wd.to(tl.float32) * h[:, None], axis=0)  # [BLOCK_N]
-                tl.store(dst + nn, out, mask=n_ok)
+        _expert_ffn(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, dst, e, sel, g, chunk, T, d, stride_x,
+                    S, R, TP, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, USE_DOT, DOT_PREC)  # fmt: skip
     if TRACE:
         row = trace_ptr + (tl.program_id(0) * NC + chunk) * 4
         tl.store(row, _smid().to(tl.int64))
         tl.store(row + 1, t_start)
         tl.store(row + 2, _globaltimer())
         tl.store(row + 3, (tl.max(sel, axis=0) > 0).to(tl.int64))
+
+
+@triton.jit
+def decode_expert_sm_kernel(
+    x_ptr,  # [1, d]
+    w_in_ptr,  # [E, 2S or S, d]
+    b_in_ptr,  # [E, S] or a dummy
+    w_down_ptr,  # [E, S, d]
+    expert_ids_ptr,  # [1, K] int32
+    gates_ptr,  # [1, K] fp32
+    num_active_ptr,  # [1] int32
+    partial_ptr,  # [K, d] fp32 out (the rows of slots < num_active are written)
+    sched_ptr,  # [NSM + 1] int32, zero at entry: per-SM tickets, then the arrival count
+    d,
+    E,
+    K,
+    NSM,
+    S: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
+    FAKE_SM: tl.constexpr,
+):
+    """One token, SM-aware: slot j runs on SM ``j % NSM``, as the ``j // NSM % 2``-th program there.
+
+    Launched with 2 x NSM programs, two per SM by their shared memory, so every SM holds exactly two
+    (bench/results/decode_expert_diag_h200.md: with one program per slot the block scheduler put
+    two of the first 134 programs on each of 8 SMs and none on 6, and the kernel ended with those
+    16, ~4 us after its median program). A program reads its SM id, takes a ticket l there (an
+    atomic on ``sched[sm]``) and serves slots ``sm + NSM * (l + 2 m)`` for m = 0, 1, ...; so at
+    most ceil(n / NSM) experts share an SM. Should an SM hold more than two programs (another
+    kernel occupying SMs, or SM ids past NSM), the extra ones idle and the last program to arrive
+    serves the slots of the tickets nobody took. Each slot is served by exactly one program with
+    the same code, so the output bits do not depend on the placement. ``FAKE_SM`` (tests, the
+    interpreter): 1 takes ``program_id % NSM`` as the SM id, 2 puts every program on SM 0.
+    """
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
+    pid = tl.program_id(0)
+    n = tl.minimum(tl.maximum(tl.load(num_active_ptr), 0), K)
+    if FAKE_SM == 0:
+        sm = _smid() % NSM
+    elif FAKE_SM == 1:
+        sm = pid % NSM
+    else:
+        sm = pid * 0
+    ticket = tl.atomic_add(sched_ptr + sm, 1)  # acq_rel, device scope
+    arrived = tl.atomic_add(sched_ptr + NSM, 1)
+    if ticket < 2:
+        for slot in range(sm + NSM * ticket, n, 2 * NSM):
+            _slot_expert(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, slot, d, E,
+                         S, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, DOT_PREC)  # fmt: skip
+    if arrived == tl.num_programs(0) - 1:  # every ticket is taken: serve those of missing programs
+        for other in range(0, NSM):
+            taken = tl.atomic_add(sched_ptr + other, 0)
+            for t in range(taken, 2):
+                for slot in range(other + NSM * t, n, 2 * NSM):
+                    _slot_expert(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, slot,
+                                 d, E, S, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, DOT_PREC)  # fmt: skip
+
+
+@triton.jit
+def _slot_expert(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, slot, d, E,
+                 S: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """The one token's slot ``slot``: its expert's whole FFN (R = S) into row ``slot`` of partial."""
+    TP: tl.constexpr = 16
+    offs_t = tl.arange(0, TP)
+    e = tl.load(expert_ids_ptr + slot).to(tl.int64)
+    active = (e >= 0) & (e < E)
+    e = tl.where(active, e, 0)
+    sel = tl.where((offs_t == 0) & active, 1, 0)  # [TP]
+    g = tl.where(offs_t == 0, tl.load(gates_ptr + slot, mask=active, other=0.0), 0.0)  # [TP]
+    row = e * 0 + slot  # int64: slot * d may pass 2^31
+    if active:
+        _expert_ffn(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, partial_ptr + row * d, e, sel, g, 0, 1, d,
+                    d, S, S, TP, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, True, DOT_PREC)  # fmt: skip
+
+
+@triton.jit
+def _expert_ffn(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, dst, e, sel, g, chunk, T, d, stride_x,
+                S: tl.constexpr, R: tl.constexpr, TP: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
+                DOT_PREC: tl.constexpr):  # fmt: skip
+    """Chunk ``chunk`` (R neurons) of expert e for the tokens ``sel`` marks, gates ``g`` [TP]: ``[T, d]`` fp32 at dst.
+
+    Streams the R gate (and R up) rows once for every token, applies the activation and the gate in
+    registers, then streams the R down rows; rows of tokens that did not select e are not written.
+    """
+    offs_t = tl.arange(0, TP)
+    t_ok = offs_t < T
+    rows_in: tl.constexpr = 2 * S if GATED else S
+    offs_r = chunk * R + tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_gate = w_in_ptr + e * rows_in * d + offs_r[:, None] * d  # [R, 1] row starts
+    w_up = w_gate + S * d
+    if USE_DOT:
+        acc_g = tl.zeros((TP, R), dtype=tl.float32)
+        acc_u = tl.zeros((TP, R), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((R,), dtype=tl.float32)
+        acc_u = tl.zeros((R,), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < d
+        wg = tl.load(w_gate + kk[None, :], mask=k_ok[None, :], other=0.0)  # [R, BLOCK_K]
+        if GATED:
+            wu = tl.load(w_up + kk[None, :], mask=k_ok[None, :], other=0.0)  # [R, BLOCK_K]
+        if USE_DOT:
+            xt = tl.load(
+                x_ptr + offs_t[:, None] * stride_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision=DOT_PREC)  # [TP, R]
+            if GATED:
+                acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision=DOT_PREC)
+        else:
+            xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K], token 0
+            acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+            if GATED:
+                acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+    if HAS_BIAS:
+        b = tl.load(b_in_ptr + e * S + offs_r).to(tl.float32)
+        if USE_DOT:
+            acc_g += b[None, :]
+        else:
+            acc_g += b
+    h = apply_act(acc_g, ACT)
+    if GATED:
+        h = h * acc_u
+    # Rows of tokens that did not choose e are zeroed with a where, so inf/nan stay out.
+    if USE_DOT:
+        h = tl.where(sel[:, None] != 0, h * g[:, None], 0.0)  # [TP, R]
+        a = h.to(w_in_ptr.dtype.element_ty)
+    else:
+        h = tl.sum(tl.where(sel[:, None] != 0, h[None, :] * g[:, None], 0.0), axis=0)  # [R]
+    w_down = w_down_ptr + e * S * d + offs_r[:, None] * d  # [R, 1] row starts
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(0, d, BLOCK_N):
+        nn = n0 + offs_n
+        n_ok = nn < d
+        wd = tl.load(w_down + nn[None, :], mask=n_ok[None, :], other=0.0)  # [R, BLOCK_N]
+        if USE_DOT:
+            out = tl.dot(a, wd, input_precision=DOT_PREC)  # [TP, BLOCK_N]
+            # Only rows of tokens that selected e: the reduction reads no others.
+            tl.store(dst + offs_t[:, None] * d + nn[None, :], out, mask=(sel != 0)[:, None] & n_ok[None, :])
+        else:
+            out = tl.sum(wd.to(tl.float32) * h[:, None], axis=0)  # [BLOCK_N]
+            tl.store(dst + nn, out, mask=n_ok)
 
 
 @triton.jit

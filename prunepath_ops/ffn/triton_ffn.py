@@ -7,6 +7,8 @@ kernels read the amount of work from the device.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from torch import Tensor
@@ -158,6 +160,9 @@ def sparse_ffn_decode_triton(
     slot_grid_one_token: bool | None = None,
     block_d: int | None = None,
     pdl: bool | None = None,
+    schedule: str | None = None,
+    sms: int | None = None,
+    fake_sm: int | None = None,
     trace: Tensor | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
@@ -172,6 +177,10 @@ def sparse_ffn_decode_triton(
     bench/results/sparse_ffn_sweep_cuda.md); ``slot_grid_one_token=False`` makes a single
     token go through the gate table like a batch, ``block_d`` sets the reduction's tile,
     ``pdl`` the programmatic dependent launch of the kernels (default :func:`prunepath_ops._pdl.use_pdl`).
+    ``schedule`` (one token, R = S, tensor cores): ``"slots"`` (one program per slot) or ``"sm"``
+    (2 x ``sms`` programs that place the slots on SMs themselves, see
+    :func:`prunepath_ops.ffn.decode_kernels.decode_expert_sm_kernel`; ``fake_sm`` is its test
+    hook); default ``PRUNEPATH_DECODE_SCHEDULE`` or ``"slots"``.
     Diagnostics (bench/diag/decode_expert_trace.py): ``trace`` (int64 ``[units * NC, 4]``, GPU only)
     receives each expert program's SM id, start and end ``%globaltimer`` and whether it had work.
     Returns ``[T, d]`` in the dtype of ``x``.
@@ -209,7 +218,9 @@ def sparse_ffn_decode_triton(
             **launch,
         )  # fmt: skip
         units = E
-    if trace is not None and (interp or trace.device != dev or trace.dtype != torch.int64 or trace.shape != (units * nc, 4)):
+    if trace is not None and (
+        interp or trace.device != dev or trace.dtype != torch.int64 or trace.shape != (units * nc, 4)
+    ):
         raise ValueError(f"sparse_ffn: trace must be an int64 [{units * nc}, 4] tensor on {dev} (and not interpreted)")
     partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
     # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, 30 % active).
@@ -222,6 +233,19 @@ def sparse_ffn_decode_triton(
     bk = block_k or (32 if interp else (256 if wide else 128))
     bn = block_n or (32 if interp else (512 if wide else 128))
     stages = num_stages or 3
+    sched = schedule or os.environ.get("PRUNEPATH_DECODE_SCHEDULE", "slots")
+    if sched not in ("slots", "sm"):
+        raise ValueError(f"sparse_ffn: schedule must be 'slots' or 'sm'; got {sched!r}")
+    if sched == "sm" and slot_grid and use_dot and nc == 1 and trace is None:
+        nsm = sms or _num_sms(dev)
+        tickets = torch.zeros(nsm + 1, dtype=torch.int32, device=dev)  # per-SM tickets, arrivals
+        decode_kernels.decode_expert_sm_kernel[(2 * nsm,)](
+            x, w_in, b_in if b_in is not None else dummy, w_down, expert_ids, gates, num_active, partial, tickets,
+            d, E, K, nsm, S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], BLOCK_K=bk,
+            BLOCK_N=bn, DOT_PREC=_dot_precision(x.dtype), PDL=pdl, FAKE_SM=fake_sm if fake_sm is not None else int(interp),
+            **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
+        )  # fmt: skip
+        return _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d)
     decode_kernels.decode_expert_kernel[(units, nc)](
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
         trace if trace is not None else dummy, T, d, E, K, x.stride(0),
@@ -230,7 +254,15 @@ def sparse_ffn_decode_triton(
         DOT_PREC=_dot_precision(x.dtype), PDL=pdl, TRACE=trace is not None,
         **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
-    y = torch.empty(T, d, dtype=x.dtype, device=dev)
+    return _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d)
+
+
+def _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d):
+    """The ordered reduction of the decode partials (``decode_reduce_kernel``): ``[T, d]`` in the dtype of x."""
+    T, d = x.shape
+    K = expert_ids.shape[1]
+    dummy = partial
+    y = torch.empty(T, d, dtype=x.dtype, device=x.device)
     # All of a token's slots in one tile (up to 512) and narrow d blocks: one round trip to memory
     # per program and hundreds of programs. 32 slots x 128 columns per program cost 10 us per call
     # in the first end-to-end profile (bench/results/decode_e2e_cuda.md), a quarter of the layer's FFN.
