@@ -525,9 +525,12 @@ def test_gpu_cuda_graph_capture_decode():
     "n",
     [
         0,  # no slot active: nothing served, zeros out
-        2,  # fewer slots than SMs: some SMs serve nothing
-        5,  # more than one slot per SM: the second tickets serve the second wave
-        13,  # more than two waves: each program loops over its slots
+        10,  # fewer slots than SMs: some SMs serve nothing
+        16,  # exactly one full wave
+        17,  # one slot past the wave: split, one of its 16 neurons on each SM
+        18,  # two slots past it: two neurons per SM (TAIL_MAX_NEURONS)
+        19,  # three: more than TAIL_MAX_NEURONS per SM, so the second tickets serve them whole
+        33,  # two full waves and one slot: the first tickets take the tail after their second slot
         40,  # every expert
     ],
 )
@@ -535,15 +538,14 @@ def test_gpu_cuda_graph_capture_decode():
     "fake_sm",
     [
         None,  # the real SM ids on the GPU (the interpreter: program id % sms, two programs per "SM")
-        2,  # every program on "SM" 0: the last program to arrive serves the slots of the missing tickets
+        2,  # every program on "SM" 0: the last program to arrive serves the duties of the missing tickets
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_sm_schedule(n, fake_sm, dtype):
-    from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
+    from prunepath_ops.ffn.triton_ffn import TAIL_MAX_NEURONS, sparse_ffn_decode_triton
 
-    d, S, E = 48, 16, 40  # d not a multiple of 16
-    sms = 4 if DEVICE == "cpu" or fake_sm is not None else None  # None: the device's SM count
+    d, S, E, sms = 48, 16, 40, 16  # d not a multiple of 16
     w, _, packed = make_ffn(d, S * E, S, dtype=dtype, device=DEVICE)
     x = torch.randn(1, d, device=DEVICE).to(dtype)
     g = torch.Generator().manual_seed(n)
@@ -551,10 +553,31 @@ def test_decode_sm_schedule(n, fake_sm, dtype):
     route = (ids.to(DEVICE), torch.rand(1, E, generator=g).to(DEVICE), torch.tensor([n], dtype=torch.int32).to(DEVICE))
     route = poison_padding(route, E, E)
     args = (x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, True, "silu")
+    # On the GPU without fake_sm the real SM ids land in [0, sms) through a modulo: as if SMs were shared.
     out = sparse_ffn_decode_triton(*args, schedule="sm", sms=sms, fake_sm=fake_sm)
     ref = R.sparse_ffn(x.float(), *route, packed.w_in.float(), packed.w_down.float(), act="silu")
     check(out, ref, dtype)
-    assert torch.equal(out, sparse_ffn_decode_triton(*args, schedule="slots"))  # each slot's partial: same code
+    assert torch.equal(out, sparse_ffn_decode_triton(*args, schedule="sm", sms=sms, fake_sm=fake_sm))  # same bits
+    whole = n // sms * sms
+    if not (whole and n > whole and (n - whole) * S <= sms * TAIL_MAX_NEURONS):  # no tail split: same sums
+        assert torch.equal(out, sparse_ffn_decode_triton(*args, schedule="slots"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("frac", [0.1, 0.3, 0.5, 1.0])  # no tail, a split tail (134 = 132 + 2), whole tails
+def test_gpu_decode_sm_schedule_llama_shape(frac):
+    from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
+
+    d, S, E = 4096, 32, 448
+    _, _, packed = make_ffn(d, S * E, S, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1, d, device="cuda").bfloat16()
+    n = max(1, round(frac * E))
+    ids = torch.randperm(E).int()[None].cuda()
+    route = (ids, torch.rand(1, E).cuda(), torch.tensor([n], dtype=torch.int32).cuda())
+    args = (x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, True, "silu")
+    out = sparse_ffn_decode_triton(*args, schedule="sm")
+    check(out, sparse_ffn_decode_triton(*args, schedule="slots"), torch.bfloat16)
+    assert torch.equal(out, sparse_ffn_decode_triton(*args, schedule="sm"))  # whatever the placement
 
 
 def test_decode_schedule_checked():

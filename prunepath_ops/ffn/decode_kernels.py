@@ -150,7 +150,8 @@ def decode_expert_sm_kernel(
     expert_ids_ptr,  # [1, K] int32
     gates_ptr,  # [1, K] fp32
     num_active_ptr,  # [1] int32
-    partial_ptr,  # [K, d] fp32 out (the rows of slots < num_active are written)
+    partial_ptr,  # [K, d] fp32 out (the rows of slots served whole are written)
+    tail_ptr,  # [NSM, d] fp32 out when the tail is split (see tail_split): one row per SM
     sched_ptr,  # [NSM + 1] int32, zero at entry: per-SM tickets, then the arrival count
     d,
     E,
@@ -165,19 +166,26 @@ def decode_expert_sm_kernel(
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
     FAKE_SM: tl.constexpr,
+    TAIL_MAX: tl.constexpr,
+    D_TILE: tl.constexpr,
+    HOLD_NS: tl.constexpr,
 ):
     """One token, SM-aware: slot j runs on SM ``j % NSM``, as the ``j // NSM % 2``-th program there.
 
-    Launched with 2 x NSM programs, two per SM by their shared memory, so every SM holds exactly two
-    (bench/results/decode_expert_diag_h200.md: with one program per slot the block scheduler put
-    two of the first 134 programs on each of 8 SMs and none on 6, and the kernel ended with those
-    16, ~4 us after its median program). A program reads its SM id, takes a ticket l there (an
-    atomic on ``sched[sm]``) and serves slots ``sm + NSM * (l + 2 m)`` for m = 0, 1, ...; so at
-    most ceil(n / NSM) experts share an SM. Should an SM hold more than two programs (another
-    kernel occupying SMs, or SM ids past NSM), the extra ones idle and the last program to arrive
-    serves the slots of the tickets nobody took. Each slot is served by exactly one program with
-    the same code, so the output bits do not depend on the placement. ``FAKE_SM`` (tests, the
-    interpreter): 1 takes ``program_id % NSM`` as the SM id, 2 puts every program on SM 0.
+    Launched with 2 x NSM programs, two per SM by their shared memory. With one program per slot
+    the block scheduler put two of the first 134 programs on each of 8 SMs and none on 6 (30 % of
+    Llama-3-8B's experts; bench/results/decode_expert_diag_h200.md), and the kernel ended with
+    those 16, ~4 us after its median program. Here a program reads its SM id, takes a ticket t
+    there (an atomic on ``sched[sm]``) and serves slots ``sm + NSM (t + 2 m)``, m = 0, 1, ...
+    The slots past the last full wave of NSM (2 of 134 at 30 %, which would double two SMs'
+    time) are split into single neurons (``tail_split``) served by the programs of ticket
+    ``waves % 2`` on every SM, one row of ``tail`` each. Programs without a whole slot hold their
+    SM until every program has arrived (at most HOLD_NS), so that early exits do not let the
+    scheduler pile later programs onto a few SMs. Should an SM still get more than two programs,
+    the extra ones idle and the last program to arrive serves the duties of the tickets nobody
+    took. Each slot (and tail neuron) is served by exactly one program with the same code, so the
+    output bits do not depend on the placement. ``FAKE_SM`` (tests, the interpreter): 1 takes
+    ``program_id % NSM`` as the SM id, 2 puts every program on SM 0; neither holds.
     """
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
@@ -191,17 +199,88 @@ def decode_expert_sm_kernel(
         sm = pid * 0
     ticket = tl.atomic_add(sched_ptr + sm, 1)  # acq_rel, device scope
     arrived = tl.atomic_add(sched_ptr + NSM, 1)
+    n_whole, split = tail_split(n, NSM, S, TAIL_MAX)
+    tail_ticket = (n_whole // NSM) % 2
+    if FAKE_SM == 0:
+        if (ticket >= 2) | (sm + NSM * ticket >= n_whole):  # no whole slot: hold the SM a moment
+            t0 = _globaltimer()
+            while (tl.load(sched_ptr + NSM, volatile=True) < tl.num_programs(0)) & (_globaltimer() - t0 < HOLD_NS):
+                pass
     if ticket < 2:
-        for slot in range(sm + NSM * ticket, n, 2 * NSM):
-            _slot_expert(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, slot, d, E,
-                         S, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, DOT_PREC)  # fmt: skip
+        _sm_duties(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, tail_ptr, sm, ticket,
+                   n, n_whole, split, tail_ticket, d, E, NSM, S, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, DOT_PREC,
+                   D_TILE)  # fmt: skip
     if arrived == tl.num_programs(0) - 1:  # every ticket is taken: serve those of missing programs
         for other in range(0, NSM):
             taken = tl.atomic_add(sched_ptr + other, 0)
             for t in range(taken, 2):
-                for slot in range(other + NSM * t, n, 2 * NSM):
-                    _slot_expert(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, slot,
-                                 d, E, S, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, DOT_PREC)  # fmt: skip
+                _sm_duties(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, tail_ptr,
+                           other, t, n, n_whole, split, tail_ticket, d, E, NSM, S, GATED, HAS_BIAS, ACT, BLOCK_K,
+                           BLOCK_N, DOT_PREC, D_TILE)  # fmt: skip
+
+
+@triton.jit
+def _sm_duties(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, tail_ptr, sm, t, n,
+               n_whole, split, tail_ticket, d, E, NSM, S: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+               ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+               D_TILE: tl.constexpr):  # fmt: skip
+    """What ticket t on SM sm serves: its whole slots, then (ticket ``tail_ticket``) the SM's tail share."""
+    for slot in range(sm + NSM * t, n_whole, 2 * NSM):
+        _slot_expert(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, slot, d, E,
+                     S, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, DOT_PREC)  # fmt: skip
+    if split & (t == tail_ticket):
+        _tail_share(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, tail_ptr, sm, n - n_whole,
+                    n_whole, d, E, NSM, S, GATED, HAS_BIAS, ACT, D_TILE)  # fmt: skip
+
+
+@triton.jit
+def tail_split(n, NSM, S: tl.constexpr, TAIL_MAX: tl.constexpr):
+    """``(n_whole, split)``: slots served whole, and whether the rest is split into single neurons.
+
+    The r = n mod NSM slots past the last full wave of NSM would each double an SM's time. When
+    they are at most TAIL_MAX neurons per SM (r S <= NSM TAIL_MAX) and there is a full wave
+    before them, their neurons are shared out over all NSM SMs instead (stream-K style).
+    """
+    n_whole = (n // NSM) * NSM
+    r = n - n_whole
+    split = (n_whole > 0) & (r > 0) & (r * S <= NSM * TAIL_MAX)
+    return tl.where(split, n_whole, n), split
+
+
+@triton.jit
+def _tail_share(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, tail_ptr, p, r, first, d, E, NSM,
+                S: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                D_TILE: tl.constexpr):  # fmt: skip
+    """Share p of the tail's r S neurons (slots first .. first + r - 1): row p of tail, [d] fp32.
+
+    Neuron u is row u % S of slot first + u // S; share p takes u in [p r S / NSM, (p + 1) r S / NSM),
+    one whole row of d at a time (a few neurons: all of a row's loads are in flight at once).
+    An empty share writes zeros: the reduction sums all NSM rows.
+    """
+    offs = tl.arange(0, D_TILE)
+    d_ok = offs < d
+    xv = tl.load(x_ptr + offs, mask=d_ok, other=0.0).to(tl.float32)  # [D_TILE], the token
+    rows_in: tl.constexpr = 2 * S if GATED else S
+    u0 = (p * r * S) // NSM
+    u1 = ((p + 1) * r * S) // NSM
+    acc = tl.zeros((D_TILE,), dtype=tl.float32)
+    for u in range(u0, u1):
+        slot = first + u // S
+        row = u % S
+        e = tl.load(expert_ids_ptr + slot).to(tl.int64)
+        ok = (e >= 0) & (e < E)
+        e = tl.where(ok, e, 0)
+        g = tl.where(ok, tl.load(gates_ptr + slot), 0.0)
+        w_gate = w_in_ptr + (e * rows_in + row) * d
+        z = tl.sum(tl.load(w_gate + offs, mask=d_ok, other=0.0).to(tl.float32) * xv, axis=0)
+        if HAS_BIAS:
+            z += tl.load(b_in_ptr + e * S + row).to(tl.float32)
+        h = apply_act(z, ACT)
+        if GATED:
+            h = h * tl.sum(tl.load(w_gate + S * d + offs, mask=d_ok, other=0.0).to(tl.float32) * xv, axis=0)
+        h = tl.where(ok, h * g, 0.0)  # a where, so inf/nan of an invalid slot stay out
+        acc += h * tl.load(w_down_ptr + (e * S + row) * d + offs, mask=d_ok, other=0.0).to(tl.float32)
+    tl.store(tail_ptr + p * d + offs, acc, mask=d_ok)  # p * d < NSM * TAIL_MAX_D: no overflow
 
 
 @triton.jit
@@ -310,12 +389,16 @@ def decode_reduce_kernel(
     num_active_ptr,  # [T] int32
     b_out_ptr,  # [d] or a dummy
     y_ptr,  # [T, d] out, dtype of x
+    tail_ptr,  # [NSM, d] fp32 (TAIL_MAX > 0: decode_expert_sm_kernel's tail rows)
     T,
     K,
     E,
     d,
     stride_y,
+    NSM,
     SLOT_GRID: tl.constexpr,
+    TAIL_MAX: tl.constexpr,
+    S: tl.constexpr,
     NC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -327,6 +410,8 @@ def decode_reduce_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     n = tl.minimum(tl.maximum(tl.load(num_active_ptr + t), 0), K)
+    if TAIL_MAX > 0:  # the slots past the last full wave come as NSM tail rows
+        n, split = tail_split(n, NSM, S, TAIL_MAX)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     # The token's slots in order, BLOCK_J at a time: the summation order depends only on the routing.
     for j0 in range(0, n, BLOCK_J):
@@ -342,6 +427,14 @@ def decode_reduce_kernel(
             rows = (unit * NC + c) * T + t  # [BLOCK_J]
             p = tl.load(partial_ptr + rows[:, None] * d + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
             acc += tl.sum(p, axis=0)
+    if TAIL_MAX > 0:
+        if split:  # then the tail rows, in SM order
+            pdl_wait(PDL)
+            for p0 in range(0, NSM, BLOCK_J):
+                pp = p0 + tl.arange(0, BLOCK_J)
+                rows = tl.load(tail_ptr + pp[:, None] * d + cols[None, :], mask=(pp < NSM)[:, None] & col_ok[None, :],
+                               other=0.0)  # fmt: skip
+                acc += tl.sum(rows, axis=0)
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     pdl_wait(PDL)  # a token without slots skipped the loop; nothing is written before the wait

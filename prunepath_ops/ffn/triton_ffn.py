@@ -29,6 +29,14 @@ def _align(expert_ids: Tensor, num_active: Tensor, E: int, block_m: int):
     return align_experts_reference(expert_ids, num_active, E, block_m)
 
 
+# The SM-aware schedule's tail split: at most this many neurons per SM (each a whole row of d, fp32
+# in registers, so d up to 8192 over 4 warps); programs without a whole slot hold their SM at most
+# HOLD_NS for the others to arrive.
+TAIL_MAX_NEURONS = 2
+TAIL_MAX_D = 8192
+HOLD_NS = 20_000
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs keep fp32 products (TF32 would cost ~1e-3 relative error).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -238,14 +246,19 @@ def sparse_ffn_decode_triton(
         raise ValueError(f"sparse_ffn: schedule must be 'slots' or 'sm'; got {sched!r}")
     if sched == "sm" and slot_grid and use_dot and nc == 1 and trace is None:
         nsm = sms or _num_sms(dev)
+        d_tile = triton.next_power_of_2(d)
+        tail_max = TAIL_MAX_NEURONS if d_tile <= TAIL_MAX_D else 0
         tickets = torch.zeros(nsm + 1, dtype=torch.int32, device=dev)  # per-SM tickets, arrivals
+        tail = torch.empty(nsm, d, dtype=torch.float32, device=dev) if tail_max else partial
         decode_kernels.decode_expert_sm_kernel[(2 * nsm,)](
-            x, w_in, b_in if b_in is not None else dummy, w_down, expert_ids, gates, num_active, partial, tickets,
+            x, w_in, b_in if b_in is not None else dummy, w_down, expert_ids, gates, num_active, partial, tail, tickets,
             d, E, K, nsm, S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], BLOCK_K=bk,
             BLOCK_N=bn, DOT_PREC=_dot_precision(x.dtype), PDL=pdl, FAKE_SM=fake_sm if fake_sm is not None else int(interp),
+            TAIL_MAX=tail_max, D_TILE=d_tile, HOLD_NS=HOLD_NS,
             **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
         )  # fmt: skip
-        return _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d)
+        return _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d,
+                              tail, nsm, tail_max, S)  # fmt: skip
     decode_kernels.decode_expert_kernel[(units, nc)](
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
         trace if trace is not None else dummy, T, d, E, K, x.stride(0),
@@ -257,7 +270,24 @@ def sparse_ffn_decode_triton(
     return _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d)
 
 
-def _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d):
+def _decode_reduce(
+    partial,
+    expert_ids,
+    num_active,
+    b_out,
+    x,
+    E,
+    nc,
+    slot_grid,
+    pdl,
+    launch,
+    interp,
+    block_d,
+    tail=None,
+    nsm=1,
+    tail_max=0,
+    S=1,
+):
     """The ordered reduction of the decode partials (``decode_reduce_kernel``): ``[T, d]`` in the dtype of x."""
     T, d = x.shape
     K = expert_ids.shape[1]
@@ -269,8 +299,8 @@ def _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, 
     bj = 16 if interp else min(triton.next_power_of_2(K), 512)
     bd = 32 if interp else (block_d or max(16, min(128, 8192 // bj)))
     decode_kernels.decode_reduce_kernel[(T, triton.cdiv(d, bd))](
-        partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, T, K, E, d, y.stride(0),
-        SLOT_GRID=slot_grid, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=bj, BLOCK_D=bd, PDL=pdl,
+        partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, tail if tail is not None else dummy,
+        T, K, E, d, y.stride(0), nsm, SLOT_GRID=slot_grid, TAIL_MAX=tail_max, S=S, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=bj, BLOCK_D=bd, PDL=pdl,
         **launch,
     )  # fmt: skip
     return y
