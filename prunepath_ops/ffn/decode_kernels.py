@@ -169,6 +169,7 @@ def decode_expert_sm_kernel(
     TAIL_MAX: tl.constexpr,
     D_TILE: tl.constexpr,
     HOLD_NS: tl.constexpr,
+    SM_BLOCK: tl.constexpr,
 ):
     """One token, SM-aware: slot j runs on SM ``j % NSM``, as the ``j // NSM % 2``-th program there.
 
@@ -211,12 +212,27 @@ def decode_expert_sm_kernel(
                    n, n_whole, split, tail_ticket, d, E, NSM, S, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, DOT_PREC,
                    D_TILE)  # fmt: skip
     if arrived == tl.num_programs(0) - 1:  # every ticket is taken: serve those of missing programs
-        for other in range(0, NSM):
-            taken = tl.atomic_add(sched_ptr + other, 0)
-            for t in range(taken, 2):
-                _sm_duties(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, tail_ptr,
-                           other, t, n, n_whole, split, tail_ticket, d, E, NSM, S, GATED, HAS_BIAS, ACT, BLOCK_K,
-                           BLOCK_N, DOT_PREC, D_TILE)  # fmt: skip
+        # One vector load of all SMs' counts (a loop of NSM atomics cost ~80 us of round trips).
+        offs_sm = tl.arange(0, SM_BLOCK)
+        taken_all = tl.load(sched_ptr + offs_sm, mask=offs_sm < NSM, other=2, volatile=True)
+        if tl.min(taken_all, axis=0) < 2:
+            _missing_duties(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, tail_ptr,
+                            sched_ptr, n, n_whole, split, tail_ticket, d, E, NSM, S, GATED, HAS_BIAS, ACT, BLOCK_K,
+                            BLOCK_N, DOT_PREC, D_TILE)  # fmt: skip
+
+
+@triton.jit
+def _missing_duties(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, tail_ptr, sched_ptr,
+                    n, n_whole, split, tail_ticket, d, E, NSM, S: tl.constexpr, GATED: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_PREC: tl.constexpr, D_TILE: tl.constexpr):  # fmt: skip
+    """The duties of the tickets no program took (an SM that got fewer than two programs), in SM order."""
+    for other in range(0, NSM):
+        taken = tl.load(sched_ptr + other, volatile=True)
+        for t in range(taken, 2):
+            _sm_duties(x_ptr, w_in_ptr, b_in_ptr, w_down_ptr, expert_ids_ptr, gates_ptr, partial_ptr, tail_ptr, other, t,
+                       n, n_whole, split, tail_ticket, d, E, NSM, S, GATED, HAS_BIAS, ACT, BLOCK_K, BLOCK_N, DOT_PREC,
+                       D_TILE)  # fmt: skip
 
 
 @triton.jit

@@ -254,7 +254,7 @@ def sparse_ffn_decode_triton(
             x, w_in, b_in if b_in is not None else dummy, w_down, expert_ids, gates, num_active, partial, tail, tickets,
             d, E, K, nsm, S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], BLOCK_K=bk,
             BLOCK_N=bn, DOT_PREC=_dot_precision(x.dtype), PDL=pdl, FAKE_SM=fake_sm if fake_sm is not None else int(interp),
-            TAIL_MAX=tail_max, D_TILE=d_tile, HOLD_NS=HOLD_NS,
+            TAIL_MAX=tail_max, D_TILE=d_tile, HOLD_NS=HOLD_NS, SM_BLOCK=triton.next_power_of_2(nsm),
             **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
         )  # fmt: skip
         return _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d,
