@@ -30,8 +30,6 @@ for part in "$@"; do
     ffnsweep) t 150 python3 bench/sparse_ffn_sweep.py --what decode --out "$out" > "$out/sweep.log" 2>&1 ;;
     ffntail) t 120 python3 bench/sparse_ffn_sweep.py --what decode --batches 1 --defaults-only --fractions 0.25 0.29 0.3 0.35 \
                --out "$out/tail" > "$out/sweep_tail.log" 2>&1 ;;
-    ffnsm) t 200 python3 bench/sparse_ffn_sweep.py --what decode --batches 1 --t1-quick --fractions 0.1 0.3 0.5 1.0 \
-             --out "$out/sm" > "$out/sweep_sm.log" 2>&1 ;;
     ffnsweepall) t 300 python3 bench/sparse_ffn_sweep.py --what both --out "$out" > "$out/sweep.log" 2>&1 ;;
     ncudecode) for spec in "triton decode_expert_kernel|decode_reduce 2 2" "bulk decode_expert_bulk 2 1" "dense nvjet|gemv|gemm 3 3"; do
                  read -r which re skip count <<< "$spec"
@@ -39,9 +37,6 @@ for part in "$@"; do
                    --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
                    --section SchedulerStats python3 bench/diag/decode_expert_ncu.py --which "$which" > "$out/ncu_decode_$which.log" 2>&1
                done ;;
-    ncusm) t 120 ncu --clock-control none -k "regex:decode_expert_sm" --launch-skip 2 --launch-count 1 --section SpeedOfLight \
-             --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
-             --section SourceCounters python3 bench/diag/decode_expert_ncu.py --which sm > "$out/ncu_decode_sm.log" 2>&1 ;;
     trace) t 150 python3 bench/diag/decode_expert_trace.py --out "$out" > "$out/decode_expert_trace.log" 2>&1 ;;
     profile) t 180 python3 bench/diag/kernel_profile.py --out "$out" > "$out/kernel_profile.log" 2>&1 ;;
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;

@@ -43,7 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.3])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="decode T values")
     ap.add_argument("--defaults-only", action="store_true", help="decode: only the launcher's defaults, PDL on and off")
-    ap.add_argument("--t1-quick", action="store_true", help="decode T = 1: only the default tiles, both schedules")
     ap.add_argument("--out", default=None)
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--rep", type=float, default=40.0)
@@ -129,11 +128,6 @@ def main(argv=None) -> int:
                            (32, 256, 512, 3, True, {"block_d": 32}), (32, 256, 512, 3, True, {"block_d": 64}),
                            (16, 512, 512, 3, True, {}), (16, 512, 1024, 3, True, {}),
                            (16, 256, 512, 4, True, {})]  # fmt: skip
-                    if args.t1_quick:
-                        exp = [(32, 256, 512, 3, True, {})]
-                    # The SM-aware schedule (decode_kernels.decode_expert_sm_kernel): 2 programs per SM
-                    # place the slots themselves, so no SM runs two experts while another runs none.
-                    exp += [(32, 256, 512, 3, True, {"schedule": "sm"}), (32, 256, 512, 3, False, {"schedule": "sm"})]
                 else:
                     exp = [(32, 128, 128, 3, False, {}), (32, 128, 128, 3, True, {}),
                            (32, 128, 256, 3, True, {}), (32, 128, 128, 4, True, {})]  # fmt: skip
@@ -191,7 +185,6 @@ def main(argv=None) -> int:
             "num_warps",
             "num_stages",
             "pdl",
-            "schedule",
         )
         cfg = ", ".join(f"{k}={r[k]}" for k in keys if k in r and r[k] is not None)
         us = f"{r['us']:.1f}" if "us" in r else ("ERROR" if "error" in r else "FAIL")

@@ -3,9 +3,8 @@
 
 Batch 1, Llama-3-8B FFN shape (d 4096, F 14336, S 32, E 448), bf16, 30 % of the experts active:
 the issue's decode row. ``--which`` picks what runs: ``triton`` (the default one-token path,
-``decode_expert_kernel`` + ``decode_reduce_kernel``), ``sm`` (the SM-aware schedule,
-``decode_expert_sm_kernel``), ``bulk`` (the experimental TMA bulk-copy expert kernel, where the
-build has it) or ``dense`` (the three ``F.linear`` of the dense FFN:
+``decode_expert_kernel`` + ``decode_reduce_kernel``), ``bulk`` (the experimental TMA bulk-copy
+expert kernel, where the build has it) or ``dense`` (the three ``F.linear`` of the dense FFN:
 the streaming reference, cuBLAS GEMVs). The question it answers: with the same bytes to stream,
 why does the expert kernel reach ~74 % of the HBM bandwidth where cuBLAS reaches ~86 %
 (warp stall reasons, achieved occupancy, DRAM throughput over the kernel's duration).
@@ -31,7 +30,7 @@ from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--which", choices=("triton", "sm", "bulk", "dense"), default="triton")
+    ap.add_argument("--which", choices=("triton", "bulk", "dense"), default="triton")
     ap.add_argument("--fraction", type=float, default=0.3)
     ap.add_argument("--launches", type=int, default=4)
     args = ap.parse_args(argv)
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
             if args.which == "dense":
                 F.linear(F.silu(F.linear(x, w.wg)) * F.linear(x, w.wu), w.wd)
             else:
-                extra = {"bulk": {"expert_kernel": "bulk"}, "sm": {"schedule": "sm"}}.get(args.which, {})
+                extra = {"expert_kernel": "bulk"} if args.which == "bulk" else {}
                 sparse_ffn_decode_triton(x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, **extra)
         torch.cuda.synchronize()
     print(f"{args.which}: {args.launches} launches done")

@@ -7,8 +7,6 @@ kernels read the amount of work from the device.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
@@ -27,14 +25,6 @@ def _align(expert_ids: Tensor, num_active: Tensor, E: int, block_m: int):
     if op is not None and torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::align_experts", key):
         return op(expert_ids, num_active, E, block_m)
     return align_experts_reference(expert_ids, num_active, E, block_m)
-
-
-# The SM-aware schedule's tail split: at most this many neurons per SM (each a whole row of d, fp32
-# in registers, so d up to 8192 over 4 warps); programs without a whole slot hold their SM at most
-# HOLD_NS for the others to arrive.
-TAIL_MAX_NEURONS = 2
-TAIL_MAX_D = 8192
-HOLD_NS = 20_000
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -168,9 +158,6 @@ def sparse_ffn_decode_triton(
     slot_grid_one_token: bool | None = None,
     block_d: int | None = None,
     pdl: bool | None = None,
-    schedule: str | None = None,
-    sms: int | None = None,
-    fake_sm: int | None = None,
     trace: Tensor | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
@@ -185,10 +172,6 @@ def sparse_ffn_decode_triton(
     bench/results/sparse_ffn_sweep_cuda.md); ``slot_grid_one_token=False`` makes a single
     token go through the gate table like a batch, ``block_d`` sets the reduction's tile,
     ``pdl`` the programmatic dependent launch of the kernels (default :func:`prunepath_ops._pdl.use_pdl`).
-    ``schedule`` (one token, R = S, tensor cores): ``"slots"`` (one program per slot) or ``"sm"``
-    (2 x ``sms`` programs that place the slots on SMs themselves, see
-    :func:`prunepath_ops.ffn.decode_kernels.decode_expert_sm_kernel`; ``fake_sm`` is its test
-    hook); default ``PRUNEPATH_DECODE_SCHEDULE`` or ``"slots"``.
     Diagnostics (bench/diag/decode_expert_trace.py): ``trace`` (int64 ``[units * NC, 4]``, GPU only)
     receives each expert program's SM id, start and end ``%globaltimer`` and whether it had work.
     Returns ``[T, d]`` in the dtype of ``x``.
@@ -226,9 +209,7 @@ def sparse_ffn_decode_triton(
             **launch,
         )  # fmt: skip
         units = E
-    if trace is not None and (
-        interp or trace.device != dev or trace.dtype != torch.int64 or trace.shape != (units * nc, 4)
-    ):
+    if trace is not None and (interp or trace.device != dev or trace.dtype != torch.int64 or trace.shape != (units * nc, 4)):
         raise ValueError(f"sparse_ffn: trace must be an int64 [{units * nc}, 4] tensor on {dev} (and not interpreted)")
     partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
     # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, 30 % active).
@@ -241,24 +222,6 @@ def sparse_ffn_decode_triton(
     bk = block_k or (32 if interp else (256 if wide else 128))
     bn = block_n or (32 if interp else (512 if wide else 128))
     stages = num_stages or 3
-    sched = schedule or os.environ.get("PRUNEPATH_DECODE_SCHEDULE", "slots")
-    if sched not in ("slots", "sm"):
-        raise ValueError(f"sparse_ffn: schedule must be 'slots' or 'sm'; got {sched!r}")
-    if sched == "sm" and slot_grid and use_dot and nc == 1 and trace is None:
-        nsm = sms or _num_sms(dev)
-        d_tile = triton.next_power_of_2(d)
-        tail_max = TAIL_MAX_NEURONS if d_tile <= TAIL_MAX_D else 0
-        tickets = torch.zeros(nsm + 1, dtype=torch.int32, device=dev)  # per-SM tickets, arrivals
-        tail = torch.empty(nsm, d, dtype=torch.float32, device=dev) if tail_max else partial
-        decode_kernels.decode_expert_sm_kernel[(2 * nsm,)](
-            x, w_in, b_in if b_in is not None else dummy, w_down, expert_ids, gates, num_active, partial, tail, tickets,
-            d, E, K, nsm, S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], BLOCK_K=bk,
-            BLOCK_N=bn, DOT_PREC=_dot_precision(x.dtype), PDL=pdl, FAKE_SM=fake_sm if fake_sm is not None else int(interp),
-            TAIL_MAX=tail_max, D_TILE=d_tile, HOLD_NS=HOLD_NS, SM_BLOCK=triton.next_power_of_2(nsm),
-            **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
-        )  # fmt: skip
-        return _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d,
-                              tail, nsm, tail_max, S)  # fmt: skip
     decode_kernels.decode_expert_kernel[(units, nc)](
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
         trace if trace is not None else dummy, T, d, E, K, x.stride(0),
@@ -267,40 +230,15 @@ def sparse_ffn_decode_triton(
         DOT_PREC=_dot_precision(x.dtype), PDL=pdl, TRACE=trace is not None,
         **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
-    return _decode_reduce(partial, expert_ids, num_active, b_out, x, E, nc, slot_grid, pdl, launch, interp, block_d)
-
-
-def _decode_reduce(
-    partial,
-    expert_ids,
-    num_active,
-    b_out,
-    x,
-    E,
-    nc,
-    slot_grid,
-    pdl,
-    launch,
-    interp,
-    block_d,
-    tail=None,
-    nsm=1,
-    tail_max=0,
-    S=1,
-):
-    """The ordered reduction of the decode partials (``decode_reduce_kernel``): ``[T, d]`` in the dtype of x."""
-    T, d = x.shape
-    K = expert_ids.shape[1]
-    dummy = partial
-    y = torch.empty(T, d, dtype=x.dtype, device=x.device)
+    y = torch.empty(T, d, dtype=x.dtype, device=dev)
     # All of a token's slots in one tile (up to 512) and narrow d blocks: one round trip to memory
     # per program and hundreds of programs. 32 slots x 128 columns per program cost 10 us per call
     # in the first end-to-end profile (bench/results/decode_e2e_cuda.md), a quarter of the layer's FFN.
     bj = 16 if interp else min(triton.next_power_of_2(K), 512)
     bd = 32 if interp else (block_d or max(16, min(128, 8192 // bj)))
     decode_kernels.decode_reduce_kernel[(T, triton.cdiv(d, bd))](
-        partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, tail if tail is not None else dummy,
-        T, K, E, d, y.stride(0), nsm, SLOT_GRID=slot_grid, TAIL_MAX=tail_max, S=S, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=bj, BLOCK_D=bd, PDL=pdl,
+        partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, T, K, E, d, y.stride(0),
+        SLOT_GRID=slot_grid, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=bj, BLOCK_D=bd, PDL=pdl,
         **launch,
     )  # fmt: skip
     return y
