@@ -209,7 +209,9 @@ def sparse_ffn_decode_triton(
             **launch,
         )  # fmt: skip
         units = E
-    if trace is not None and (interp or trace.device != dev or trace.dtype != torch.int64 or trace.shape != (units * nc, 4)):
+    if trace is not None and (
+        interp or trace.device != dev or trace.dtype != torch.int64 or trace.shape != (units * nc, 4)
+    ):
         raise ValueError(f"sparse_ffn: trace must be an int64 [{units * nc}, 4] tensor on {dev} (and not interpreted)")
     partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
     # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, 30 % active).
