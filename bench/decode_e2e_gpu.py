@@ -107,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="graphed configurations capture torch.compile(decode_step, fullgraph=True) (names end in -compiled)")  # fmt: skip
     ap.add_argument("--compile-both", action="store_true",
                     help="every graphed configuration twice, plain and compiled, on one model (one calibration)")  # fmt: skip
+    ap.add_argument(
+        "--opbyop",
+        action="store_true",
+        help="also time the graphed steps with Llama.fused_decode False (elementwise work op by op)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
     ap.add_argument("--name", default=None, help="output file stem (default decode_e2e_<device>[_tiny])")
@@ -237,6 +242,8 @@ def annotated(model: Llama):
     for layer in model.layers:
         layer.attn.decode = ranged("attention", layer.attn.decode)
         patched.append((layer.attn, "decode", None))
+        layer.attn.decode_fused = ranged("attention", layer.attn.decode_fused)
+        patched.append((layer.attn, "decode_fused", None))
         if isinstance(layer.ffn, LlamaMLP):
             layer.ffn.forward = ranged("ffn_experts", layer.ffn.forward)
             patched.append((layer.ffn, "forward", None))
@@ -406,6 +413,13 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
             splits[name] = time_split(model, first, T, split_attn, args)
         _free(args)
 
+    def opbyop(fn):  # the decode step's elementwise work op by op (Llama.fused_decode False), as before
+        model.fused_decode = False
+        try:
+            return fn()
+        finally:
+            model.fused_decode = True
+
     with torch.no_grad():
         attempt(lambda: dense("dense-eager-sdpa", "sdpa", False, split_attn="sdpa"), "dense-eager-sdpa")
         for compiled in args.modes:
@@ -419,6 +433,8 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                 name = "dense-graph-kernel" + suffix
                 split = "kernel" if compiled == args.modes[0] else None
                 attempt(lambda n=name, sp=split, c=compiled: dense(n, "kernel", True, split_attn=sp, compiled=c), name)
+                if args.opbyop and not compiled:
+                    attempt(lambda: opbyop(lambda: dense("dense-graph-kernel-opbyop", "kernel", True)), "opbyop")
         mlps = convert(model, args)
         decoders = {}
         for frac in args.fractions:
@@ -457,6 +473,11 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                     rows.append(row)
                     _print_row(row)
                 splits[name + ("-compiled" if args.modes[0] else "")] = time_split(model, first, T, sparse_attn, args)
+                if args.opbyop and False in args.modes:
+                    row, _, _ = opbyop(lambda: run_config(name + "-opbyop", model, prompt, sparse_attn, True, args, timer,
+                                                          None, extra, False))  # fmt: skip
+                    rows.append(row)
+                    _print_row(row)
 
             attempt(sparse, name)
         decoders.clear()  # frees the graphs
@@ -517,17 +538,22 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         if not r["config"].startswith("prunepath"):
             continue
         # Against the dense oracle run the same way (graphed, same attention, compiled or not).
-        suffix = "-compiled" if r["config"].endswith("-compiled") else ""
+        suffix = next((x for x in ("-compiled", "-opbyop") if r["config"].endswith(x)), "")
         dense_kernel = "dense-graph-kernel" + suffix
         dense_same = by.get(dense_kernel if fused or args.device != "cuda" else "dense-graph-sdpa" + suffix)
         if dense_same:
             ratio = r["decode_tok_s"] / dense_same["decode_tok_s"]
-            verdict = " (target >= 1.7x)" if r.get("target_fraction") == 0.3 else ""
+            verdict = " (target >= 1.7x)" if r.get("target_fraction") == 0.3 and suffix != "-opbyop" else ""
             lines.append(f"- {r['config']} / {dense_same['config']}: **{ratio:.2f}x**{verdict}; ideal "
                          f"{ideal[r['config']]['tok_s'] / ideal[dense_same['config']]['tok_s']:.2f}x (bytes per token)")  # fmt: skip
         if best_dense and best_dense is not dense_same:
             lines.append(f"- {r['config']} / {best_dense['config']} (fastest dense): "
                          f"{r['decode_tok_s'] / best_dense['decode_tok_s']:.2f}x")  # fmt: skip
+    for r in ok:  # the decode step's elementwise work fused (the default) against op by op, same run
+        if r["config"].endswith("-opbyop") and r["config"].removesuffix("-opbyop") in by:
+            fused_row = by[r["config"].removesuffix("-opbyop")]
+            lines.append(f"- {fused_row['config']} / {r['config']} (fused residual adds, norms, RoPE): "
+                         f"{fused_row['decode_tok_s'] / r['decode_tok_s']:.2f}x")  # fmt: skip
     for name in ("dense-graph-kernel", "dense-graph-kernel-compiled"):
         if "kernel_vs_sdpa_rel_err" in by.get(name, {}):
             lines.append(f"- kernel vs SDPA attention, one dense step's logits ({name}): rel err "

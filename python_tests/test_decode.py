@@ -69,6 +69,34 @@ def test_decode_step_matches_oracle_every_step(cfg, attn, monkeypatch):
         assert_close(model.decode_step(tokens[:, t], pos, attn=attn), full[:, t], msg=f"step {t}")
 
 
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_cuda)]
+)  # bf16: the Triton kernels on the GPU
+@pytest.mark.parametrize("prunepath", [pytest.param(False, id="dense"), pytest.param(True, id="prunepath")])
+@torch.no_grad()
+def test_fused_decode_step_matches_the_op_by_op_step(cfg, dtype, prunepath):
+    device = "cuda" if dtype == torch.bfloat16 else "cpu"
+    model = random_llama(cfg, dtype=dtype, device=device)
+    if prunepath:
+        to_prunepath(model, expert_width=16, tau=0.8, gate="sigmoid")
+        _random_router(model)
+        model.to(device)
+    B, T = 3, 6
+    tokens = torch.randint(0, cfg.vocab, (B, T), generator=torch.Generator().manual_seed(2)).to(device)
+    lengths = torch.tensor([6, 3, 5], dtype=torch.int32, device=device)  # ragged positions
+    outs = {}
+    for fused in (False, True):
+        model.fused_decode = fused
+        model.setup_cache(B, 16)
+        model(tokens, 0)  # prefill (SDPA): the same cache for both
+        outs[fused] = [model.decode_step(tokens[:, t], lengths + t - 1, attn="kernel") for t in range(1, 4)]
+    model.fused_decode = True
+    for step, (a, b) in enumerate(zip(outs[False], outs[True], strict=True)):
+        assert_close(b, a, dtype, msg=f"step {step}")
+        assert torch.equal(b.argmax(-1), a.argmax(-1))
+
+
 @pytest.mark.parametrize("attn", ATTN)
 @torch.no_grad()
 def test_ragged_batch_matches_unbatched_sequences(attn):

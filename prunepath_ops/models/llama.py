@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunepath_ops.attention import kv_decode_attention
+from prunepath_ops.decode_step import add_rms_norm, rope_qkv
 from prunepath_ops.modules import PrunePathMLP
 
 
@@ -261,6 +262,26 @@ class Attention(nn.Module):
             y = attention(q[:, None], k_all.to(q.dtype), v_all.to(q.dtype), mask)[:, 0]  # [B, H, D]
         return self.o_proj(y.reshape(B, self.n_heads * self.head_dim))
 
+    def decode_fused(self, x: Tensor, cos: Tensor, sin: Tensor, cache_seqlens: Tensor) -> Tensor:
+        """:meth:`decode` through ``kv_decode_attention`` with the RoPE of q and k in one launch (:func:`rope_qkv`).
+
+        ``x [B, d]`` -> ``[B, d]``; ``cos, sin [B, D]`` in the dtype of ``x``.
+        """
+        B = x.shape[0]
+        H, Hkv = self.n_heads, self.n_kv_heads
+        if self.qkv_weight is not None and self.qkv_fused():
+            qkv = F.linear(x, self.qkv_weight)  # [B, (H + 2 Hkv) D]
+        else:
+            qkv = torch.cat(self.project_qkv(x), dim=-1)
+        heads = rope_qkv(qkv, cos, sin, H, Hkv)  # [B, H + 2 Hkv, D]: q, k rotated; v
+        q, k, v = heads.split((H, Hkv, Hkv), dim=1)
+        cache = self.kv_cache
+        kv_dtype = cache.k.dtype
+        y = _decode_attention_op()(q.to(kv_dtype), cache.k, cache.v, cache_seqlens, k.to(kv_dtype), v.to(kv_dtype)).to(
+            q.dtype
+        )  # [B, H, D]
+        return self.o_proj(y.reshape(B, H * self.head_dim))
+
 
 def _decode_attention_op() -> Callable:
     """The decode attention :meth:`Attention.decode` calls: ``prunepath_ops.kv_decode_attention``.
@@ -324,6 +345,20 @@ class Block(nn.Module):
         h = x + self.attn.decode(self.attn_norm(x), cos, sin, cache_seqlens, mask)
         return h + self.ffn(self.ffn_norm(h))
 
+    def decode_fused(
+        self, h: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor, cache_seqlens: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`decode` with each residual add fused into the next RMSNorm (:func:`add_rms_norm`).
+
+        The layer's input is ``h + delta`` (``delta`` None: ``h``), the previous layer's add left
+        pending; returns ``(h', delta')`` whose sum is the layer's output, so the add happens in the
+        next layer's first norm (or the final norm).
+        """
+        y, h = add_rms_norm(h, delta, self.attn_norm.weight, self.attn_norm.eps)  # [B, d] x 2
+        a = self.attn.decode_fused(y, cos, sin, cache_seqlens)
+        y, h = add_rms_norm(h, a, self.ffn_norm.weight, self.ffn_norm.eps)
+        return h, self.ffn(y)
+
 
 DECODE_ATTENTION = ("kernel", "sdpa")
 
@@ -339,6 +374,13 @@ class Llama(nn.Module):
         ``kernel`` is ``prunepath_ops.attention.kv_decode_attention``, which reads each
         sequence's valid cache prefix only; ``sdpa``
         is the dense oracle's masked SDPA over the whole cache. :meth:`forward` always uses SDPA.
+
+    Attributes
+    ----------
+    fused_decode : bool
+        With ``kernel`` attention, :meth:`decode_step` fuses each residual add into the next
+        RMSNorm and the RoPE of q and k into one launch (:mod:`prunepath_ops.decode_step`; default
+        True). False runs the same modules op by op, as the ``sdpa`` oracle does.
 
     Examples
     --------
@@ -357,6 +399,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.decode_attn = decode_attn
+        self.fused_decode = True
         self.embed = nn.Embedding(config.vocab, config.d)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d, config.norm_eps)
@@ -509,9 +552,22 @@ class Llama(nn.Module):
             keys = torch.arange(self.cache_len, device=tokens.device)  # [S_max]
             mask = (keys[None, :] <= cache_seqlens[:, None])[:, None, None, :]  # [B, 1, 1, S_max]
         x = self.embed(tokens)  # [B, d]
+        if attn == "kernel" and self.fused_decode and self._norms_in(dtype):
+            # Three launches per layer for the elementwise work instead of ~16 (two residual adds
+            # fused into the next norms, RoPE of q and k in one), the same numerics up to rounding.
+            h, delta = x, None
+            for layer in self.layers:
+                h, delta = layer.decode_fused(h, delta, cos, sin, cache_seqlens)
+            y, _ = add_rms_norm(h, delta, self.norm.weight, self.norm.eps)
+            return self.lm_head(y)  # [B, V]
         for layer in self.layers:
             x = layer.decode(x, cos, sin, cache_seqlens, mask)
         return self.lm_head(self.norm(x))  # [B, V]
+
+    def _norms_in(self, dtype: torch.dtype) -> bool:
+        """Whether every RMSNorm weight has the activations' dtype (what :func:`add_rms_norm` takes)."""
+        norms = [self.norm, *(n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm))]
+        return all(n.weight.dtype == dtype for n in norms)
 
     # -- FFN conversion ----------------------------------------------------------------------
     def convert_ffns(self, fn: Callable[[int, nn.Module], nn.Module]) -> list[nn.Module]:

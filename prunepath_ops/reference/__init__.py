@@ -6,6 +6,7 @@ kernel exists.
 """
 
 from prunepath_ops.reference.attention import kv_decode_attention
+from prunepath_ops.reference.decode_step import add_rms_norm, rope_qkv
 from prunepath_ops.reference.routing import (
     GATE_MODES,
     routing_probabilities,
@@ -25,12 +26,14 @@ from prunepath_ops.reference.sparse_ffn import (
 __all__ = [
     "ACTIVATIONS",
     "GATE_MODES",
+    "add_rms_norm",
     "align_experts",
     "dense_ffn",
     "index_select_ffn",
     "kv_decode_attention",
     "masked_dense_ffn",
     "neuron_mask",
+    "rope_qkv",
     "routing_probabilities",
     "sparse_ffn",
     "topp_gates",

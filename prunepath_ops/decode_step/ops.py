@@ -1,0 +1,113 @@
+"""Registration of ``torch.ops.prunepath.add_rms_norm`` and ``torch.ops.prunepath.rope_qkv``: checks, backend, fakes.
+
+Legend: B rows, d hidden, H query heads, Hkv key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prunepath_ops import reference as R
+from prunepath_ops.ffn._env import interpreting as _interpreting
+
+BACKENDS = ("auto", "triton", "cpu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _resolve(op: str, backend: str, device: torch.device) -> str:
+    """``auto``: Triton on CUDA, the PyTorch reference on the CPU (``triton`` on CPU needs TRITON_INTERPRET=1)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"{op}: backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1")
+    return backend
+
+
+def _check_2d(op: str, name: str, t: Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}; got {list(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {dtype}; got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must be contiguous in its last dim; got strides {t.stride()}")
+
+
+def check_add_rms_norm_args(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, backend: str) -> None:
+    op = "add_rms_norm"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [B, d]; got shape {list(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16; got {x.dtype}")
+    _check_2d(op, "x", x, tuple(x.shape), x.dtype, x.device)
+    if residual is not None:
+        _check_2d(op, "residual", residual, tuple(x.shape), x.dtype, x.device)
+    _check_2d(op, "weight", weight, (x.shape[1],), x.dtype, x.device)
+    if not (eps >= 0.0):  # also rejects NaN
+        raise ValueError(f"{op}: eps must be a non-negative number; got {eps}")
+
+
+def check_rope_qkv_args(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, backend: str) -> None:
+    op = "rope_qkv"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
+    if n_heads < 1 or n_kv_heads < 1:
+        raise ValueError(f"{op}: n_heads and n_kv_heads must be positive; got {n_heads} and {n_kv_heads}")
+    if qkv.dim() != 2:
+        raise ValueError(f"{op}: qkv must be 2-D [B, (H + 2 Hkv) D]; got shape {list(qkv.shape)}")
+    if qkv.dtype not in DTYPES:
+        raise TypeError(f"{op}: qkv must be float32, float16 or bfloat16; got {qkv.dtype}")
+    if cos.dim() != 2:
+        raise ValueError(f"{op}: cos must be 2-D [B, D]; got shape {list(cos.shape)}")
+    B, D = qkv.shape[0], cos.shape[1]
+    nh = n_heads + 2 * n_kv_heads
+    if D < 2 or D & (D - 1):
+        raise ValueError(f"{op}: the head dim D (cos.shape[1]) must be a power of two >= 2; got {D}")
+    _check_2d(op, "qkv", qkv, (B, nh * D), qkv.dtype, qkv.device)
+    _check_2d(op, "cos", cos, (B, D), qkv.dtype, qkv.device)
+    _check_2d(op, "sin", sin, (B, D), qkv.dtype, qkv.device)
+
+
+@torch.library.custom_op("prunepath::add_rms_norm", mutates_args=())
+def add_rms_norm_op(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Residual add fused with RMSNorm; see :func:`prunepath_ops.decode_step.add_rms_norm`."""
+    check_add_rms_norm_args(x, residual, weight, eps, backend)
+    if _resolve("add_rms_norm", backend, x.device) == "cpu":
+        y, h = R.add_rms_norm(x, residual, weight, eps)
+        return y.contiguous(), h.clone() if h is x else h.contiguous()  # outputs never alias inputs
+    from prunepath_ops.decode_step.launch import add_rms_norm_triton
+
+    return add_rms_norm_triton(x, residual, weight, eps)
+
+
+@add_rms_norm_op.register_fake
+def _add_rms_norm_fake(x, residual, weight, eps, backend):
+    check_add_rms_norm_args(x, residual, weight, eps, backend)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        x, memory_format=torch.contiguous_format
+    )
+
+
+@torch.library.custom_op("prunepath::rope_qkv", mutates_args=())
+def rope_qkv_op(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, backend: str) -> Tensor:
+    """RoPE of a fused q/k/v projection; see :func:`prunepath_ops.decode_step.rope_qkv`."""
+    check_rope_qkv_args(qkv, cos, sin, n_heads, n_kv_heads, backend)
+    if _resolve("rope_qkv", backend, qkv.device) == "cpu":
+        return R.rope_qkv(qkv, cos, sin, n_heads, n_kv_heads)
+    from prunepath_ops.decode_step.launch import rope_qkv_triton
+
+    return rope_qkv_triton(qkv, cos, sin, n_heads, n_kv_heads)
+
+
+@rope_qkv_op.register_fake
+def _rope_qkv_fake(qkv, cos, sin, n_heads, n_kv_heads, backend):
+    check_rope_qkv_args(qkv, cos, sin, n_heads, n_kv_heads, backend)
+    return qkv.new_empty(qkv.shape[0], n_heads + 2 * n_kv_heads, cos.shape[1])

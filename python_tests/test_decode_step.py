@@ -1,0 +1,161 @@
+"""The decode step's elementwise ops (``add_rms_norm``, ``rope_qkv``) against the reference and the model's modules.
+
+Legend: B rows, d hidden, H query heads, Hkv kv heads, D head dim.
+
+CPU: the reference backend, and the Triton kernels under TRITON_INTERPRET=1 (fp32/fp16). GPU: bf16 too,
+Llama-3-8B sizes, CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from prunepath_ops import reference as R
+from prunepath_ops.decode_step import add_rms_norm, rope_qkv
+from prunepath_ops.models.llama import RMSNorm, apply_rope, rope_tables
+from prunepath_ops.testing import assert_close
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+BACKENDS = ["cpu", pytest.param("triton", marks=needs_triton)]
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
+
+
+def _device(backend: str) -> str:
+    return "cpu" if backend == "cpu" else DEVICE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B, d, with_residual",
+    [
+        (1, 64, True),  # one decode token
+        (3, 48, True),  # d not a power of two: a masked tail in the row
+        (5, 100, False),  # no residual: h is x itself
+        (0, 32, True),  # no rows
+    ],
+)
+def test_add_rms_norm_matches_reference_and_module(backend, dtype, B, d, with_residual):
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(B * 1000 + d)
+    x = torch.randn(B, d, generator=g).to(dev, dtype)
+    res = torch.randn(B, d, generator=g).to(dev, dtype) if with_residual else None
+    norm = RMSNorm(d, eps=1e-6).to(dev, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g))
+    y, h = add_rms_norm(x, res, norm.weight.detach(), 1e-6, backend=backend)
+    ref_y, ref_h = R.add_rms_norm(x, res, norm.weight.detach(), 1e-6)
+    assert torch.equal(h, ref_h)  # the add rounds once, in the dtype, like PyTorch's
+    assert B == 0 or h.data_ptr() != x.data_ptr()  # a new tensor even without a residual
+    assert_close(y, ref_y, dtype)
+    with torch.no_grad():
+        assert_close(y, norm(ref_h), dtype)  # what the model's module computes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_rms_norm_nonfinite_rows_stay_in_their_row(backend):
+    dev = _device(backend)
+    x = torch.randn(3, 32, device=dev)
+    x[0, 5] = float("nan")
+    x[2, 1] = float("inf")
+    y, h = add_rms_norm(x, None, torch.ones(32, device=dev), backend=backend)
+    assert bool(y[0].isnan().all())  # a NaN: the whole row
+    assert bool(y[2, 1].isnan()) and bool((y[2, torch.arange(32, device=dev) != 1] == 0).all())  # an Inf: NaN, 0s
+    assert bool(torch.isfinite(y[1]).all())
+    ref = R.add_rms_norm(x, None, torch.ones(32, device=dev), 1e-5)[0]
+    torch.testing.assert_close(y, ref, equal_nan=True, atol=1e-5, rtol=1e-5)  # as PyTorch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B, H, Hkv, D",
+    [
+        (1, 4, 4, 16),  # multi-head attention (Hkv = H)
+        (3, 8, 2, 64),  # GQA 4
+        (2, 8, 1, 32),  # GQA 8 (one kv head)
+        (0, 4, 2, 16),  # no rows
+    ],
+)
+def test_rope_qkv_matches_reference_and_apply_rope(backend, dtype, B, H, Hkv, D):
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(B + 10 * H + 100 * D)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g).to(dev, dtype)
+    cos_t, sin_t = rope_tables(D, 64, 10000.0)
+    pos = torch.randint(0, 64, (B,), generator=g)
+    cos, sin = cos_t[pos].to(dev, dtype), sin_t[pos].to(dev, dtype)  # [B, D]
+    out = rope_qkv(qkv, cos, sin, H, Hkv, backend=backend)
+    assert out.shape == (B, H + 2 * Hkv, D) and out.is_contiguous()
+    ref = R.rope_qkv(qkv, cos, sin, H, Hkv)
+    assert_close(out, ref, dtype)
+    heads = qkv.view(B, H + 2 * Hkv, D)
+    assert torch.equal(out[:, H + Hkv :], heads[:, H + Hkv :])  # v is copied untouched
+    assert_close(out[:, :H], apply_rope(heads[:, :H], cos, sin), dtype)  # the model's q
+    assert_close(out[:, H : H + Hkv], apply_rope(heads[:, H : H + Hkv], cos, sin), dtype)  # and k
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: add_rms_norm(torch.randn(2, 3, 4), None, torch.ones(4)), "x must be 2-D"),
+        (lambda: add_rms_norm(torch.randn(2, 4), torch.randn(2, 5), torch.ones(4)), "residual must have shape"),
+        (lambda: add_rms_norm(torch.randn(2, 4), None, torch.ones(4).double()), "weight must have dtype"),
+        (lambda: add_rms_norm(torch.randn(2, 4), None, torch.ones(4), -1.0), "eps must be"),
+        (lambda: add_rms_norm(torch.randn(2, 4).long(), None, torch.ones(4)), "x must be float32"),
+        (lambda: add_rms_norm(torch.randn(4, 2).t(), None, torch.ones(4)), "x must be contiguous"),
+        (lambda: rope_qkv(torch.randn(2, 8 * 16), torch.ones(2, 16), torch.ones(2, 16), 4, 1), "qkv must have shape"),
+        (lambda: rope_qkv(torch.randn(2, 6 * 12), torch.ones(2, 12), torch.ones(2, 12), 4, 1), "power of two"),
+        (lambda: rope_qkv(torch.randn(2, 6 * 16), torch.ones(1, 16), torch.ones(2, 16), 4, 1), "cos must have shape"),
+        (lambda: rope_qkv(torch.randn(2, 6 * 16), torch.ones(2, 16), torch.ones(2, 16), 0, 1), "must be positive"),
+        (lambda: add_rms_norm(torch.randn(2, 4), None, torch.ones(4), backend="gpu"), "backend must be one of"),
+    ],
+)
+def test_bad_input_is_named(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_opcheck_both_ops():
+    x, r, w = torch.randn(3, 48), torch.randn(3, 48), torch.randn(48)
+    torch.library.opcheck(torch.ops.prunepath.add_rms_norm.default, (x, r, w, 1e-5, "auto"))
+    torch.library.opcheck(torch.ops.prunepath.add_rms_norm.default, (x, None, w, 1e-5, "auto"))
+    qkv, cos, sin = torch.randn(2, 8 * 16), torch.randn(2, 16), torch.randn(2, 16)
+    torch.library.opcheck(torch.ops.prunepath.rope_qkv.default, (qkv, cos, sin, 4, 2, "auto"))
+
+
+def test_compile_fullgraph():
+    def step(x, r, w, qkv, cos, sin):
+        y, h = add_rms_norm(x, r, w)
+        return y, h, rope_qkv(qkv, cos, sin, 4, 2)
+
+    args = (torch.randn(2, 48), torch.randn(2, 48), torch.randn(48), torch.randn(2, 128), torch.randn(2, 16))
+    args = (*args, torch.randn(2, 16))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), step(*args), strict=True):
+        assert torch.equal(got, want)
+
+
+@needs_cuda
+def test_gpu_llama_sizes_and_graph_capture():
+    d, H, Hkv, D = 4096, 32, 8, 128
+    x, r = torch.randn(1, d, device="cuda").bfloat16(), torch.randn(1, d, device="cuda").bfloat16()
+    w = torch.randn(d, device="cuda").bfloat16()
+    qkv = torch.randn(1, (H + 2 * Hkv) * D, device="cuda").bfloat16()
+    cos, sin = (t[[37]].cuda().bfloat16() for t in rope_tables(D, 64, 500000.0))
+    graph = torch.cuda.CUDAGraph()
+    add_rms_norm(x, r, w), rope_qkv(qkv, cos, sin, H, Hkv)  # compile outside the capture
+    with torch.cuda.graph(graph):
+        (y, h), out = add_rms_norm(x, r, w), rope_qkv(qkv, cos, sin, H, Hkv)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_y, ref_h = R.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(h, ref_h)
+    assert_close(y, ref_y, torch.bfloat16)
+    assert_close(out, R.rope_qkv(qkv, cos, sin, H, Hkv), torch.bfloat16)
