@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prunepath_ops._backend import check_backend
+from prunepath_ops._backend import resolve_backend as _resolve_backend
 from prunepath_ops.attention.cpu import kv_decode_attention_cpu
-from prunepath_ops.ffn._env import interpreting as _interpreting
 
-BACKENDS = ("auto", "triton", "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Head dims the Triton kernels compile for (``tl.arange`` needs a power of two); every backend
 #: accepts the same set so that code which runs on the CPU also runs on the GPU.
@@ -48,8 +48,7 @@ def check_kv_decode_attention_args(
     Only static properties are checked: lengths stay on the device (see the op's docstring for
     the rule applied to lengths outside ``[0, S_max]``).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"{_OP}: backend must be one of {BACKENDS}; got {backend!r}")
+    check_backend(_OP, backend)
     if q.dim() != 3:
         raise ValueError(f"{_OP}: q must be 3-D [B, Hq, D]; got shape {list(q.shape)}")
     if q.dtype not in DTYPES:
@@ -92,17 +91,8 @@ def check_kv_decode_attention_args(
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: Triton on CUDA, the PyTorch composite on the CPU.
-
-    ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (the tests use it); ``cpu`` needs CPU tensors.
-    """
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"{_OP}: backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"{_OP}: backend='cpu' needs CPU tensors; got {device}")
-    return backend
+    """``auto``: Triton on CUDA, the PyTorch composite on the CPU (see :func:`prunepath_ops._backend.resolve_backend`)."""
+    return _resolve_backend(_OP, backend, device)
 
 
 @torch.library.custom_op("prunepath::kv_decode_attention", mutates_args=("k_cache", "v_cache"))

@@ -9,21 +9,9 @@ import torch
 from torch import Tensor
 
 from prunepath_ops import reference as R
-from prunepath_ops.ffn._env import interpreting as _interpreting
+from prunepath_ops._backend import check_backend, resolve_backend
 
-BACKENDS = ("auto", "triton", "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _resolve(op: str, backend: str, device: torch.device) -> str:
-    """``auto``: Triton on CUDA, the PyTorch reference on the CPU (``triton`` on CPU needs TRITON_INTERPRET=1)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"{op}: backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1")
-    return backend
 
 
 def _check_2d(op: str, name: str, t: Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
@@ -39,8 +27,7 @@ def _check_2d(op: str, name: str, t: Tensor, shape: tuple, dtype: torch.dtype, d
 
 def check_add_rms_norm_args(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, backend: str) -> None:
     op = "add_rms_norm"
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
+    check_backend(op, backend)
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [B, d]; got shape {list(x.shape)}")
     if x.dtype not in DTYPES:
@@ -55,8 +42,7 @@ def check_add_rms_norm_args(x: Tensor, residual: Tensor | None, weight: Tensor, 
 
 def check_rope_qkv_args(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, backend: str) -> None:
     op = "rope_qkv"
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
+    check_backend(op, backend)
     if n_heads < 1 or n_kv_heads < 1:
         raise ValueError(f"{op}: n_heads and n_kv_heads must be positive; got {n_heads} and {n_kv_heads}")
     if qkv.dim() != 2:
@@ -80,7 +66,7 @@ def add_rms_norm_op(
 ) -> tuple[Tensor, Tensor]:
     """Residual add fused with RMSNorm; see :func:`prunepath_ops.decode_step.add_rms_norm`."""
     check_add_rms_norm_args(x, residual, weight, eps, backend)
-    if _resolve("add_rms_norm", backend, x.device) == "cpu":
+    if resolve_backend("add_rms_norm", backend, x.device) == "cpu":
         y, h = R.add_rms_norm(x, residual, weight, eps)
         return y.contiguous(), h.clone() if h is x else h.contiguous()  # outputs never alias inputs
     from prunepath_ops.decode_step.launch import add_rms_norm_triton
@@ -100,7 +86,7 @@ def _add_rms_norm_fake(x, residual, weight, eps, backend):
 def rope_qkv_op(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, backend: str) -> Tensor:
     """RoPE of a fused q/k/v projection; see :func:`prunepath_ops.decode_step.rope_qkv`."""
     check_rope_qkv_args(qkv, cos, sin, n_heads, n_kv_heads, backend)
-    if _resolve("rope_qkv", backend, qkv.device) == "cpu":
+    if resolve_backend("rope_qkv", backend, qkv.device) == "cpu":
         return R.rope_qkv(qkv, cos, sin, n_heads, n_kv_heads)
     from prunepath_ops.decode_step.launch import rope_qkv_triton
 
