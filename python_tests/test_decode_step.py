@@ -12,6 +12,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prunepath_ops import reference as R
 from prunepath_ops.decode_step import add_rms_norm, rope_qkv
@@ -99,6 +101,44 @@ def test_rope_qkv_matches_reference_and_apply_rope(backend, dtype, B, H, Hkv, D)
     assert torch.equal(out[:, H + Hkv :], heads[:, H + Hkv :])  # v is copied untouched
     assert_close(out[:, :H], apply_rope(heads[:, :H], cos, sin), dtype)  # the model's q
     assert_close(out[:, H : H + Hkv], apply_rope(heads[:, H : H + Hkv], cos, sin), dtype)  # and k
+
+
+@needs_triton
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 4),
+    d=st.integers(1, 130),
+    with_residual=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),  # tiny and large rows: the mean square's range
+    seed=st.integers(0, 2**16),
+)
+def test_add_rms_norm_random_rows(B, d, with_residual, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, d, generator=g) * scale).to(DEVICE)
+    res = (torch.randn(B, d, generator=g) * scale).to(DEVICE) if with_residual else None
+    w = torch.randn(d, generator=g).to(DEVICE)
+    y, h = add_rms_norm(x, res, w, 1e-6, backend="triton")
+    ref_y, ref_h = R.add_rms_norm(x, res, w, 1e-6)
+    assert torch.equal(h, ref_h)
+    assert_close(y, ref_y, torch.float32)
+
+
+@needs_triton
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    Hkv=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 4]),
+    D=st.sampled_from([2, 8, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_rope_qkv_random_shapes(B, Hkv, group, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    H = Hkv * group
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g).to(DEVICE)
+    cos, sin = torch.randn(B, D, generator=g).to(DEVICE), torch.randn(B, D, generator=g).to(DEVICE)
+    out = rope_qkv(qkv, cos, sin, H, Hkv, backend="triton")
+    assert_close(out, R.rope_qkv(qkv, cos, sin, H, Hkv), torch.float32)
 
 
 @pytest.mark.parametrize(
