@@ -552,7 +552,7 @@ class Llama(nn.Module):
             keys = torch.arange(self.cache_len, device=tokens.device)  # [S_max]
             mask = (keys[None, :] <= cache_seqlens[:, None])[:, None, None, :]  # [B, 1, 1, S_max]
         x = self.embed(tokens)  # [B, d]
-        if attn == "kernel" and self.fused_decode and self._norms_in(dtype):
+        if attn == "kernel" and getattr(self, "fused_decode", True) and self._norms_in(dtype):  # older pickles lack it
             # Three launches per layer for the elementwise work instead of ~16 (two residual adds
             # fused into the next norms, RoPE of q and k in one), the same numerics up to rounding.
             h, delta = x, None
