@@ -251,14 +251,10 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, self.n_heads, self.head_dim), cos, sin)  # [B, H, D]
         k = apply_rope(k.view(B, self.n_kv_heads, self.head_dim), cos, sin)  # [B, Hkv, D]
         v = v.view(B, self.n_kv_heads, self.head_dim)  # [B, Hkv, D]
-        cache = self.kv_cache
         if mask is None:
-            kv_dtype = cache.k.dtype
-            y = _decode_attention_op()(
-                q.to(kv_dtype), cache.k, cache.v, cache_seqlens, k.to(kv_dtype), v.to(kv_dtype)
-            ).to(q.dtype)  # [B, H, D]
+            y = self._attend_cached(q, k, v, cache_seqlens)  # [B, H, D]
         else:
-            k_all, v_all = cache.write_rows(cache_seqlens, k, v)  # [B, S_max, Hkv, D]
+            k_all, v_all = self.kv_cache.write_rows(cache_seqlens, k, v)  # [B, S_max, Hkv, D]
             y = attention(q[:, None], k_all.to(q.dtype), v_all.to(q.dtype), mask)[:, 0]  # [B, H, D]
         return self.o_proj(y.reshape(B, self.n_heads * self.head_dim))
 
@@ -275,12 +271,16 @@ class Attention(nn.Module):
             qkv = torch.cat(self.project_qkv(x), dim=-1)
         heads = rope_qkv(qkv, cos, sin, H, Hkv)  # [B, H + 2 Hkv, D]: q, k rotated; v
         q, k, v = heads.split((H, Hkv, Hkv), dim=1)
+        y = self._attend_cached(q, k, v, cache_seqlens)  # [B, H, D]
+        return self.o_proj(y.reshape(B, H * self.head_dim))
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor) -> Tensor:
+        """``kv_decode_attention`` over the cache, appending ``k, v [B, Hkv, D]``: ``q [B, H, D]`` -> ``[B, H, D]``."""
         cache = self.kv_cache
         kv_dtype = cache.k.dtype
-        y = _decode_attention_op()(q.to(kv_dtype), cache.k, cache.v, cache_seqlens, k.to(kv_dtype), v.to(kv_dtype)).to(
-            q.dtype
-        )  # [B, H, D]
-        return self.o_proj(y.reshape(B, H * self.head_dim))
+        return _decode_attention_op()(
+            q.to(kv_dtype), cache.k, cache.v, cache_seqlens, k.to(kv_dtype), v.to(kv_dtype)
+        ).to(q.dtype)
 
 
 def _decode_attention_op() -> Callable:
