@@ -112,6 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time the graphed steps with Llama.fused_decode False (elementwise work op by op)",
     )
+    ap.add_argument(
+        "--routerop",
+        action="store_true",
+        help="also time the graphed PrunePath steps with PrunePathMLP.fused_router False (router GEMV + topp_route)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
     ap.add_argument("--name", default=None, help="output file stem (default decode_e2e_<device>[_tiny])")
@@ -247,17 +252,23 @@ def annotated(model: Llama):
         if isinstance(layer.ffn, LlamaMLP):
             layer.ffn.forward = ranged("ffn_experts", layer.ffn.forward)
             patched.append((layer.ffn, "forward", None))
-        else:  # PrunePathMLP.forward: self.router(x) (the linear), then self._route(logits) (topp_route)
+        else:  # PrunePathMLP.forward unfused: self.router(x) (the linear), then self._route(logits) (topp_route)
             layer.ffn.router.forward = ranged("router", layer.ffn.router.forward)
             patched.append((layer.ffn.router, "forward", None))
             layer.ffn._route = ranged("router", layer.ffn._route)
             patched.append((layer.ffn, "_route", None))
     model.lm_head.forward = ranged("lm_head", model.lm_head.forward)
     patched.append((model.lm_head, "forward", None))
-    originals = [(pp_modules, "sparse_ffn"), (llama_mod, "attention"), (llama_mod, "_decode_attention_op")]
+    originals = [
+        (pp_modules, "sparse_ffn"),
+        (llama_mod, "attention"),
+        (llama_mod, "_decode_attention_op"),
+        (pp_modules, "linear_topp_route"),  # the fused router (PrunePathMLP.fused_router, CUDA decode)
+    ]
     saved = [(obj, name, getattr(obj, name)) for obj, name in originals]
     pp_modules.sparse_ffn = ranged("ffn_experts", saved[0][2])
     llama_mod.attention = ranged("attention_core", saved[1][2])
+    pp_modules.linear_topp_route = ranged("router", saved[3][2])
     core_op = saved[2][2]()
     llama_mod._decode_attention_op = lambda: ranged("attention_core", core_op)
     try:
@@ -478,6 +489,17 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                                                           None, extra, False))  # fmt: skip
                     rows.append(row)
                     _print_row(row)
+                if args.routerop and False in args.modes:
+                    for m in mlps:
+                        m.fused_router = False
+                    try:
+                        row, _, _ = run_config(name + "-routerop", model, prompt, sparse_attn, True, args, timer,
+                                               None, extra, False)  # fmt: skip
+                    finally:
+                        for m in mlps:
+                            m.fused_router = True
+                    rows.append(row)
+                    _print_row(row)
 
             attempt(sparse, name)
         decoders.clear()  # frees the graphs
@@ -543,7 +565,8 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         dense_same = by.get(dense_kernel if fused or args.device != "cuda" else "dense-graph-sdpa" + suffix)
         if dense_same:
             ratio = r["decode_tok_s"] / dense_same["decode_tok_s"]
-            verdict = " (target >= 1.7x)" if r.get("target_fraction") == 0.3 and suffix != "-opbyop" else ""
+            default_path = suffix != "-opbyop" and not r["config"].endswith("-routerop")
+            verdict = " (target >= 1.7x)" if r.get("target_fraction") == 0.3 and default_path else ""
             lines.append(f"- {r['config']} / {dense_same['config']}: **{ratio:.2f}x**{verdict}; ideal "
                          f"{ideal[r['config']]['tok_s'] / ideal[dense_same['config']]['tok_s']:.2f}x (bytes per token)")  # fmt: skip
         if best_dense and best_dense is not dense_same:
@@ -553,6 +576,10 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         if r["config"].endswith("-opbyop") and r["config"].removesuffix("-opbyop") in by:
             fused_row = by[r["config"].removesuffix("-opbyop")]
             lines.append(f"- {fused_row['config']} / {r['config']} (fused residual adds, norms, RoPE): "
+                         f"{fused_row['decode_tok_s'] / r['decode_tok_s']:.2f}x")  # fmt: skip
+        if r["config"].endswith("-routerop") and r["config"].removesuffix("-routerop") in by:
+            fused_row = by[r["config"].removesuffix("-routerop")]
+            lines.append(f"- {fused_row['config']} / {r['config']} (fused router, linear_topp_route): "
                          f"{fused_row['decode_tok_s'] / r['decode_tok_s']:.2f}x")  # fmt: skip
     for name in ("dense-graph-kernel", "dense-graph-kernel-compiled"):
         if "kernel_vs_sdpa_rel_err" in by.get(name, {}):

@@ -19,7 +19,7 @@ t() { local s=$1; shift; timeout "$s" "$@"; }
 for part in "$@"; do
   start=$(date +%s)
   case "$part" in
-    e2e) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --opbyop --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
+    e2e) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --opbyop --routerop --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
     steptests) t ${STEPTESTS_TIMEOUT:-120} python3 -m pytest python_tests/test_decode_step.py python_tests/test_decode.py -q \
                  -p no:cacheprovider -k "not test_gpu_cuda_graph_generate_equals_eager" > "$out/gpu_tests_decode_step.log" 2>&1 ;;
     e2ecompiled) t 400 python3 bench/decode_e2e_gpu.py --compile --name decode_e2e_cuda_compiled --out "$out" \
@@ -46,6 +46,9 @@ for part in "$@"; do
              --name sparse_ffn_cuda_llama3_8b --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
     tests) t ${TESTS_TIMEOUT:-580} python3 -X faulthandler -m pytest python_tests -q -p no:cacheprovider \
              > "$out/gpu_tests.log" 2>&1 ;;
+    routertests) t ${ROUTERTESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_linear_topp_route.py python_tests/test_topp_route.py \
+                   -q -p no:cacheprovider > "$out/gpu_tests_router.log" 2>&1 ;;
+    routerbench) t 120 python3 bench/router_decode_gpu.py --out "$out" > "$out/router_decode.log" 2>&1 ;;
     topptests) t 120 python3 -m pytest python_tests/test_topp_route.py -x -q -p no:cacheprovider \
                  > "$out/gpu_tests_topp.log" 2>&1 ;;
     decodetests) t 90 python3 -m pytest python_tests/test_decode.py -q -p no:cacheprovider \

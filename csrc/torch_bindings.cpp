@@ -17,6 +17,19 @@ TORCH_LIBRARY(prunepath, m) {
   m.def(
       "topp_route(Tensor logits, float tau, Tensor? tau_per_token, int min_experts, int? max_experts, "
       "str gate) -> (Tensor expert_ids, Tensor gates, Tensor num_active)");
+  // Router projection fused with top-p routing, for the decode regime (few
+  // tokens): logits = x weight^T, then topp_route on them, in one launch on CUDA.
+  //   x [T, d] fp32/fp16/bf16 (unit inner stride); weight [E, d] contiguous, the
+  //   dtype of x; E <= 1024 on CUDA. tau, tau_per_token, min_experts, max_experts,
+  //   gate as for topp_route. tickets: int32 [>= T] arrival counters, zero, left
+  //   zero by the kernel (a caller's scratch; None allocates zeros per call);
+  //   pdl: programmatic dependent launch (CUDA, sm_90+).
+  // Returns logits [T, E] in the dtype of x (rounded once, as F.linear's output),
+  // then topp_route's three outputs, bit-identical to topp_route(logits, ...).
+  m.def(
+      "linear_topp_route(Tensor x, Tensor weight, float tau, Tensor? tau_per_token, int min_experts, "
+      "int? max_experts, str gate, Tensor(a!)? tickets, bool pdl) -> (Tensor logits, Tensor expert_ids, "
+      "Tensor gates, Tensor num_active)");
   // Token-to-expert alignment for the grouped expert GEMM (variable k per token).
   //   expert_ids [T, K] int32, num_active [T] int32 (only slots j < num_active[t]
   //   are read). Returns sorted_pairs [P_max] int32 (t * K + j grouped by expert,
@@ -45,6 +58,7 @@ TORCH_LIBRARY(prunepath, m) {
 
 TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
   m.impl("topp_route", &prunepath::topp_route_cpu);
+  m.impl("linear_topp_route", &prunepath::linear_topp_route_cpu);
   m.impl("align_experts", &prunepath::align_experts_cpu);
   m.impl("expert_ffn", &prunepath::expert_ffn_cpu);
 }
@@ -52,6 +66,7 @@ TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
 #ifdef PRUNEPATH_WITH_CUDA
 TORCH_LIBRARY_IMPL(prunepath, CUDA, m) {
   m.impl("topp_route", &prunepath::topp_route_cuda);
+  m.impl("linear_topp_route", &prunepath::linear_topp_route_cuda);
   m.impl("align_experts", &prunepath::align_experts_cuda);
 }
 #endif

@@ -22,11 +22,11 @@ from prunepath_ops import (
 from prunepath_ops.attention import kv_decode_attention  # noqa: E402
 from prunepath_ops.ffn import Alignment, PackedExperts, align_experts, pack_experts, sparse_ffn  # noqa: E402
 from prunepath_ops.modules import PrunePathMLP  # noqa: E402
-from prunepath_ops.routing import Route, topp_route  # noqa: E402
+from prunepath_ops.routing import Route, linear_topp_route, topp_route  # noqa: E402
 
 __version__ = "0.1.0"
 
-_OPS = ("topp_route", "align_experts")  # C++ ops with CPU and CUDA kernels (expert_ffn: CPU only)
+_OPS = ("topp_route", "linear_topp_route", "align_experts")  # C++ ops with CPU and CUDA kernels (expert_ffn: CPU only)
 
 
 def backends() -> dict[str, bool]:
@@ -61,6 +61,7 @@ __all__ = [
     "align_experts",
     "kv_decode_attention",
     "backends",
+    "linear_topp_route",
     "pack_experts",
     "reference",
     "sparse_ffn",

@@ -66,6 +66,66 @@ def _topp_route_fake(logits, tau, tau_per_token, min_experts, max_experts, gate)
     )
 
 
+LINEAR_ROUTE_CUDA_MAX_EXPERTS = 1024  # kLinearRouteMaxExperts in csrc/include/prunepath/linear_topp_route.cuh
+
+
+def check_linear_topp_route_args(
+    x: Tensor,
+    weight: Tensor,
+    tau_per_token: Tensor | None,
+    min_experts: int,
+    max_experts: int | None,
+    gate: str,
+    tickets: Tensor | None,
+) -> int:
+    """The checks of ``prunepath::linear_topp_route``'s C++ glue, in the same order and words; returns K."""
+    op = "linear_topp_route"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [T, d]; got shape {list(x.shape)}")
+    if x.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16; got {x.dtype}")
+    T, d = x.shape
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise ValueError(f"{op}: weight must be [E, d] with d = {d}; got shape {list(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight must have the dtype of x ({x.dtype}); got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
+    if d > 0 and T > 1 and x.stride(1) != 1:
+        raise ValueError(f"{op}: x must have a unit inner stride; got strides {list(x.stride())}")
+    if not weight.is_contiguous():
+        raise ValueError(f"{op}: weight must be contiguous; got strides {list(weight.stride())}")
+    if tickets is not None:
+        if tickets.dtype != torch.int32:
+            raise TypeError(f"{op}: tickets must be int32; got {tickets.dtype}")
+        if tickets.device != x.device:
+            raise ValueError(f"{op}: tickets is on {tickets.device} but x is on {x.device}")
+        if tickets.dim() != 1 or tickets.shape[0] < T or not tickets.is_contiguous():
+            raise ValueError(
+                f"{op}: tickets must be a contiguous int32 vector of at least T = {T} zeros; got shape {list(tickets.shape)}"
+            )
+    E = weight.shape[0]
+    if x.device.type == "cuda" and not 1 <= E <= LINEAR_ROUTE_CUDA_MAX_EXPERTS:
+        raise ValueError(
+            f"{op}: the CUDA kernel handles 1 <= E <= {LINEAR_ROUTE_CUDA_MAX_EXPERTS}; got E = {E} "
+            "(route F.linear's output with topp_route instead)"
+        )
+    logits = x.new_empty((T, E))  # a stand-in with the logits' shape, device and dtype
+    return check_topp_route_args(logits, tau_per_token, min_experts, max_experts, gate)
+
+
+@torch.library.register_fake("prunepath::linear_topp_route")
+def _linear_topp_route_fake(x, weight, tau, tau_per_token, min_experts, max_experts, gate, tickets, pdl):
+    K = check_linear_topp_route_args(x, weight, tau_per_token, min_experts, max_experts, gate, tickets)
+    T, E = x.shape[0], weight.shape[0]
+    return (
+        x.new_empty((T, E)),
+        x.new_empty((T, K), dtype=torch.int32),
+        x.new_empty((T, K), dtype=torch.float32),
+        x.new_empty((T,), dtype=torch.int32),
+    )
+
+
 def topp_route_backward(grad_gates: Tensor, logits: Tensor, expert_ids: Tensor, gates: Tensor, gate: str) -> Tensor:
     """Gradient of the gates with respect to the logits, selection held fixed.
 

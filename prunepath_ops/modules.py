@@ -8,11 +8,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from prunepath_ops._registration import LINEAR_ROUTE_CUDA_MAX_EXPERTS
 from prunepath_ops.ffn.api import sparse_ffn
 from prunepath_ops.ffn.packing import PackedExperts, pack_experts
 from prunepath_ops.reference.routing import GATE_MODES, topp_gates
 from prunepath_ops.reference.sparse_ffn import activation
-from prunepath_ops.routing import topp_route
+from prunepath_ops.routing import linear_topp_route, topp_route
+
+# Up to this many tokens per call (the decode regime of sparse_ffn) the CUDA forward routes
+# with the fused linear_topp_route.
+FUSED_ROUTER_MAX_TOKENS = 16
 
 _ACT_OF_MODULE = {nn.SiLU: "silu", nn.ReLU: "relu"}
 
@@ -174,6 +179,15 @@ class PrunePathMLP(nn.Module):
         the selected experts' probabilities (:func:`straight_through_gates`), so the task loss
         trains the router; the sparse path and every output value are unchanged.
 
+    Attributes
+    ----------
+    fused_router : bool
+        On CUDA, up to 16 tokens per call and E <= 1024 (decoding), the forward runs the router
+        projection and the routing as one kernel (:func:`prunepath_ops.linear_topp_route`) instead
+        of ``router`` then :func:`prunepath_ops.topp_route`. Default True; the routing is the same
+        function of the logits, the logits may differ from cuBLAS's in their last bit. Forward
+        hooks on ``router`` turn it off (they need the module call).
+
     Examples
     --------
     >>> import torch
@@ -213,6 +227,10 @@ class PrunePathMLP(nn.Module):
         self.gated, self.act = packed.gated, packed.act
         tau_tensor = torch.empty(1, dtype=torch.float32, device=packed.w_in.device)
         self.register_buffer("tau_tensor", tau_tensor, persistent=False)
+        # Arrival counters of the fused decode router (linear_topp_route), which leaves them zero.
+        tickets = torch.zeros(FUSED_ROUTER_MAX_TOKENS, dtype=torch.int32, device=packed.w_in.device)
+        self.register_buffer("route_tickets", tickets, persistent=False)
+        self.fused_router = True
         self.tau, self.gate, self.min_experts, self.max_experts = tau, gate, min_experts, max_experts
         self.path, self.backend = path, backend
         self.differentiable = differentiable
@@ -294,9 +312,32 @@ class PrunePathMLP(nn.Module):
             raise ValueError(f"PrunePathMLP: differentiable must be True, False or 'auto'; got {mode!r}")
         return mode
 
+    def _use_fused_router(self, x: Tensor) -> bool:
+        # The decode regime on CUDA, unless something must see the router as a module call
+        # (forward hooks, e.g. the trainer's logit capture) or the user turned it off.
+        tickets = getattr(self, "route_tickets", None)  # modules pickled before the buffer existed
+        return (
+            x.is_cuda
+            and getattr(self, "fused_router", False)
+            and tickets is not None
+            and tickets.device == x.device
+            and x.shape[0] <= tickets.shape[0]
+            and self.router.weight.shape[0] <= LINEAR_ROUTE_CUDA_MAX_EXPERTS
+            and self.router.weight.dtype == x.dtype
+            and self.router.bias is None
+            and not (self.router._forward_hooks or self.router._forward_pre_hooks)
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         """``[..., d] -> [..., d]``."""
         x2 = x.reshape(-1, x.shape[-1])
+        if not self._use_differentiable(x2) and self._use_fused_router(x2):
+            # Router projection and top-p routing in one launch (bit-identical routing of its logits).
+            _, route = linear_topp_route(
+                x2, self.router.weight, self.tau_tensor, min_experts=self.min_experts,
+                max_experts=self.max_experts, gate=self.gate, tickets=self.route_tickets,
+            )  # fmt: skip
+            return sparse_ffn(x2, route, self.packed, path=self.path, backend=self.backend).view(x.shape)
         logits = self.router(x2)  # [T, E]
         route = self._route(logits)
         if self._use_differentiable(x2):

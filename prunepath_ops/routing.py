@@ -7,7 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from prunepath_ops._registration import check_topp_route_args
+from prunepath_ops import _pdl
+from prunepath_ops._registration import check_linear_topp_route_args, check_topp_route_args
 
 
 class Route(NamedTuple):
@@ -92,14 +93,7 @@ def topp_route(
     >>> route.expert_ids.tolist(), route.num_active.tolist()
     ([[0, 1, -1, -1]], [2])
     """
-    if isinstance(tau, Tensor):
-        tau_scalar, tau_tensor = 0.0, tau
-    elif isinstance(tau, (int, float)):
-        tau_scalar, tau_tensor = float(tau), None
-        if tau_scalar != tau_scalar:  # NaN (math.isnan breaks torch.compile graphs)
-            raise ValueError("topp_route: tau must be a number; got NaN")
-    else:
-        raise TypeError(f"topp_route: tau must be a float or a float32 tensor; got {type(tau).__name__}")
+    tau_scalar, tau_tensor = _split_tau(tau, "topp_route")
     # The C++ glue checks the same things; checking here first gives the same
     # messages on every backend and under torch.compile.
     check_topp_route_args(logits, tau_tensor, min_experts, max_experts, gate)
@@ -107,3 +101,81 @@ def topp_route(
         logits, tau_scalar, tau_tensor, min_experts, max_experts, gate
     )
     return Route(expert_ids, gates, num_active)
+
+
+def _split_tau(tau: float | Tensor, op: str) -> tuple[float, Tensor | None]:
+    if isinstance(tau, Tensor):
+        return 0.0, tau
+    if isinstance(tau, (int, float)):
+        if tau != tau:  # NaN (math.isnan breaks torch.compile graphs)
+            raise ValueError(f"{op}: tau must be a number; got NaN")
+        return float(tau), None
+    raise TypeError(f"{op}: tau must be a float or a float32 tensor; got {type(tau).__name__}")
+
+
+def linear_topp_route(
+    x: Tensor,
+    weight: Tensor,
+    tau: float | Tensor,
+    *,
+    min_experts: int = 1,
+    max_experts: int | None = None,
+    gate: str = "sigmoid",
+    tickets: Tensor | None = None,
+    pdl: bool | None = None,
+) -> tuple[Tensor, Route]:
+    """Router projection and top-p routing in one call: ``topp_route(F.linear(x, weight), tau)``.
+
+    Made for decoding (a few tokens per call), where the router's cost is launch latency, not
+    bytes: on CUDA one kernel computes the logits (each block a few rows of ``weight``) and the
+    block that completes a token's row routes it with :func:`topp_route`'s rank kernel, so
+    the routing is bit-identical to :func:`topp_route` on the returned logits. On the CPU it
+    is that composition. For many tokens, ``F.linear`` (cuBLAS) and :func:`topp_route` are faster.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[T, d]`` hidden states, float32, float16 or bfloat16, unit inner stride.
+    weight : Tensor
+        ``[E, d]`` contiguous router weight in the dtype of ``x`` (``nn.Linear(d, E).weight``);
+        the CUDA kernel takes ``E <= 1024``.
+    tau, min_experts, max_experts, gate
+        As for :func:`topp_route`.
+    tickets : Tensor, optional
+        CUDA scratch: an int32 vector of at least T zeros, one arrival counter per token, which
+        the kernel leaves at zero. Keep one per caller (a module buffer) to save a memset per
+        call; two calls must not share one concurrently (different streams). Default: zeros
+        allocated per call.
+    pdl : bool, optional
+        Programmatic dependent launch on CUDA (sm_90+): the weight loads start while the
+        previous kernel finishes. Default :func:`prunepath_ops._pdl.use_pdl`.
+
+    Returns
+    -------
+    logits : Tensor
+        ``[T, E]`` in the dtype of ``x``: fp32 dot products rounded once, like ``F.linear``'s
+        output (the summation order differs from cuBLAS, so a logit can differ in its last bit).
+    route : Route
+        ``(expert_ids, gates, num_active)`` as :func:`topp_route` returns for ``logits``.
+
+    Notes
+    -----
+    Inference only: no gradient flows through this op (train with ``router`` then
+    :func:`topp_route`). NaN/inf in ``x`` or ``weight`` give NaN/inf logits, routed as
+    :func:`topp_route` documents. Deterministic: a fixed summation order, same bits every run.
+
+    Examples
+    --------
+    >>> import torch, prunepath_ops
+    >>> x, w = torch.randn(2, 16), torch.randn(6, 16)
+    >>> logits, route = prunepath_ops.linear_topp_route(x, w, 0.7)
+    >>> torch.equal(route.expert_ids, prunepath_ops.topp_route(x @ w.T, 0.7).expert_ids)
+    True
+    """
+    tau_scalar, tau_tensor = _split_tau(tau, "linear_topp_route")
+    check_linear_topp_route_args(x, weight, tau_tensor, min_experts, max_experts, gate, tickets)
+    use_pdl = _pdl.resolve(pdl, x.device) if x.device.type == "cuda" else False
+    logits, expert_ids, gates, num_active = torch.ops.prunepath.linear_topp_route(
+        x, weight, tau_scalar, tau_tensor, min_experts, max_experts, gate, tickets, use_pdl
+    )
+    return logits, Route(expert_ids, gates, num_active)

@@ -21,6 +21,20 @@ RouteOutputs topp_route_cuda(const at::Tensor& logits, double tau,
                              std::optional<int64_t> max_experts, c10::string_view gate);
 #endif
 
+using LinearRouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+LinearRouteOutputs linear_topp_route_cpu(const at::Tensor& x, const at::Tensor& weight, double tau,
+                                         const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
+                                         std::optional<int64_t> max_experts, c10::string_view gate,
+                                         const std::optional<at::Tensor>& tickets, bool pdl);
+
+#ifdef PRUNEPATH_WITH_CUDA
+LinearRouteOutputs linear_topp_route_cuda(const at::Tensor& x, const at::Tensor& weight, double tau,
+                                          const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
+                                          std::optional<int64_t> max_experts, c10::string_view gate,
+                                          const std::optional<at::Tensor>& tickets, bool pdl);
+#endif
+
 using AlignOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 AlignOutputs align_experts_cpu(const at::Tensor& expert_ids, const at::Tensor& num_active,

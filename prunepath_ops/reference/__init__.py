@@ -9,6 +9,7 @@ from prunepath_ops.reference.attention import kv_decode_attention
 from prunepath_ops.reference.decode_step import add_rms_norm, rope_qkv
 from prunepath_ops.reference.routing import (
     GATE_MODES,
+    linear_topp_route,
     routing_probabilities,
     topp_gates,
     topp_route,
@@ -31,6 +32,7 @@ __all__ = [
     "dense_ffn",
     "index_select_ffn",
     "kv_decode_attention",
+    "linear_topp_route",
     "masked_dense_ffn",
     "neuron_mask",
     "rope_qkv",

@@ -127,3 +127,26 @@ def topp_route(
     else:
         gates = topp_gates(logits, expert_ids, gate)
     return expert_ids, gates.float(), n
+
+
+def linear_topp_route(
+    x: Tensor,
+    weight: Tensor,
+    tau: float | Tensor,
+    *,
+    min_experts: int = 1,
+    max_experts: int | None = None,
+    gate: str = "sigmoid",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference of :func:`prunepath_ops.linear_topp_route`: the router projection, then routing.
+
+    ``x [T, d]`` and ``weight [E, d]`` in one dtype; the logits ``[T, E]`` are ``F.linear``'s
+    output in that dtype, routed by :func:`topp_route`.
+
+    Returns
+    -------
+    logits, expert_ids, gates, num_active : Tensor
+        ``[T, E]`` (dtype of ``x``), ``[T, K]`` int32, ``[T, K]`` float32, ``[T]`` int32.
+    """
+    logits = torch.nn.functional.linear(x, weight)  # [T, E]
+    return (logits, *topp_route(logits, tau, min_experts=min_experts, max_experts=max_experts, gate=gate))

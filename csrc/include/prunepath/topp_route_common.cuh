@@ -41,6 +41,17 @@ __device__ __forceinline__ float load_logit(const void* logits, int64_t offset, 
   }
 }
 
+// The same through L2 only (ld.global.cg): for logits written by other blocks
+// of the running kernel, which this SM's L1 must not serve.
+__device__ __forceinline__ float load_logit_cg(const void* logits, int64_t offset, LogitDType dtype) {
+  switch (dtype) {
+    case LogitDType::kFloat16: return __half2float(__ldcg(static_cast<const __half*>(logits) + offset));
+    case LogitDType::kBFloat16:
+      return __bfloat162float(__ldcg(static_cast<const __nv_bfloat16*>(logits) + offset));
+    default: return __ldcg(static_cast<const float*>(logits) + offset);
+  }
+}
+
 }  // namespace detail
 
 }  // namespace prunepath

@@ -32,11 +32,12 @@ namespace prunepath {
 constexpr int kRankCountMax = 256;
 constexpr int kRankHistBins = 512;
 
-// NWARPS * 32 >= E threads; thread e routes expert e. (The explicit 1 block
-// per SM in the launch bounds: without it, NWARPS = 32 spilled at 32 registers.)
-template <int NWARPS>
-__global__ void __launch_bounds__(NWARPS * 32, 1)
-    topp_route_rank_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype) {
+// Routes token t with the whole block: NWARPS * 32 >= E threads, thread e
+// routes expert e. kBypassL1 reads the logits through L2 only: the fused router
+// (linear_topp_route.cuh) routes logits that other blocks of the same launch wrote.
+template <int NWARPS, bool kBypassL1 = false>
+__device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, const void* __restrict__ logits,
+                                                    LogitDType dtype, int64_t t) {
   constexpr int N = NWARPS * 32;
   using Key = unsigned long long;   // detail::ProbKey64: (probability desc, index asc), 0 = padding
   __shared__ float logit_smem[N];   // sanitised logits by expert, for the gates
@@ -51,7 +52,6 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
   __shared__ float total_smem, kept_mass_smem;
   __shared__ int bin_smem;
 
-  const int64_t t = blockIdx.x;
   const int tid = threadIdx.x;
   const int lane = tid % 32;
   const int warp = tid / 32;
@@ -59,8 +59,10 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
   const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
 
   // 1. Softmax.
-  const float g =
-      tid < E ? sanitize_logit(detail::load_logit(logits, t * p.logits_stride + tid, dtype)) : -INFINITY;
+  const int64_t offset = t * p.logits_stride + tid;
+  const float g = tid < E ? sanitize_logit(kBypassL1 ? detail::load_logit_cg(logits, offset, dtype)
+                                                     : detail::load_logit(logits, offset, dtype))
+                          : -INFINITY;
   logit_smem[tid] = g;
   for (int i = tid; i < kRankHistBins; i += N) hist[i] = 0u;
   const float warp_max = detail::warp_max(g);
@@ -226,6 +228,14 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
     if (tid == 0) p.num_active[t] = n;
     return;
   }
+}
+
+// One block per token. (The explicit 1 block per SM in the launch bounds:
+// without it, NWARPS = 32 spilled at 32 registers.)
+template <int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+    topp_route_rank_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype) {
+  topp_route_rank_row<NWARPS>(p, logits, dtype, blockIdx.x);
 }
 
 }  // namespace prunepath

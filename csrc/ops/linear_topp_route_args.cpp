@@ -1,0 +1,36 @@
+#include "linear_topp_route_args.h"
+
+#include "check.h"
+
+namespace prunepath {
+
+void check_linear_topp_route_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& tickets) {
+  PRUNEPATH_CHECK_VALUE(x.dim() == 2, "linear_topp_route: x must be 2-D [T, d]; got shape ", x.sizes());
+  const auto dtype = x.scalar_type();
+  PRUNEPATH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                       "linear_topp_route: x must be float32, float16 or bfloat16; got ", dtype);
+  PRUNEPATH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1),
+                        "linear_topp_route: weight must be [E, d] with d = ", x.size(1), "; got shape ",
+                        weight.sizes());
+  PRUNEPATH_CHECK_TYPE(weight.scalar_type() == dtype, "linear_topp_route: weight must have the dtype of x (",
+                       dtype, "); got ", weight.scalar_type());
+  PRUNEPATH_CHECK_VALUE(weight.device() == x.device(), "linear_topp_route: weight is on ", weight.device(),
+                        " but x is on ", x.device());
+  PRUNEPATH_CHECK_VALUE(x.size(1) == 0 || x.size(0) <= 1 || x.stride(1) == 1,
+                        "linear_topp_route: x must have a unit inner stride; got strides ", x.strides());
+  PRUNEPATH_CHECK_VALUE(weight.is_contiguous(), "linear_topp_route: weight must be contiguous; got strides ",
+                        weight.strides());
+  if (tickets.has_value()) {
+    const at::Tensor& c = *tickets;
+    PRUNEPATH_CHECK_TYPE(c.scalar_type() == at::kInt, "linear_topp_route: tickets must be int32; got ",
+                         c.scalar_type());
+    PRUNEPATH_CHECK_VALUE(c.device() == x.device(), "linear_topp_route: tickets is on ", c.device(),
+                          " but x is on ", x.device());
+    PRUNEPATH_CHECK_VALUE(c.dim() == 1 && c.size(0) >= x.size(0) && c.is_contiguous(),
+                          "linear_topp_route: tickets must be a contiguous int32 vector of at least T = ",
+                          x.size(0), " zeros; got shape ", c.sizes());
+  }
+}
+
+}  // namespace prunepath
