@@ -118,8 +118,8 @@ constexpr int kRouteVecBatch = 4;
 // kVec: 16-byte loads (d a multiple of the vector, both rows 16-byte aligned);
 // otherwise one element per lane and step.
 template <typename T, bool kVec>
-__device__ __forceinline__ float row_dot(const T* __restrict__ w_row, const T* __restrict__ x_row, int64_t begin,
-                                         int64_t end, int lane, bool active) {
+__device__ __forceinline__ float row_dot(const T* __restrict__ w_row, const T* __restrict__ x_row,
+                                         int64_t begin, int64_t end, int lane, bool active) {
   using Traits = VecTraits<T>;
   float acc = 0.0f;
   if constexpr (kVec) {
@@ -199,7 +199,8 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
   // counter (atomicInc wraps at G - 1) and routes the row.
   __threadfence();
   __syncthreads();
-  if (tid == 0) last_smem = atomicInc(p.tickets + t, static_cast<unsigned>(G - 1)) == static_cast<unsigned>(G - 1);
+  if (tid == 0)
+    last_smem = atomicInc(p.tickets + t, static_cast<unsigned>(G - 1)) == static_cast<unsigned>(G - 1);
   __syncthreads();
   detail::grid_launch_dependents();
   if (!last_smem) return;
@@ -212,7 +213,8 @@ namespace detail {
 template <int NWARPS>
 struct LinearRouteLaunch {
   template <typename T>
-  static cudaError_t launch(const LinearRouteParams& p, LogitDType dtype, bool vec, bool pdl, cudaStream_t stream) {
+  static cudaError_t launch(const LinearRouteParams& p, LogitDType dtype, bool vec, bool pdl,
+                            cudaStream_t stream) {
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(static_cast<unsigned>(p.route.num_tokens * p.blocks_per_token));
     config.blockDim = dim3(NWARPS * 32);
@@ -225,7 +227,8 @@ struct LinearRouteLaunch {
     return vec ? cudaLaunchKernelEx(&config, linear_topp_route_kernel<NWARPS, T, true>, p, dtype)
                : cudaLaunchKernelEx(&config, linear_topp_route_kernel<NWARPS, T, false>, p, dtype);
   }
-  static cudaError_t run(const LinearRouteParams& p, LogitDType dtype, bool vec, bool pdl, cudaStream_t stream) {
+  static cudaError_t run(const LinearRouteParams& p, LogitDType dtype, bool vec, bool pdl,
+                         cudaStream_t stream) {
     switch (dtype) {
       case LogitDType::kFloat16: return launch<__half>(p, dtype, vec, pdl, stream);
       case LogitDType::kBFloat16: return launch<__nv_bfloat16>(p, dtype, vec, pdl, stream);
