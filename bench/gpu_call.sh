@@ -19,8 +19,9 @@ t() { local s=$1; shift; timeout "$s" "$@"; }
 for part in "$@"; do
   start=$(date +%s)
   case "$part" in
-    e2e) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --opbyop --routerop --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
-    steptests) t ${STEPTESTS_TIMEOUT:-120} python3 -m pytest python_tests/test_decode_step.py python_tests/test_decode.py -q \
+    e2e) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --opbyop --routerop --cublasproj --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
+    steptests) t ${STEPTESTS_TIMEOUT:-120} python3 -m pytest python_tests/test_decode_step.py python_tests/test_decode.py \
+                 python_tests/test_linear_topp_route.py -q \
                  -p no:cacheprovider -k "not test_gpu_cuda_graph_generate_equals_eager" > "$out/gpu_tests_decode_step.log" 2>&1 ;;
     e2ecompiled) t 400 python3 bench/decode_e2e_gpu.py --compile --name decode_e2e_cuda_compiled --out "$out" \
                    > "$out/decode_e2e_compiled.log" 2>&1 ;;
@@ -49,6 +50,7 @@ for part in "$@"; do
     routertests) t ${ROUTERTESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_linear_topp_route.py python_tests/test_topp_route.py \
                    -q -p no:cacheprovider > "$out/gpu_tests_router.log" 2>&1 ;;
     routerbench) t 120 python3 bench/router_decode_gpu.py --out "$out" > "$out/router_decode.log" 2>&1 ;;
+    gemvbench) t 120 python3 bench/decode_linear_gpu.py --out "$out" > "$out/decode_linear.log" 2>&1 ;;
     topptests) t 120 python3 -m pytest python_tests/test_topp_route.py -x -q -p no:cacheprovider \
                  > "$out/gpu_tests_topp.log" 2>&1 ;;
     decodetests) t 90 python3 -m pytest python_tests/test_decode.py -q -p no:cacheprovider \

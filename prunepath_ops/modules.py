@@ -15,9 +15,11 @@ from prunepath_ops.reference.routing import GATE_MODES, topp_gates
 from prunepath_ops.reference.sparse_ffn import activation
 from prunepath_ops.routing import linear_topp_route, topp_route
 
-# Up to this many tokens per call (the decode regime of sparse_ffn) the CUDA forward routes
-# with the fused linear_topp_route.
-FUSED_ROUTER_MAX_TOKENS = 16
+# Up to this many tokens per call the CUDA forward routes with the fused linear_topp_route. Its
+# grid has one set of row blocks per token, so its time grows with T: on the H200 (Llama-3-8B
+# router, bench/results/router_decode_cuda.md) it wins at T = 1 (7.0 vs 11.7 us) and loses at
+# T = 4 (14.5 vs 12.0 us).
+FUSED_ROUTER_MAX_TOKENS = 1
 
 _ACT_OF_MODULE = {nn.SiLU: "silu", nn.ReLU: "relu"}
 
@@ -182,7 +184,7 @@ class PrunePathMLP(nn.Module):
     Attributes
     ----------
     fused_router : bool
-        On CUDA, up to 16 tokens per call and E <= 1024 (decoding), the forward runs the router
+        On CUDA, for one token per call and E <= 1024 (batch-1 decoding), the forward runs the router
         projection and the routing as one kernel (:func:`prunepath_ops.linear_topp_route`) instead
         of ``router`` then :func:`prunepath_ops.topp_route`. Default True; the routing is the same
         function of the logits, the logits may differ from cuBLAS's in their last bit. Forward

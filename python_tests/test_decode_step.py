@@ -1,6 +1,6 @@
-"""The decode step's elementwise ops (``add_rms_norm``, ``rope_qkv``) against the reference and the model's modules.
+"""The decode step's ops (``add_rms_norm``, ``rope_qkv``, ``decode_linear``) against the reference and the model's modules.
 
-Legend: B rows, d hidden, H query heads, Hkv kv heads, D head dim.
+Legend: B rows, d hidden, H query heads, Hkv kv heads, D head dim, K/N GEMV input/output width.
 
 CPU: the reference backend, and the Triton kernels under TRITON_INTERPRET=1 (fp32/fp16). GPU: bf16 too,
 Llama-3-8B sizes, CUDA-graph capture.
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunepath_ops import reference as R
-from prunepath_ops.decode_step import add_rms_norm, rope_qkv
+from prunepath_ops.decode_step import add_rms_norm, decode_linear, rope_qkv
 from prunepath_ops.models.llama import RMSNorm, apply_rope, rope_tables
 from prunepath_ops.testing import assert_close
 
@@ -141,9 +141,80 @@ def test_rope_qkv_random_shapes(B, Hkv, group, D, seed):
     assert_close(out, R.rope_qkv(qkv, cos, sin, H, Hkv), torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B, K, N",
+    [
+        (0, 16, 8),  # empty batch: nothing launched
+        (1, 64, 96),  # batch-1 decode, tile-aligned
+        (1, 37, 5),  # K and N not multiples of anything: masked tails in both
+        (3, 130, 33),  # odd batch inside one 4-token program; K one tile plus a tail
+        (5, 200, 17),  # two token groups, the second partial
+        (16, 48, 64),  # the largest decode batch
+        (2, 1, 3),  # K = 1
+    ],
+)
+def test_decode_linear_matches_reference(backend, dtype, B, K, N):
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(B * 1000 + K + N)
+    x = torch.randn(B, K, generator=gen).to(device, dtype)
+    w = (torch.randn(N, K, generator=gen) / K**0.5).to(device, dtype)
+    y = decode_linear(x, w, backend=backend)
+    assert y.shape == (B, N) and y.dtype == dtype and y.is_contiguous()
+    if backend == "cpu":
+        assert torch.equal(y, R.decode_linear(x, w))
+    else:
+        assert_close(y.float(), R.decode_linear(x.double(), w.double()).float(), dtype)
+        assert torch.equal(decode_linear(x, w, backend=backend), y)  # fixed summation order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_linear_strided_rows_and_nonfinite(backend):
+    # x may be a row-strided view (a slice of a wider buffer); NaN/inf propagate like a matmul's.
+    device = _device(backend)
+    base = torch.randn(3, 80, device=device)
+    x = base[:, :64]
+    w = torch.randn(24, 64, device=device)
+    assert_close(decode_linear(x, w, backend=backend), R.decode_linear(x, w), torch.float32)
+    x = x.clone()
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    y = decode_linear(x, w, backend=backend)
+    assert torch.isnan(y[1]).all() and not torch.isfinite(y[2]).any() and torch.isfinite(y[0]).all()
+
+
+@needs_triton
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 16),
+    K=st.integers(1, 300),
+    N=st.integers(1, 80),
+    half=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_linear_random_shapes(B, K, N, half, seed):
+    dtype = torch.float16 if half else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K, generator=gen).to(DEVICE, dtype)
+    w = torch.randn(N, K, generator=gen).to(DEVICE, dtype)
+    y = decode_linear(x, w, backend="triton")
+    ref = R.decode_linear(x.double(), w.double())
+    # Tolerance relative to the size of the terms summed (a sum of K products of N(0, 1) values).
+    atol = (1e-3 if half else 1e-5) * (K**0.5 + 1)
+    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=1e-2 if half else 1e-5)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
+        (lambda: decode_linear(torch.randn(2, 3, 4), torch.randn(5, 4)), "x must be 2-D"),
+        (lambda: decode_linear(torch.randn(2, 4), torch.randn(5, 3)), r"weight must be \[N, K\] with K = 4"),
+        (lambda: decode_linear(torch.randn(2, 4), torch.randn(5, 4).half()), "weight must have dtype"),
+        (lambda: decode_linear(torch.randn(2, 4), torch.randn(4, 5).t()), "weight must be contiguous"),
+        (lambda: decode_linear(torch.randn(4, 2).t(), torch.randn(5, 4)), "x must be contiguous"),
+        (lambda: decode_linear(torch.randn(2, 4).long(), torch.randn(5, 4)), "x must be float32"),
+        (lambda: decode_linear(torch.randn(2, 4), torch.randn(5, 4), backend="cuda"), "backend must be one of"),
         (lambda: add_rms_norm(torch.randn(2, 3, 4), None, torch.ones(4)), "x must be 2-D"),
         (lambda: add_rms_norm(torch.randn(2, 4), torch.randn(2, 5), torch.ones(4)), "residual must have shape"),
         (lambda: add_rms_norm(torch.randn(2, 4), None, torch.ones(4).double()), "weight must have dtype"),
@@ -168,15 +239,19 @@ def test_opcheck_both_ops():
     torch.library.opcheck(torch.ops.prunepath.add_rms_norm.default, (x, None, w, 1e-5, "auto"))
     qkv, cos, sin = torch.randn(2, 8 * 16), torch.randn(2, 16), torch.randn(2, 16)
     torch.library.opcheck(torch.ops.prunepath.rope_qkv.default, (qkv, cos, sin, 4, 2, "auto"))
+    torch.library.opcheck(torch.ops.prunepath.decode_linear.default, (x, torch.randn(40, 48), "auto"))
+    if HAS_CUDA:
+        xc, wc = torch.randn(1, 256, device="cuda").bfloat16(), torch.randn(96, 256, device="cuda").bfloat16()
+        torch.library.opcheck(torch.ops.prunepath.decode_linear.default, (xc, wc, "auto"))
 
 
 def test_compile_fullgraph():
-    def step(x, r, w, qkv, cos, sin):
+    def step(x, r, w, qkv, cos, sin, w_out):
         y, h = add_rms_norm(x, r, w)
-        return y, h, rope_qkv(qkv, cos, sin, 4, 2)
+        return y, h, rope_qkv(qkv, cos, sin, 4, 2), decode_linear(y, w_out)
 
     args = (torch.randn(2, 48), torch.randn(2, 48), torch.randn(48), torch.randn(2, 128), torch.randn(2, 16))
-    args = (*args, torch.randn(2, 16))
+    args = (*args, torch.randn(2, 16), torch.randn(5, 48))
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(*args), step(*args), strict=True):
         assert torch.equal(got, want)
@@ -189,13 +264,17 @@ def test_gpu_llama_sizes_and_graph_capture():
     w = torch.randn(d, device="cuda").bfloat16()
     qkv = torch.randn(1, (H + 2 * Hkv) * D, device="cuda").bfloat16()
     cos, sin = (t[[37]].cuda().bfloat16() for t in rope_tables(D, 64, 500000.0))
+    w_qkv = (torch.randn((H + 2 * Hkv) * D, d, device="cuda") / d**0.5).bfloat16()
     graph = torch.cuda.CUDAGraph()
-    add_rms_norm(x, r, w), rope_qkv(qkv, cos, sin, H, Hkv)  # compile outside the capture
+    add_rms_norm(x, r, w), rope_qkv(qkv, cos, sin, H, Hkv), decode_linear(x, w_qkv)  # compile outside the capture
     with torch.cuda.graph(graph):
         (y, h), out = add_rms_norm(x, r, w), rope_qkv(qkv, cos, sin, H, Hkv)
+        proj = decode_linear(y, w_qkv)  # PDL-launched after add_rms_norm: reads its output
     graph.replay()
     torch.cuda.synchronize()
     ref_y, ref_h = R.add_rms_norm(x, r, w, 1e-5)
     assert torch.equal(h, ref_h)
     assert_close(y, ref_y, torch.bfloat16)
     assert_close(out, R.rope_qkv(qkv, cos, sin, H, Hkv), torch.bfloat16)
+    assert_close(proj.float(), R.decode_linear(y.double(), w_qkv.double()).float(), torch.bfloat16)
+    assert torch.equal(proj, decode_linear(y, w_qkv))  # graph replay = eager, bit for bit

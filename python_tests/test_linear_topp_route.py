@@ -272,15 +272,18 @@ def test_gpu_graph_capture_and_replay():
 @CUDA_ONLY
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_mlp_fused_router(dtype):
-    # PrunePathMLP takes the fused router for a decode batch on CUDA: same output as the module
+    # PrunePathMLP takes the fused router for one token on CUDA: same output as the module
     # call + topp_route (when the two logits agree, the routes agree bit for bit), and a forward
     # hook on the router turns it off (the hook must see the call).
+    from prunepath_ops.models import LlamaMLP
+
     torch.manual_seed(0)
-    dense = prunepath_ops.models.LlamaMLP(256, 1024).to("cuda", dtype)
+    dense = LlamaMLP(256, 1024).to("cuda", dtype)
     mlp = prunepath_ops.PrunePathMLP.from_dense(dense, 32, tau=0.5, router_weight=torch.randn(32, 256) / 16)
     mlp = mlp.to("cuda", dtype)
-    x = torch.randn(3, 256, device="cuda", dtype=dtype)
-    assert mlp._use_fused_router(x) and not mlp._use_fused_router(torch.randn(17, 256, device="cuda", dtype=dtype))
+    x = torch.randn(1, 256, device="cuda", dtype=dtype)  # batch-1 decode: the fused router's case
+    assert mlp._use_fused_router(x) and not mlp._use_fused_router(torch.randn(2, 256, device="cuda", dtype=dtype))
+    assert not mlp._use_fused_router(x.cpu())
     fused = mlp(x)
     logits, route = prunepath_ops.linear_topp_route(x, mlp.router.weight, mlp.tau_tensor)
     expected = prunepath_ops.sparse_ffn(x, route, mlp.packed)

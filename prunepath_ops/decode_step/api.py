@@ -1,4 +1,4 @@
-"""Public functions of the decode step's elementwise ops: :func:`add_rms_norm`, :func:`rope_qkv`.
+"""Public functions of the decode step's ops: :func:`add_rms_norm`, :func:`rope_qkv`, :func:`decode_linear`.
 
 Legend: B rows (tokens), d hidden, H query heads, Hkv key/value heads, D head dim.
 """
@@ -95,3 +95,45 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: in
     True
     """
     return torch.ops.prunepath.rope_qkv(qkv, cos, sin, n_heads, n_kv_heads, backend)
+
+
+def decode_linear(x: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
+    """``F.linear(x, weight)`` (no bias) for the few rows of a decode step, as one Triton GEMV.
+
+    At batch 1 a projection is a stream of its weight: the attention block's q/k/v and output
+    projections of a Llama-3-8B layer are 50 MB and 34 MB. The kernel reads each weight row once
+    per call (16 rows per program), accumulates in fp32 in a fixed order (deterministic), and with
+    programmatic dependent launch (sm_90+) starts streaming the weight while the previous kernel
+    still runs, since only ``x`` depends on it. No split-K reduction launch.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[B, K]`` float32, float16 or bfloat16, last dim contiguous; meant for B <= 16 (tokens are
+        taken 4 per program; above, cuBLAS through ``F.linear`` is the better choice).
+    weight : Tensor
+        ``[N, K]`` contiguous, dtype and device of ``x`` (an ``nn.Linear`` weight).
+    backend : {"auto", "triton", "cpu"}
+        ``auto``: Triton on CUDA, ``F.linear`` (:func:`prunepath_ops.reference.decode_linear`) on the
+        CPU; ``triton`` on CPU tensors only under ``TRITON_INTERPRET=1``.
+
+    Returns
+    -------
+    Tensor
+        ``[B, N]`` in the dtype of ``x``: fp32 sums rounded once (a summation order of its own, so
+        values may differ from cuBLAS's in the last bit). NaN/inf propagate as in a matmul.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Before any kernel runs, on a wrong shape, dtype, device or layout, naming the argument.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from prunepath_ops.decode_step import decode_linear
+    >>> x, w = torch.randn(1, 64), torch.randn(96, 64)
+    >>> torch.allclose(decode_linear(x, w), x @ w.T, atol=1e-5)
+    True
+    """
+    return torch.ops.prunepath.decode_linear(x, weight, backend)

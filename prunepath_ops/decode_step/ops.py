@@ -1,6 +1,6 @@
-"""Registration of ``torch.ops.prunepath.add_rms_norm`` and ``torch.ops.prunepath.rope_qkv``: checks, backend, fakes.
+"""Registration of ``torch.ops.prunepath.{add_rms_norm, rope_qkv, decode_linear}``: checks, backend, fakes.
 
-Legend: B rows, d hidden, H query heads, Hkv key/value heads, D head dim.
+Legend: B rows, d hidden, H query heads, Hkv key/value heads, D head dim, K/N GEMV input/output width.
 """
 
 from __future__ import annotations
@@ -60,6 +60,21 @@ def check_rope_qkv_args(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_k
     _check_2d(op, "sin", sin, (B, D), qkv.dtype, qkv.device)
 
 
+def check_decode_linear_args(x: Tensor, weight: Tensor, backend: str) -> None:
+    op = "decode_linear"
+    check_backend(op, backend)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [B, K]; got shape {list(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16; got {x.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: weight must be [N, K] with K = {x.shape[1]}; got shape {list(weight.shape)}")
+    _check_2d(op, "x", x, tuple(x.shape), x.dtype, x.device)
+    _check_2d(op, "weight", weight, tuple(weight.shape), x.dtype, x.device)
+    if not weight.is_contiguous():
+        raise ValueError(f"{op}: weight must be contiguous; got strides {weight.stride()}")
+
+
 @torch.library.custom_op("prunepath::add_rms_norm", mutates_args=())
 def add_rms_norm_op(
     x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, backend: str
@@ -97,3 +112,20 @@ def rope_qkv_op(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads:
 def _rope_qkv_fake(qkv, cos, sin, n_heads, n_kv_heads, backend):
     check_rope_qkv_args(qkv, cos, sin, n_heads, n_kv_heads, backend)
     return qkv.new_empty(qkv.shape[0], n_heads + 2 * n_kv_heads, cos.shape[1])
+
+
+@torch.library.custom_op("prunepath::decode_linear", mutates_args=())
+def decode_linear_op(x: Tensor, weight: Tensor, backend: str) -> Tensor:
+    """``x W^T`` for a few rows; see :func:`prunepath_ops.decode_step.decode_linear`."""
+    check_decode_linear_args(x, weight, backend)
+    if resolve_backend("decode_linear", backend, x.device) == "cpu":
+        return R.decode_linear(x, weight).contiguous()
+    from prunepath_ops.decode_step.launch import decode_linear_triton
+
+    return decode_linear_triton(x, weight)
+
+
+@decode_linear_op.register_fake
+def _decode_linear_fake(x, weight, backend):
+    check_decode_linear_args(x, weight, backend)
+    return x.new_empty(x.shape[0], weight.shape[0])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunepath_ops.attention import kv_decode_attention
-from prunepath_ops.decode_step import add_rms_norm, rope_qkv
+from prunepath_ops.decode_step import add_rms_norm, decode_linear, rope_qkv
 from prunepath_ops.modules import PrunePathMLP
 
 
@@ -147,6 +147,11 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+# Decode batches up to this size take decode_linear for the attention projections (its tokens are
+# read 4 per program; wider batches are cuBLAS's regime).
+DECODE_GEMV_MAX_ROWS = 4
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, optionally reading and writing a static :class:`KVCache`."""
 
@@ -161,6 +166,9 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.qkv_weight: Tensor | None = None
         self._fuse_qkv()
+        # decode_fused's two projections through decode_linear (one Triton GEMV each, PDL) rather
+        # than cuBLAS; False for A/B timing.
+        self.decode_gemv = True
 
     # -- one GEMV for q, k and v ---------------------------------------------------------------
     # At decode each projection is a GEMV, and cuBLAS runs the small ones split-K with a reduction
@@ -265,14 +273,17 @@ class Attention(nn.Module):
         """
         B = x.shape[0]
         H, Hkv = self.n_heads, self.n_kv_heads
+        gemv = getattr(self, "decode_gemv", False) and B <= DECODE_GEMV_MAX_ROWS  # modules pickled before it existed
         if self.qkv_weight is not None and self.qkv_fused():
-            qkv = F.linear(x, self.qkv_weight)  # [B, (H + 2 Hkv) D]
+            qkv = (decode_linear if gemv else F.linear)(x, self.qkv_weight)  # [B, (H + 2 Hkv) D]
         else:
             qkv = torch.cat(self.project_qkv(x), dim=-1)
         heads = rope_qkv(qkv, cos, sin, H, Hkv)  # [B, H + 2 Hkv, D]: q, k rotated; v
         q, k, v = heads.split((H, Hkv, Hkv), dim=1)
-        y = self._attend_cached(q, k, v, cache_seqlens)  # [B, H, D]
-        return self.o_proj(y.reshape(B, H * self.head_dim))
+        y = self._attend_cached(q, k, v, cache_seqlens).reshape(B, H * self.head_dim)  # [B, H D]
+        if gemv and self.o_proj.bias is None and self.o_proj.weight.is_contiguous():
+            return decode_linear(y, self.o_proj.weight)
+        return self.o_proj(y)
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor) -> Tensor:
         """``kv_decode_attention`` over the cache, appending ``k, v [B, Hkv, D]``: ``q [B, H, D]`` -> ``[B, H, D]``."""

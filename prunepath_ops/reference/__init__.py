@@ -6,7 +6,7 @@ kernel exists.
 """
 
 from prunepath_ops.reference.attention import kv_decode_attention
-from prunepath_ops.reference.decode_step import add_rms_norm, rope_qkv
+from prunepath_ops.reference.decode_step import add_rms_norm, decode_linear, rope_qkv
 from prunepath_ops.reference.routing import (
     GATE_MODES,
     linear_topp_route,
@@ -29,6 +29,7 @@ __all__ = [
     "GATE_MODES",
     "add_rms_norm",
     "align_experts",
+    "decode_linear",
     "dense_ffn",
     "index_select_ffn",
     "kv_decode_attention",

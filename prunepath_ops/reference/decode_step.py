@@ -58,3 +58,8 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: in
     swapped = torch.cat((qk[..., D // 2 :], qk[..., : D // 2]), dim=-1)
     rotated = torch.addcmul(qk * cos[:, None, :], swapped, sin[:, None, :])
     return torch.cat((rotated, heads[:, n_heads + n_kv_heads :]), dim=1).contiguous()
+
+
+def decode_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """Reference of :func:`prunepath_ops.decode_step.decode_linear`: ``x [B, K] @ weight [N, K]^T`` -> ``[B, N]``."""
+    return F.linear(x, weight)
