@@ -72,7 +72,7 @@ def time_graph(fn, replays: int) -> float:
 
 def check(x, w, tau) -> None:
     logits, route = prunepath_ops.linear_topp_route(x, w, tau)
-    assert_close(logits.float(), F.linear(x, w).float(), dtype=x.dtype)
+    assert_close(logits.double(), F.linear(x.double(), w.double()), dtype=x.dtype)
     again = prunepath_ops.topp_route(logits, tau)
     for a, b in zip(route, again, strict=True):
         assert torch.equal(a, b), "fused routing differs from topp_route on its logits"

@@ -74,10 +74,14 @@ def test_decode_step_matches_oracle_every_step(cfg, attn, monkeypatch):
     "dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_cuda)]
 )  # bf16: the Triton kernels on the GPU
 @pytest.mark.parametrize("prunepath", [pytest.param(False, id="dense"), pytest.param(True, id="prunepath")])
+@pytest.mark.parametrize("gemv", [pytest.param(False, id="cublas"), pytest.param(True, id="decode_linear")])
 @torch.no_grad()
-def test_fused_decode_step_matches_the_op_by_op_step(cfg, dtype, prunepath):
+def test_fused_decode_step_matches_the_op_by_op_step(cfg, dtype, prunepath, gemv):
+    # gemv: the fused step's attention projections through decode_linear (Attention.decode_gemv).
     device = "cuda" if dtype == torch.bfloat16 else "cpu"
     model = random_llama(cfg, dtype=dtype, device=device)
+    for layer in model.layers:
+        layer.attn.decode_gemv = gemv
     if prunepath:
         to_prunepath(model, expert_width=16, tau=0.8, gate="sigmoid")
         _random_router(model)

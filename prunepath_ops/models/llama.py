@@ -166,9 +166,10 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.qkv_weight: Tensor | None = None
         self._fuse_qkv()
-        # decode_fused's two projections through decode_linear (one Triton GEMV each, PDL) rather
-        # than cuBLAS; False for A/B timing.
-        self.decode_gemv = True
+        # decode_fused's two projections through decode_linear (Triton GEMV, PDL) instead of cuBLAS.
+        # Off: on the H200 it is slower for the fused q/k/v projection (21.7 vs 15.6 us at batch 1,
+        # bench/results/decode_linear_cuda.md) and the whole step with it 0.94x (decode_e2e_cuda.md).
+        self.decode_gemv = False
 
     # -- one GEMV for q, k and v ---------------------------------------------------------------
     # At decode each projection is a GEMV, and cuBLAS runs the small ones split-K with a reduction
