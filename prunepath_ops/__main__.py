@@ -256,6 +256,7 @@ def train(args: argparse.Namespace) -> int:
     if args.gate != "keep":
         for m in _routed(model):
             m.gate = args.gate
+    _apply_expert_bounds(model, args)  # trained under the bounds, and saved with them
     if args.straight_through:
         if any(m.gate != "one" for m in _routed(model)):
             raise CLIError("--straight-through needs gate 'one' (add --gate one)")
@@ -276,6 +277,41 @@ def train(args: argparse.Namespace) -> int:
     if stats is not None:
         print(f"  stats: {_short(stats)}")
     return 0
+
+
+def _apply_expert_bounds(model, args: argparse.Namespace) -> None:
+    """``--min-experts`` / ``--max-experts`` onto every routed FFN (None: keep the checkpoint's)."""
+    if args.min_experts is not None:
+        routed = _routed(model)
+        E = min((m.w_down.shape[0] for m in routed), default=0)
+        if not routed or not 1 <= args.min_experts <= E:
+            raise CLIError(f"bad --min-experts {args.min_experts}: it must be in [1, E={E}] (and needs a checkpoint)")
+        for m in routed:
+            m.min_experts = args.min_experts
+    if args.max_experts is not None:
+        routed = _routed(model)
+        E = min((m.w_down.shape[0] for m in routed), default=0)
+        floor = max((m.min_experts for m in routed), default=1)
+        if not routed or not max(1, floor) <= args.max_experts <= E:
+            raise CLIError(
+                f"bad --max-experts {args.max_experts}: it must be in [max(1, min_experts={floor}), E={E}]"
+                " (and needs a checkpoint)"
+            )
+        for m in routed:
+            m.max_experts = args.max_experts
+
+
+def _expert_bounds_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--min-experts",
+        type=int,
+        help=f"{what} keep at least this many experts per token (topp_route's floor; default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--max-experts",
+        type=int,
+        help=f"{what} keep at most this many experts per token (topp_route's cap; default: the checkpoint's)",
+    )
 
 
 def _short(obj) -> str:
@@ -351,24 +387,7 @@ def evaluate(args: argparse.Namespace) -> int:
         bad = [k for k in ks if not 1 <= k <= E]
         if bad:
             raise CLIError(f"bad --ks {bad}: k must be in [1, E={E}]")
-    if args.min_experts is not None:
-        routed = _routed(model)
-        E = min((m.w_down.shape[0] for m in routed), default=0)
-        if not routed or not 1 <= args.min_experts <= E:
-            raise CLIError(f"bad --min-experts {args.min_experts}: it must be in [1, E={E}] (and needs a checkpoint)")
-        for m in routed:
-            m.min_experts = args.min_experts
-    if args.max_experts is not None:
-        routed = _routed(model)
-        E = min((m.w_down.shape[0] for m in routed), default=0)
-        floor = max((m.min_experts for m in routed), default=1)
-        if not routed or not max(1, floor) <= args.max_experts <= E:
-            raise CLIError(
-                f"bad --max-experts {args.max_experts}: it must be in [max(1, min_experts={floor}), E={E}]"
-                " (and needs a checkpoint)"
-            )
-        for m in routed:
-            m.max_experts = args.max_experts
+    _apply_expert_bounds(model, args)
     methods = [m for m in args.static_methods.split(",") if m]
     rows = sweep(
         model, tokens, taus=taus, ks=ks if args.checkpoint else [], static_fractions=fracs, static_methods=methods,
@@ -597,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="keep",
         help="gate mode to train with (default: the checkpoint's)",
     )
+    _expert_bounds_args(p, "tokens")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=train)
 
@@ -620,16 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     p.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the last 20%% of the text")
     p.add_argument("--calib-tokens", type=int, default=4096, help="Wanda calibration tokens (first 80%%)")
-    p.add_argument(
-        "--min-experts",
-        type=int,
-        help="PrunePath points keep at least this many experts per token (topp_route's floor; default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--max-experts",
-        type=int,
-        help="PrunePath points keep at most this many experts per token (topp_route's cap; default: every expert)",
-    )
+    _expert_bounds_args(p, "PrunePath points")
     p.add_argument(
         "--out-dir", default="prunepath_eval", help="sweep.md, sweep.csv, sweep.png (default ./prunepath_eval)"
     )

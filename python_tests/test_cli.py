@@ -118,6 +118,21 @@ def test_train_fast(ckpt, tmp_path, capsys, extra):
     assert os.path.isfile(os.path.join(out, "prunepath.safetensors"))
 
 
+def test_train_under_expert_bounds_saves_them(ckpt, tmp_path, capsys):
+    # --min/--max-experts bound the routing during training and travel with the checkpoint.
+    pytest.importorskip("prunepath_ops.train")
+    from prunepath_ops.convert import load_checkpoint
+
+    out = str(tmp_path / "banded")
+    argv = ["train", "--fast", "--no-progress", "--checkpoint", ckpt, "--steps", "2", "--seq-len", "32",
+            "--batch-size", "1", "--min-experts", "2", "--max-experts", "3", "--out", out]  # fmt: skip
+    assert main(argv) == 0
+    mlps = list(load_checkpoint(out).modules.values())
+    assert mlps and all((m.min_experts, m.max_experts) == (2, 3) for m in mlps)
+    assert main([*argv[:-2], "--max-experts", "0"]) == 1
+    assert "bad --max-experts" in _error_line(capsys)
+
+
 def test_straight_through_needs_gate_one(ckpt, capsys):
     argv = ["train", "--fast", "--no-progress", "--checkpoint", ckpt, "--steps", "1", "--gate", "sigmoid",
             "--straight-through"]  # fmt: skip
