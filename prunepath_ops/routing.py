@@ -130,7 +130,10 @@ def linear_topp_route(
     bytes: on CUDA one kernel computes the logits (each block a few rows of ``weight``) and the
     block that completes a token's row routes it with :func:`topp_route`'s rank kernel, so
     the routing is bit-identical to :func:`topp_route` on the returned logits. On the CPU it
-    is that composition. For many tokens, ``F.linear`` (cuBLAS) and :func:`topp_route` are faster.
+    is that composition. The grid has one set of row blocks per token, so it pays at one token per
+    call (H200, Llama-3-8B router: 7.0 us against 11.7 for the composition) and loses from about four
+    (14.5 against 12.0 us; ``bench/results/router_decode_cuda.md``): use ``F.linear`` and
+    :func:`topp_route` there.
 
     Parameters
     ----------
