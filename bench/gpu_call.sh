@@ -45,7 +45,7 @@ for part in "$@"; do
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
     ffn8b) t 150 python3 bench/sparse_ffn_gpu.py --shapes llama3-8b --batches 1 4 16 --prefill 4096 \
              --name sparse_ffn_cuda_llama3_8b --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
-    tests) t ${TESTS_TIMEOUT:-580} python3 -X faulthandler -m pytest python_tests -q -p no:cacheprovider \
+    tests) t ${TESTS_TIMEOUT:-580} python3 -X faulthandler -m pytest python_tests -q -p no:cacheprovider --durations=25 \
              > "$out/gpu_tests.log" 2>&1 ;;
     routertests) t ${ROUTERTESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_linear_topp_route.py python_tests/test_topp_route.py \
                    -q -p no:cacheprovider > "$out/gpu_tests_router.log" 2>&1 ;;
