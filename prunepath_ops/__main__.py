@@ -264,9 +264,12 @@ def train(args: argparse.Namespace) -> int:
             m.straight_through = True  # training only: not saved, values unchanged
     tokens = _tokens(args, tok, (0.0, 0.8))
     seq_len = min(args.seq_len, model.config.max_seq_len)
+    if not (args.eta >= 0 and args.lam >= 0):  # also rejects NaN
+        raise CLIError(f"--eta and --lam must be non-negative numbers; got {args.eta} and {args.lam}")
     cfg = TrainConfig(
         steps=args.steps, seq_len=seq_len, batch_size=args.batch_size, lr_router=args.lr_router,
         train_backbone=args.train_backbone, tau_min=args.tau_min, seed=args.seed, progress=not args.no_progress,
+        eta=args.eta, lam=args.lam,
     )  # fmt: skip
     start = time.perf_counter()
     stats = train_routers(model, tokens, cfg)
@@ -617,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="gate mode to train with (default: the checkpoint's)",
     )
     _expert_bounds_args(p, "tokens")
+    p.add_argument(
+        "--eta", type=float, default=3e-4, help="weight of the routing-entropy loss (default 3e-4, the paper's)"
+    )
+    p.add_argument(
+        "--lam", type=float, default=1e-3, help="weight of the load-balance loss (default 1e-3, the paper's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=train)
 

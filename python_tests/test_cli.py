@@ -107,6 +107,7 @@ def test_eval_dense_only_and_bench_and_info(tmp_path, capsys):
     [
         [],  # the checkpoint's gate
         ["--gate", "one", "--straight-through"],  # gates of value 1 that still train the routers
+        ["--eta", "0.05", "--lam", "0.01"],  # auxiliary loss weights other than the paper's
     ],
 )
 def test_train_fast(ckpt, tmp_path, capsys, extra):
@@ -131,6 +132,12 @@ def test_train_under_expert_bounds_saves_them(ckpt, tmp_path, capsys):
     assert mlps and all((m.min_experts, m.max_experts) == (2, 3) for m in mlps)
     assert main([*argv[:-2], "--max-experts", "0"]) == 1
     assert "bad --max-experts" in _error_line(capsys)
+
+
+def test_train_rejects_negative_loss_weights(ckpt, capsys):
+    argv = ["train", "--fast", "--no-progress", "--checkpoint", ckpt, "--steps", "1", "--eta", "-1"]
+    assert main(argv) == 1
+    assert "--eta and --lam must be non-negative" in _error_line(capsys)
 
 
 def test_straight_through_needs_gate_one(ckpt, capsys):
