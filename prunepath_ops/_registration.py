@@ -25,11 +25,22 @@ def check_topp_route_args(
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"topp_route: logits must be float32, float16 or bfloat16; got {logits.dtype}")
     T, E = logits.shape
+    return check_routing_args(T, E, logits.device, tau_per_token, min_experts, max_experts, gate)
+
+
+def check_routing_args(
+    T: int,
+    E: int,
+    device: torch.device,
+    tau_per_token: Tensor | None,
+    min_experts: int,
+    max_experts: int | None,
+    gate: str,
+) -> int:
+    """topp_route's checks of a ``[T, E]`` routing on ``device`` (messages as its C++ glue's); returns K."""
     if E < 1:
-        raise ValueError(
-            f"topp_route: logits must have at least one expert column (E >= 1); got shape {list(logits.shape)}"
-        )
-    if logits.device.type == "cuda" and E > CUDA_MAX_EXPERTS:
+        raise ValueError(f"topp_route: logits must have at least one expert column (E >= 1); got shape {[T, E]}")
+    if device.type == "cuda" and E > CUDA_MAX_EXPERTS:
         raise ValueError(
             f"topp_route: the CUDA kernel handles E <= {CUDA_MAX_EXPERTS}; got E = {E} (the CPU kernel has no limit)"
         )
@@ -43,10 +54,8 @@ def check_topp_route_args(
     if tau_per_token is not None:
         if tau_per_token.dtype != torch.float32:
             raise TypeError(f"topp_route: a tau tensor must be float32; got {tau_per_token.dtype}")
-        if tau_per_token.device != logits.device:
-            raise ValueError(
-                f"topp_route: the tau tensor is on {tau_per_token.device} but logits are on {logits.device}"
-            )
+        if tau_per_token.device != device:
+            raise ValueError(f"topp_route: the tau tensor is on {tau_per_token.device} but logits are on {device}")
         broadcast = tau_per_token.numel() == 1 and tau_per_token.dim() <= 1
         if not broadcast and not (tau_per_token.dim() == 1 and tau_per_token.shape[0] == T):
             raise ValueError(
@@ -110,8 +119,7 @@ def check_linear_topp_route_args(
             f"{op}: the CUDA kernel handles 1 <= E <= {LINEAR_ROUTE_CUDA_MAX_EXPERTS}; got E = {E} "
             "(route F.linear's output with topp_route instead)"
         )
-    logits = x.new_empty((T, E))  # a stand-in with the logits' shape, device and dtype
-    return check_topp_route_args(logits, tau_per_token, min_experts, max_experts, gate)
+    return check_routing_args(T, E, x.device, tau_per_token, min_experts, max_experts, gate)
 
 
 @torch.library.register_fake("prunepath::linear_topp_route")

@@ -177,7 +177,7 @@ def linear_topp_route(
     """
     tau_scalar, tau_tensor = _split_tau(tau, "linear_topp_route")
     check_linear_topp_route_args(x, weight, tau_tensor, min_experts, max_experts, gate, tickets)
-    use_pdl = _pdl.resolve(pdl, x.device) if x.device.type == "cuda" else False
+    use_pdl = _pdl.resolve(pdl, x.device)  # False off CUDA
     logits, expert_ids, gates, num_active = torch.ops.prunepath.linear_topp_route(
         x, weight, tau_scalar, tau_tensor, min_experts, max_experts, gate, tickets, use_pdl
     )
