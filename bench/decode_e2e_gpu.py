@@ -233,6 +233,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def with_attr(objs, name: str, value, fn):
+    """``fn()`` with ``obj.<name> = value`` on every object, each restored afterwards (an A/B row)."""
+    saved = [getattr(o, name) for o in objs]
+    for o in objs:
+        setattr(o, name, value)
+    try:
+        return fn()
+    finally:
+        for o, v in zip(objs, saved, strict=True):
+            setattr(o, name, v)
+
+
 # ----------------------------------------------------------------------------- time split
 
 
@@ -431,20 +443,10 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
         _free(args)
 
     def gemvproj(fn):  # the attention projections through decode_linear instead of F.linear (cuBLAS)
-        for layer in model.layers:
-            layer.attn.decode_gemv = True
-        try:
-            return fn()
-        finally:
-            for layer in model.layers:
-                layer.attn.decode_gemv = False
+        return with_attr([layer.attn for layer in model.layers], "decode_gemv", True, fn)
 
     def opbyop(fn):  # the decode step's elementwise work op by op (Llama.fused_decode False), as before
-        model.fused_decode = False
-        try:
-            return fn()
-        finally:
-            model.fused_decode = True
+        return with_attr([model], "fused_decode", False, fn)
 
     with torch.no_grad():
         attempt(lambda: dense("dense-eager-sdpa", "sdpa", False, split_attn="sdpa"), "dense-eager-sdpa")
@@ -512,15 +514,9 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                                                             args, timer, None, extra, False))  # fmt: skip
                     rows.append(row)
                     _print_row(row)
-                if args.routerop and False in args.modes:
-                    for m in mlps:
-                        m.fused_router = False
-                    try:
-                        row, _, _ = run_config(name + "-routerop", model, prompt, sparse_attn, True, args, timer,
-                                               None, extra, False)  # fmt: skip
-                    finally:
-                        for m in mlps:
-                            m.fused_router = True
+                if args.routerop and False in args.modes:  # router GEMV + topp_route instead of linear_topp_route
+                    row, _, _ = with_attr(mlps, "fused_router", False, lambda: run_config(
+                        name + "-routerop", model, prompt, sparse_attn, True, args, timer, None, extra, False))  # fmt: skip
                     rows.append(row)
                     _print_row(row)
 
