@@ -13,8 +13,8 @@ python3 -c 'import torch, triton, sys; print("python", sys.version.split()[0], "
 nvcc --version | tail -1
 start=$(date +%s)
 so=$(python3 -c 'import sysconfig; print("_C" + sysconfig.get_config_var("EXT_SUFFIX"))')
-# Tracked sources (git), or every file under csrc/ where the copy has no git metadata.
-sources() { git ls-files -z csrc setup.py 2>/dev/null | grep -qz . && git ls-files -z csrc setup.py || find csrc setup.py -type f -print0; }
+# Every file under csrc/ (not git's list: the device copy's .git can be stale and miss new files).
+sources() { find csrc setup.py -type f -print0; }
 hash=$( (sources | sort -z | xargs -0 sha256sum; python3 -c 'import torch; print(torch.__version__)') | sha256sum | cut -c1-16)
 if [[ "$(cat .prebuilt/hash 2>/dev/null)" == "$hash" && (-f .prebuilt/$so.gz || -f .prebuilt/$so) ]]; then
   if [[ -f .prebuilt/$so.gz ]]; then

@@ -30,6 +30,13 @@ TORCH_LIBRARY(prunepath, m) {
       "linear_topp_route(Tensor x, Tensor weight, float tau, Tensor? tau_per_token, int min_experts, "
       "int? max_experts, str gate, Tensor(a!)? tickets, bool pdl) -> (Tensor logits, Tensor expert_ids, "
       "Tensor gates, Tensor num_active)");
+  // The few-token projection of a decode step (attention q/k/v and output):
+  // y = x weight^T with no bias, one launch on CUDA, no split-K.
+  //   x [B, K] fp32/fp16/bf16 (unit inner stride); weight [N, K] contiguous, the
+  //   dtype of x; pdl: programmatic dependent launch (CUDA, sm_90+).
+  // Returns y [B, N] in the dtype of x: fp32 sums in a fixed order, rounded once
+  // (deterministic; may differ from cuBLAS in the last bit).
+  m.def("decode_gemv(Tensor x, Tensor weight, bool pdl) -> Tensor");
   // Token-to-expert alignment for the grouped expert GEMM (variable k per token).
   //   expert_ids [T, K] int32, num_active [T] int32 (only slots j < num_active[t]
   //   are read). Returns sorted_pairs [P_max] int32 (t * K + j grouped by expert,
@@ -59,6 +66,7 @@ TORCH_LIBRARY(prunepath, m) {
 TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
   m.impl("topp_route", &prunepath::topp_route_cpu);
   m.impl("linear_topp_route", &prunepath::linear_topp_route_cpu);
+  m.impl("decode_gemv", &prunepath::decode_gemv_cpu);
   m.impl("align_experts", &prunepath::align_experts_cpu);
   m.impl("expert_ffn", &prunepath::expert_ffn_cpu);
 }
@@ -67,6 +75,7 @@ TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
 TORCH_LIBRARY_IMPL(prunepath, CUDA, m) {
   m.impl("topp_route", &prunepath::topp_route_cuda);
   m.impl("linear_topp_route", &prunepath::linear_topp_route_cuda);
+  m.impl("decode_gemv", &prunepath::decode_gemv_cuda);
   m.impl("align_experts", &prunepath::align_experts_cuda);
 }
 #endif

@@ -26,7 +26,12 @@ from prunepath_ops.routing import Route, linear_topp_route, topp_route  # noqa: 
 
 __version__ = "0.1.0"
 
-_OPS = ("topp_route", "linear_topp_route", "align_experts")  # C++ ops with CPU and CUDA kernels (expert_ffn: CPU only)
+_OPS = (
+    "topp_route",
+    "linear_topp_route",
+    "decode_gemv",
+    "align_experts",
+)  # C++ ops with CPU and CUDA kernels (expert_ffn: CPU only)
 
 
 def backends() -> dict[str, bool]:

@@ -134,6 +134,36 @@ def _linear_topp_route_fake(x, weight, tau, tau_per_token, min_experts, max_expe
     )
 
 
+def check_decode_gemv_args(x: Tensor, weight: Tensor) -> None:
+    """The checks of ``prunepath::decode_gemv``'s C++ glue, in the same order and words."""
+    op = "decode_gemv"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [B, K]; got shape {list(x.shape)}")
+    if x.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16; got {x.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: weight must be [N, K] with K = {x.shape[1]}; got shape {list(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight must have the dtype of x ({x.dtype}); got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{op}: x must have a unit inner stride; got strides {list(x.stride())}")
+    if not weight.is_contiguous():
+        raise ValueError(f"{op}: weight must be contiguous; got strides {list(weight.stride())}")
+    limit = 2**31 - 1
+    if x.shape[0] > limit or weight.shape[0] > limit or x.shape[1] > limit:
+        raise ValueError(
+            f"{op}: B, N and K must each be below 2^31; got B = {x.shape[0]}, N = {weight.shape[0]}, K = {x.shape[1]}"
+        )
+
+
+@torch.library.register_fake("prunepath::decode_gemv")
+def _decode_gemv_fake(x, weight, pdl):
+    check_decode_gemv_args(x, weight)
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 def topp_route_backward(grad_gates: Tensor, logits: Tensor, expert_ids: Tensor, gates: Tensor, gate: str) -> Tensor:
     """Gradient of the gates with respect to the logits, selection held fixed.
 

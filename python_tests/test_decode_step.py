@@ -26,6 +26,8 @@ TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 BACKENDS = ["cpu", pytest.param("triton", marks=needs_triton)]
+GEMV_BACKENDS = [*BACKENDS, pytest.param("cuda", marks=needs_cuda)]  # decode_linear's: + the C++ CUDA kernel
+GEMV_DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]  # decode_gemv's C++ kernels
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
 
 
@@ -141,7 +143,7 @@ def test_rope_qkv_random_shapes(B, Hkv, group, D, seed):
     assert_close(out, R.rope_qkv(qkv, cos, sin, H, Hkv), torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GEMV_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "B, K, N",
@@ -169,7 +171,7 @@ def test_decode_linear_matches_reference(backend, dtype, B, K, N):
         assert torch.equal(decode_linear(x, w, backend=backend), y)  # fixed summation order
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GEMV_BACKENDS)
 def test_decode_linear_strided_rows_and_nonfinite(backend):
     # x may be a row-strided view (a slice of a wider buffer); NaN/inf propagate like a matmul's.
     device = _device(backend)
@@ -205,6 +207,86 @@ def test_decode_linear_random_shapes(B, K, N, half, seed):
     torch.testing.assert_close(y.double(), ref, atol=atol, rtol=1e-2 if half else 1e-5)
 
 
+def _gemv_inputs(device, dtype, B, K, N, seed, misalign=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K + misalign, generator=gen).to(device, dtype)[:, misalign:]  # misalign: x off 16 bytes
+    w = (torch.randn(N, K, generator=gen) / max(K, 1) ** 0.5).to(device, dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("device", GEMV_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize(
+    "B, K, N, misalign",
+    [
+        (1, 4096, 40, False),  # batch-1 decode: K a whole number of 16-byte vector batches per lane
+        (2, 1000, 33, False),  # two tokens; N odd: the last warp's second row is past the end
+        (3, 136, 9, False),  # three tokens in one 4-token pass (one masked); K a partial vector batch
+        (7, 64, 16, False),  # two passes over the weights, the second with three tokens
+        (1, 37, 5, False),  # K not a multiple of the vector: one element per lane and step
+        (2, 64, 12, True),  # x 2 or 4 bytes past 16-byte alignment: the element path
+        (4, 1, 3, False),  # K = 1
+        (3, 0, 5, False),  # K = 0: all zeros
+        (0, 8, 4, False),  # no tokens
+        (2, 8, 0, False),  # no output features
+    ],
+)
+def test_decode_gemv_kernels_match_reference(device, dtype, pdl, B, K, N, misalign):
+    # prunepath::decode_gemv's C++ kernels (CPU and CUDA) called directly, against the float64 matmul.
+    x, w = _gemv_inputs(device, dtype, B, K, N, B * 100003 + K * 31 + N, misalign)
+    y = torch.ops.prunepath.decode_gemv(x, w, pdl)
+    assert y.shape == (B, N) and y.dtype == dtype and y.device == x.device and y.is_contiguous()
+    assert_close(y.float(), R.decode_linear(x.double(), w.double()).float(), dtype)
+    assert torch.equal(torch.ops.prunepath.decode_gemv(x, w, pdl), y)  # fixed summation order: same bits
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 9),
+    K=st.integers(1, 600),
+    N=st.integers(1, 70),
+    half=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_gemv_random_shapes(B, K, N, half, seed):
+    dtype = torch.float16 if half else torch.float32
+    x, w = _gemv_inputs(DEVICE, dtype, B, K, N, seed)
+    y = torch.ops.prunepath.decode_gemv(x, w, True)
+    ref = R.decode_linear(x.double(), w.double())
+    torch.testing.assert_close(y.double(), ref, atol=(1e-3 if half else 1e-5), rtol=1e-2 if half else 1e-5)
+    if HAS_CUDA:  # the CPU kernel on the same inputs: same sums, another order
+        cpu = torch.ops.prunepath.decode_gemv(x.cpu(), w.cpu(), False)
+        torch.testing.assert_close(y.cpu().double(), cpu.double(), atol=(2e-3 if half else 2e-5), rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # the C++ checks, and the fake kernel's copy of them
+@pytest.mark.parametrize(
+    "x_shape, w_shape, dtypes, transpose, match",
+    [
+        ((2, 3, 4), (5, 4), None, None, "x must be 2-D"),
+        ((2, 4), (5, 3), None, None, r"weight must be \[N, K\] with K = 4"),
+        ((2, 4), (5, 4), (torch.float32, torch.float16), None, "weight must have the dtype of x"),
+        ((2, 4), (5, 4), (torch.int64, torch.int64), None, "x must be float32, float16 or bfloat16"),
+        ((2, 4), (4, 5), None, "w", "weight must be contiguous"),
+        ((4, 2), (5, 4), None, "x", "x must have a unit inner stride"),
+    ],
+)
+def test_decode_gemv_bad_input_is_named(device, x_shape, w_shape, dtypes, transpose, match):
+    xd, wd = dtypes or (torch.float32, torch.float32)
+    x = torch.zeros(x_shape, dtype=xd, device=device)
+    w = torch.zeros(w_shape, dtype=wd, device=device)
+    x, w = (x.t() if transpose == "x" else x), (w.t() if transpose == "w" else w)
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.prunepath.decode_gemv(x, w, False)
+
+
+@needs_cuda
+def test_decode_gemv_device_mismatch_is_named():
+    with pytest.raises(ValueError, match="weight is on cpu but x is on cuda"):
+        torch.ops.prunepath.decode_gemv(torch.randn(1, 8, device="cuda"), torch.randn(4, 8), False)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -214,7 +296,8 @@ def test_decode_linear_random_shapes(B, K, N, half, seed):
         (lambda: decode_linear(torch.randn(2, 4), torch.randn(4, 5).t()), "weight must be contiguous"),
         (lambda: decode_linear(torch.randn(4, 2).t(), torch.randn(5, 4)), "x must be contiguous"),
         (lambda: decode_linear(torch.randn(2, 4).long(), torch.randn(5, 4)), "x must be float32"),
-        (lambda: decode_linear(torch.randn(2, 4), torch.randn(5, 4), backend="cuda"), "backend must be one of"),
+        (lambda: decode_linear(torch.randn(2, 4), torch.randn(5, 4), backend="gpu"), "backend must be one of"),
+        (lambda: decode_linear(torch.randn(2, 4), torch.randn(5, 4), backend="cuda"), "needs CUDA tensors"),
         (lambda: add_rms_norm(torch.randn(2, 3, 4), None, torch.ones(4)), "x must be 2-D"),
         (lambda: add_rms_norm(torch.randn(2, 4), torch.randn(2, 5), torch.ones(4)), "residual must have shape"),
         (lambda: add_rms_norm(torch.randn(2, 4), None, torch.ones(4).double()), "weight must have dtype"),
@@ -233,22 +316,32 @@ def test_bad_input_is_named(call, match):
         call()
 
 
-def test_opcheck_both_ops():
+def test_opcheck_every_op():
     x, r, w = torch.randn(3, 48), torch.randn(3, 48), torch.randn(48)
     torch.library.opcheck(torch.ops.prunepath.add_rms_norm.default, (x, r, w, 1e-5, "auto"))
     torch.library.opcheck(torch.ops.prunepath.add_rms_norm.default, (x, None, w, 1e-5, "auto"))
     qkv, cos, sin = torch.randn(2, 8 * 16), torch.randn(2, 16), torch.randn(2, 16)
     torch.library.opcheck(torch.ops.prunepath.rope_qkv.default, (qkv, cos, sin, 4, 2, "auto"))
     torch.library.opcheck(torch.ops.prunepath.decode_linear.default, (x, torch.randn(40, 48), "auto"))
+    torch.library.opcheck(torch.ops.prunepath.decode_gemv.default, (x, torch.randn(40, 48), False))
+    torch.library.opcheck(torch.ops.prunepath.decode_gemv.default, (x[:, :37], torch.randn(9, 37), False))
     if HAS_CUDA:
         xc, wc = torch.randn(1, 256, device="cuda").bfloat16(), torch.randn(96, 256, device="cuda").bfloat16()
-        torch.library.opcheck(torch.ops.prunepath.decode_linear.default, (xc, wc, "auto"))
+        for backend in ("cuda", "triton"):
+            torch.library.opcheck(torch.ops.prunepath.decode_linear.default, (xc, wc, backend))
+        torch.library.opcheck(torch.ops.prunepath.decode_gemv.default, (xc, wc, True))
 
 
 def test_compile_fullgraph():
     def step(x, r, w, qkv, cos, sin, w_out):
         y, h = add_rms_norm(x, r, w)
-        return y, h, rope_qkv(qkv, cos, sin, 4, 2), decode_linear(y, w_out)
+        return (
+            y,
+            h,
+            rope_qkv(qkv, cos, sin, 4, 2),
+            decode_linear(y, w_out),
+            torch.ops.prunepath.decode_gemv(h, w_out, False),
+        )
 
     args = (torch.randn(2, 48), torch.randn(2, 48), torch.randn(48), torch.randn(2, 128), torch.randn(2, 16))
     args = (*args, torch.randn(2, 16), torch.randn(5, 48))
@@ -258,18 +351,22 @@ def test_compile_fullgraph():
 
 
 @needs_cuda
-def test_gpu_llama_sizes_and_graph_capture():
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_llama_sizes_and_graph_capture(backend):
     d, H, Hkv, D = 4096, 32, 8, 128
     x, r = torch.randn(1, d, device="cuda").bfloat16(), torch.randn(1, d, device="cuda").bfloat16()
     w = torch.randn(d, device="cuda").bfloat16()
     qkv = torch.randn(1, (H + 2 * Hkv) * D, device="cuda").bfloat16()
     cos, sin = (t[[37]].cuda().bfloat16() for t in rope_tables(D, 64, 500000.0))
     w_qkv = (torch.randn((H + 2 * Hkv) * D, d, device="cuda") / d**0.5).bfloat16()
+    w_o = (torch.randn(d, H * D, device="cuda") / d**0.5).bfloat16()
     graph = torch.cuda.CUDAGraph()
-    add_rms_norm(x, r, w), rope_qkv(qkv, cos, sin, H, Hkv), decode_linear(x, w_qkv)  # compile outside the capture
+    # compile outside the capture
+    add_rms_norm(x, r, w), rope_qkv(qkv, cos, sin, H, Hkv), decode_linear(x, w_qkv, backend=backend)
     with torch.cuda.graph(graph):
         (y, h), out = add_rms_norm(x, r, w), rope_qkv(qkv, cos, sin, H, Hkv)
-        proj = decode_linear(y, w_qkv)  # PDL-launched after add_rms_norm: reads its output
+        proj = decode_linear(y, w_qkv, backend=backend)  # PDL-launched after add_rms_norm: reads its output
+        proj_o = decode_linear(proj[:, : H * D], w_o, backend=backend)  # a strided view of the one before
     graph.replay()
     torch.cuda.synchronize()
     ref_y, ref_h = R.add_rms_norm(x, r, w, 1e-5)
@@ -277,4 +374,20 @@ def test_gpu_llama_sizes_and_graph_capture():
     assert_close(y, ref_y, torch.bfloat16)
     assert_close(out, R.rope_qkv(qkv, cos, sin, H, Hkv), torch.bfloat16)
     assert_close(proj.float(), R.decode_linear(y.double(), w_qkv.double()).float(), torch.bfloat16)
-    assert torch.equal(proj, decode_linear(y, w_qkv))  # graph replay = eager, bit for bit
+    assert_close(proj_o.float(), R.decode_linear(proj[:, : H * D].double(), w_o.double()).float(), torch.bfloat16)
+    assert torch.equal(proj, decode_linear(y, w_qkv, backend=backend))  # graph replay = eager, bit for bit
+    assert torch.equal(proj_o, decode_linear(proj[:, : H * D], w_o, backend=backend))
+
+
+@needs_cuda
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 16])  # the decode batches; 16: four passes over the weight
+def test_gpu_decode_gemv_llama_shapes(B):
+    gen = torch.Generator(device="cuda").manual_seed(B)
+    for N, K in ((6144, 4096), (4096, 4096), (448, 4096)):  # q/k/v, output, a router's
+        x = torch.randn(B, K, device="cuda", generator=gen).bfloat16()
+        w = (torch.randn(N, K, device="cuda", generator=gen) / K**0.5).bfloat16()
+        y = torch.ops.prunepath.decode_gemv(x, w, True)
+        assert_close(y.float(), R.decode_linear(x.double(), w.double()).float(), torch.bfloat16)
+        for _ in range(3):
+            assert torch.equal(torch.ops.prunepath.decode_gemv(x, w, True), y)  # bitwise, run to run
+        assert torch.equal(torch.ops.prunepath.decode_gemv(x, w, False), y)  # PDL changes no bits

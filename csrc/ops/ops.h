@@ -35,6 +35,12 @@ LinearRouteOutputs linear_topp_route_cuda(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& tickets, bool pdl);
 #endif
 
+at::Tensor decode_gemv_cpu(const at::Tensor& x, const at::Tensor& weight, bool pdl);
+
+#ifdef PRUNEPATH_WITH_CUDA
+at::Tensor decode_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, bool pdl);
+#endif
+
 using AlignOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 AlignOutputs align_experts_cpu(const at::Tensor& expert_ids, const at::Tensor& num_active,

@@ -98,13 +98,15 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: in
 
 
 def decode_linear(x: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
-    """``F.linear(x, weight)`` (no bias) for the few rows of a decode step, as one Triton GEMV.
+    """``F.linear(x, weight)`` (no bias) for the few rows of a decode step, as one GEMV launch.
 
     At batch 1 a projection is a stream of its weight: the attention block's q/k/v and output
-    projections of a Llama-3-8B layer are 50 MB and 34 MB. The kernel reads each weight row once
-    per call (16 rows per program), accumulates in fp32 in a fixed order (deterministic), and with
-    programmatic dependent launch (sm_90+) starts streaming the weight while the previous kernel
-    still runs, since only ``x`` depends on it. No split-K reduction launch.
+    projections of a Llama-3-8B layer are 50 MB and 34 MB. The kernels read each weight row once per
+    call, accumulate in fp32 in a fixed order (deterministic) and, with programmatic dependent launch
+    (sm_90+), start streaming the weight while the previous kernel still runs, since only ``x``
+    depends on it. No split-K reduction launch. Two GPU implementations: the CUDA kernel of
+    ``torch.ops.prunepath.decode_gemv`` (each warp two whole weight rows, 16-byte streaming loads;
+    ``csrc/include/prunepath/decode_gemv.cuh``) and a Triton kernel (16 rows per program).
 
     Parameters
     ----------
@@ -113,9 +115,10 @@ def decode_linear(x: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor
         taken 4 per program; above, cuBLAS through ``F.linear`` is the better choice).
     weight : Tensor
         ``[N, K]`` contiguous, dtype and device of ``x`` (an ``nn.Linear`` weight).
-    backend : {"auto", "triton", "cpu"}
-        ``auto``: Triton on CUDA, ``F.linear`` (:func:`prunepath_ops.reference.decode_linear`) on the
-        CPU; ``triton`` on CPU tensors only under ``TRITON_INTERPRET=1``.
+    backend : {"auto", "cuda", "triton", "cpu"}
+        ``auto``: on CUDA the CUDA kernel when the package was built with CUDA, else Triton;
+        ``F.linear`` (:func:`prunepath_ops.reference.decode_linear`) on the CPU. ``triton`` on CPU
+        tensors only under ``TRITON_INTERPRET=1``; ``cuda`` needs CUDA tensors and a CUDA build.
 
     Returns
     -------

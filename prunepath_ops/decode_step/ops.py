@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prunepath_ops import _pdl
 from prunepath_ops import reference as R
 from prunepath_ops._backend import check_backend, resolve_backend
 
@@ -60,9 +61,14 @@ def check_rope_qkv_args(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_k
     _check_2d(op, "sin", sin, (B, D), qkv.dtype, qkv.device)
 
 
+#: decode_linear's backends: the CUDA kernel of ``prunepath::decode_gemv`` besides Triton and PyTorch.
+DECODE_LINEAR_BACKENDS = ("auto", "cuda", "triton", "cpu")
+
+
 def check_decode_linear_args(x: Tensor, weight: Tensor, backend: str) -> None:
     op = "decode_linear"
-    check_backend(op, backend)
+    if backend not in DECODE_LINEAR_BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {DECODE_LINEAR_BACKENDS}; got {backend!r}")
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [B, K]; got shape {list(x.shape)}")
     if x.dtype not in DTYPES:
@@ -114,12 +120,33 @@ def _rope_qkv_fake(qkv, cos, sin, n_heads, n_kv_heads, backend):
     return qkv.new_empty(qkv.shape[0], n_heads + 2 * n_kv_heads, cos.shape[1])
 
 
+def resolve_decode_linear_backend(backend: str, device: torch.device) -> str:
+    """``"cuda"``, ``"triton"`` or ``"cpu"`` for decode_linear on ``device``.
+
+    ``auto``: on CUDA the C++ kernel (``prunepath::decode_gemv``) when this build has CUDA kernels,
+    else Triton; the PyTorch implementation on the CPU. ``cuda`` needs CUDA tensors and a CUDA build.
+    """
+    if backend == "cuda" or (backend == "auto" and device.type == "cuda"):
+        built = torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::decode_gemv", "CUDA")
+        if backend == "auto":
+            return "cuda" if built else "triton"
+        if device.type != "cuda":
+            raise ValueError(f"decode_linear: backend='cuda' needs CUDA tensors; got {device}")
+        if not built:
+            raise RuntimeError("decode_linear: backend='cuda' needs a CUDA build of prunepath_ops (PRUNEPATH_CUDA=1)")
+        return "cuda"
+    return resolve_backend("decode_linear", backend, device)
+
+
 @torch.library.custom_op("prunepath::decode_linear", mutates_args=())
 def decode_linear_op(x: Tensor, weight: Tensor, backend: str) -> Tensor:
     """``x W^T`` for a few rows; see :func:`prunepath_ops.decode_step.decode_linear`."""
     check_decode_linear_args(x, weight, backend)
-    if resolve_backend("decode_linear", backend, x.device) == "cpu":
+    backend = resolve_decode_linear_backend(backend, x.device)
+    if backend == "cpu":
         return R.decode_linear(x, weight).contiguous()
+    if backend == "cuda":
+        return torch.ops.prunepath.decode_gemv(x, weight, _pdl.resolve(None, x.device))
     from prunepath_ops.decode_step.launch import decode_linear_triton
 
     return decode_linear_triton(x, weight)

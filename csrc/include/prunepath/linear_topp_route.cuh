@@ -18,6 +18,7 @@
 #pragma once
 
 #include "prunepath/topp_route.cuh"
+#include "prunepath/vec_dot.cuh"
 
 namespace prunepath {
 
@@ -37,78 +38,6 @@ struct LinearRouteParams {
 constexpr int32_t kLinearRouteMaxExperts = kToppRouteWarpMaxExperts;
 
 namespace detail {
-
-template <typename T>
-struct VecTraits;
-template <>
-struct VecTraits<float> {
-  static constexpr int kElems = 4;
-  __device__ static float dot(const uint4& a, const uint4& b, float acc) {
-    const float4 u = reinterpret_cast<const float4&>(a);
-    const float4 v = reinterpret_cast<const float4&>(b);
-    acc = fmaf(u.x, v.x, acc);
-    acc = fmaf(u.y, v.y, acc);
-    acc = fmaf(u.z, v.z, acc);
-    return fmaf(u.w, v.w, acc);
-  }
-  __device__ static float to_float(float v) { return v; }
-  __device__ static float round(float v) { return v; }
-};
-template <>
-struct VecTraits<__half> {
-  static constexpr int kElems = 8;
-  __device__ static float dot(const uint4& a, const uint4& b, float acc) {
-    const __half2* u = reinterpret_cast<const __half2*>(&a);
-    const __half2* v = reinterpret_cast<const __half2*>(&b);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 fu = __half22float2(u[i]);
-      const float2 fv = __half22float2(v[i]);
-      acc = fmaf(fu.x, fv.x, acc);
-      acc = fmaf(fu.y, fv.y, acc);
-    }
-    return acc;
-  }
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static __half round(float v) { return __float2half_rn(v); }
-};
-template <>
-struct VecTraits<__nv_bfloat16> {
-  static constexpr int kElems = 8;
-  __device__ static float dot(const uint4& a, const uint4& b, float acc) {
-    const __nv_bfloat162* u = reinterpret_cast<const __nv_bfloat162*>(&a);
-    const __nv_bfloat162* v = reinterpret_cast<const __nv_bfloat162*>(&b);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 fu = __bfloat1622float2(u[i]);
-      const float2 fv = __bfloat1622float2(v[i]);
-      acc = fmaf(fu.x, fv.x, acc);
-      acc = fmaf(fu.y, fv.y, acc);
-    }
-    return acc;
-  }
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 round(float v) { return __float2bfloat16_rn(v); }
-};
-
-__device__ __forceinline__ float warp_sum_f32(float v) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(kFullMask, v, m);
-  return v;
-}
-
-// Programmatic dependent launch (sm_90+): wait for the previous kernel's memory;
-// let the next kernel be scheduled. Both are no-ops in a launch without PDL.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void grid_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 // Vectors in flight per lane and batch: 4 x 16 bytes, so a warp has 2 KB of
 // weights outstanding (the whole slice at d = 4096, R = 4).
@@ -152,7 +81,7 @@ __device__ __forceinline__ float row_dot(const T* __restrict__ w_row, const T* _
     grid_dependency_wait();
     if (active) {
       for (int64_t k = begin + lane; k < end; k += 32) {
-        acc = fmaf(Traits::to_float(w_row[k]), Traits::to_float(x_row[k]), acc);
+        acc = fmaf(to_float(w_row[k]), to_float(x_row[k]), acc);
       }
     }
   }

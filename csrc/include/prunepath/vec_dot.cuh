@@ -1,0 +1,94 @@
+// Dot products over 16-byte vectors, warp sums and the programmatic dependent
+// launch (PDL) controls shared by the decode GEMV kernels (decode_gemv.cuh,
+// linear_topp_route.cuh). Torch-free.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace prunepath::detail {
+
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Sixteen-bit floats: 8 per vector, multiplied in fp32 in element order, so
+// fp16 and bf16 share one dot product through their pair type T2.
+template <typename T, typename T2>
+struct HalfVecTraits {
+  static constexpr int kElems = 8;
+  __device__ static float dot(const uint4& a, const uint4& b, float acc) {
+    const T2* u = reinterpret_cast<const T2*>(&a);
+    const T2* v = reinterpret_cast<const T2*>(&b);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 fu = to_float2(u[i]);
+      const float2 fv = to_float2(v[i]);
+      acc = fmaf(fu.x, fv.x, acc);
+      acc = fmaf(fu.y, fv.y, acc);
+    }
+    return acc;
+  }
+};
+
+// kElems elements of T per 16-byte vector; dot(a, b, acc) adds their products
+// to acc in element order; round(v) is the one rounding of an fp32 result to T.
+template <typename T>
+struct VecTraits;
+template <>
+struct VecTraits<float> {
+  static constexpr int kElems = 4;
+  __device__ static float dot(const uint4& a, const uint4& b, float acc) {
+    const float4 u = reinterpret_cast<const float4&>(a);
+    const float4 v = reinterpret_cast<const float4&>(b);
+    acc = fmaf(u.x, v.x, acc);
+    acc = fmaf(u.y, v.y, acc);
+    acc = fmaf(u.z, v.z, acc);
+    return fmaf(u.w, v.w, acc);
+  }
+  __device__ static float round(float v) { return v; }
+};
+template <>
+struct VecTraits<__half> : HalfVecTraits<__half, __half2> {
+  __device__ static __half round(float v) { return __float2half_rn(v); }
+};
+template <>
+struct VecTraits<__nv_bfloat16> : HalfVecTraits<__nv_bfloat16, __nv_bfloat162> {
+  __device__ static __nv_bfloat16 round(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Butterfly sum over a full warp: the same order on every lane, so every lane
+// holds the same bits.
+__device__ __forceinline__ float warp_sum_f32(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+// A 16-byte load of weights that this kernel reads once: not kept in L1, and a
+// 256-byte L2 prefetch hint (a warp's row segment is 512 bytes).
+__device__ __forceinline__ uint4 load_stream_v4(const void* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
+}
+
+// Programmatic dependent launch (sm_90+): wait for the previous kernel's memory;
+// let the next kernel be scheduled. Both are no-ops in a launch without PDL.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+}  // namespace prunepath::detail
