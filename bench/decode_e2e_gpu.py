@@ -118,10 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the graphed PrunePath steps with PrunePathMLP.fused_router False (router GEMV + topp_route)",
     )
     ap.add_argument(
-        "--gemvproj",
+        "--cublasproj",
         action="store_true",
         help="also time the graphed kernel-attention steps with the attention projections through "
-        "decode_linear (Attention.decode_gemv True) instead of cuBLAS",
+        "cuBLAS (Attention.decode_gemv False) instead of decode_linear's CUDA kernel (the default at batch 1)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
@@ -442,8 +442,8 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
             splits[name] = time_split(model, first, T, split_attn, args)
         _free(args)
 
-    def gemvproj(fn):  # the attention projections through decode_linear instead of F.linear (cuBLAS)
-        return with_attr([layer.attn for layer in model.layers], "decode_gemv", True, fn)
+    def cublasproj(fn):  # the attention projections through F.linear (cuBLAS) instead of decode_linear
+        return with_attr([layer.attn for layer in model.layers], "decode_gemv", False, fn)
 
     def opbyop(fn):  # the decode step's elementwise work op by op (Llama.fused_decode False), as before
         return with_attr([model], "fused_decode", False, fn)
@@ -463,9 +463,9 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                 attempt(lambda n=name, sp=split, c=compiled: dense(n, "kernel", True, split_attn=sp, compiled=c), name)
                 if args.opbyop and not compiled:
                     attempt(lambda: opbyop(lambda: dense("dense-graph-kernel-opbyop", "kernel", True)), "opbyop")
-                if args.gemvproj and not compiled:
-                    attempt(lambda: gemvproj(lambda: dense("dense-graph-kernel-gemvproj", "kernel", True)),
-                            "gemvproj")  # fmt: skip
+                if args.cublasproj and not compiled:
+                    attempt(lambda: cublasproj(lambda: dense("dense-graph-kernel-cublasproj", "kernel", True)),
+                            "cublasproj")  # fmt: skip
         mlps = convert(model, args)
         decoders = {}
         for frac in args.fractions:
@@ -509,8 +509,8 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                                                           None, extra, False))  # fmt: skip
                     rows.append(row)
                     _print_row(row)
-                if args.gemvproj and False in args.modes:
-                    row, _, _ = gemvproj(lambda: run_config(name + "-gemvproj", model, prompt, sparse_attn, True,
+                if args.cublasproj and False in args.modes:
+                    row, _, _ = cublasproj(lambda: run_config(name + "-cublasproj", model, prompt, sparse_attn, True,
                                                             args, timer, None, extra, False))  # fmt: skip
                     rows.append(row)
                     _print_row(row)
@@ -551,6 +551,12 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
             else "NOT BUILT: reference fallback (not capturable); kernel configurations skipped on CUDA, "
             "PrunePath uses SDPA"
         ),
+        "- attention projections of the kernel-attention steps at batch 1: "
+        + (
+            "decode_linear's CUDA GEMV (prunepath::decode_gemv; rows -cublasproj: cuBLAS)"
+            if torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::decode_gemv", "CUDA")
+            else "cuBLAS (F.linear; the package has no CUDA kernels)"
+        ),
         f"- PrunePath: S={args.expert_width}, E={cfg.ffn // args.expert_width}, sigmoid gate, routers N(0, 1/d); "
         "tau per layer calibrated on the prompt's prefill (bisection on the measured active fraction); "
         "active fraction measured on the eager decode tokens; one CUDA graph for all fractions (tau is a buffer)",
@@ -579,12 +585,12 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         if not r["config"].startswith("prunepath"):
             continue
         # Against the dense oracle run the same way (graphed, same attention, compiled or not).
-        suffix = next((x for x in ("-compiled", "-opbyop", "-gemvproj") if r["config"].endswith(x)), "")
+        suffix = next((x for x in ("-compiled", "-opbyop", "-cublasproj") if r["config"].endswith(x)), "")
         dense_kernel = "dense-graph-kernel" + suffix
         dense_same = by.get(dense_kernel if fused or args.device != "cuda" else "dense-graph-sdpa" + suffix)
         if dense_same:
             ratio = r["decode_tok_s"] / dense_same["decode_tok_s"]
-            default_path = suffix not in ("-opbyop", "-gemvproj") and not r["config"].endswith("-routerop")
+            default_path = suffix not in ("-opbyop", "-cublasproj") and not r["config"].endswith("-routerop")
             verdict = " (target >= 1.7x)" if r.get("target_fraction") == 0.3 and default_path else ""
             lines.append(f"- {r['config']} / {dense_same['config']}: **{ratio:.2f}x**{verdict}; ideal "
                          f"{ideal[r['config']]['tok_s'] / ideal[dense_same['config']]['tok_s']:.2f}x (bytes per token)")  # fmt: skip
@@ -596,8 +602,8 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
             fused_row = by[r["config"].removesuffix("-opbyop")]
             lines.append(f"- {fused_row['config']} / {r['config']} (fused residual adds, norms, RoPE): "
                          f"{fused_row['decode_tok_s'] / r['decode_tok_s']:.2f}x")  # fmt: skip
-        if r["config"].endswith("-gemvproj") and r["config"].removesuffix("-gemvproj") in by:
-            gemv_row, cublas_row = r, by[r["config"].removesuffix("-gemvproj")]
+        if r["config"].endswith("-cublasproj") and r["config"].removesuffix("-cublasproj") in by:
+            gemv_row, cublas_row = by[r["config"].removesuffix("-cublasproj")], r
             lines.append(f"- {gemv_row['config']} / {cublas_row['config']} (attention projections by decode_linear "
                          f"instead of cuBLAS): {gemv_row['decode_tok_s'] / cublas_row['decode_tok_s']:.2f}x")  # fmt: skip
         if r["config"].endswith("-routerop") and r["config"].removesuffix("-routerop") in by:

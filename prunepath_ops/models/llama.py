@@ -147,9 +147,14 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-# Decode batches up to this size take decode_linear for the attention projections (its tokens are
-# read 4 per program; wider batches are cuBLAS's regime).
-DECODE_GEMV_MAX_ROWS = 4
+# Decode batches up to this size take decode_linear for the attention projections. On the H200 the
+# CUDA kernel beats cuBLAS at one token only (bench/results/decode_linear_cuda.md: q/k/v 15.2 vs
+# 15.6 us, output 11.8 vs 13.2 us without an early PDL trigger; at 2 and 4 tokens 0.6-0.8x).
+DECODE_GEMV_MAX_ROWS = 1
+
+
+def _cuda_gemv_built() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::decode_gemv", "CUDA")
 
 
 class Attention(nn.Module):
@@ -166,10 +171,12 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.qkv_weight: Tensor | None = None
         self._fuse_qkv()
-        # decode_fused's two projections through decode_linear (Triton GEMV, PDL) instead of cuBLAS.
-        # Off: on the H200 it is slower for the fused q/k/v projection (21.7 vs 15.6 us at batch 1,
-        # bench/results/decode_linear_cuda.md) and the whole step with it 0.94x (decode_e2e_cuda.md).
-        self.decode_gemv = False
+        # decode_fused's two projections through decode_linear (one GEMV launch, PDL) instead of
+        # cuBLAS, for batches up to DECODE_GEMV_MAX_ROWS. None: where the package has its CUDA kernel
+        # (end to end on the H200: dense 208 -> 214 tok/s, PrunePath 30 % 332 -> 333,
+        # bench/results/decode_e2e_cuda_gemv.md); the Triton one lost to cuBLAS (0.94x the step).
+        # True: decode_linear whatever its backend; False: cuBLAS.
+        self.decode_gemv: bool | None = None
 
     # -- one GEMV for q, k and v ---------------------------------------------------------------
     # At decode each projection is a GEMV, and cuBLAS runs the small ones split-K with a reduction
@@ -274,7 +281,8 @@ class Attention(nn.Module):
         """
         B = x.shape[0]
         H, Hkv = self.n_heads, self.n_kv_heads
-        gemv = getattr(self, "decode_gemv", False) and B <= DECODE_GEMV_MAX_ROWS  # modules pickled before it existed
+        gemv = getattr(self, "decode_gemv", None)  # modules pickled before it existed: None
+        gemv = B <= DECODE_GEMV_MAX_ROWS and ((x.is_cuda and _cuda_gemv_built()) if gemv is None else gemv)
         if self.qkv_weight is not None and self.qkv_fused():
             qkv = (decode_linear if gemv else F.linear)(x, self.qkv_weight)  # [B, (H + 2 Hkv) D]
         else:
