@@ -118,12 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the graphed PrunePath steps with PrunePathMLP.fused_router False (router GEMV + topp_route)",
     )
     ap.add_argument(
-        "--noprefetch",
-        action="store_true",
-        help="also time the graphed PrunePath steps with PrunePathMLP.l2_prefetch_bytes 0 (no L2 prefetch of "
-        "the next layer's q/k/v weight as the expert kernel ends)",
-    )
-    ap.add_argument(
         "--cublasproj",
         action="store_true",
         help="also time the graphed kernel-attention steps with the attention projections through "
@@ -520,11 +514,6 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                                                             args, timer, None, extra, False))  # fmt: skip
                     rows.append(row)
                     _print_row(row)
-                if args.noprefetch and False in args.modes:  # no L2 prefetch of the next weight by the experts
-                    row, _, _ = with_attr(mlps, "l2_prefetch_bytes", 0, lambda: run_config(
-                        name + "-noprefetch", model, prompt, sparse_attn, True, args, timer, None, extra, False))  # fmt: skip
-                    rows.append(row)
-                    _print_row(row)
                 if args.routerop and False in args.modes:  # router GEMV + topp_route instead of linear_topp_route
                     row, _, _ = with_attr(mlps, "fused_router", False, lambda: run_config(
                         name + "-routerop", model, prompt, sparse_attn, True, args, timer, None, extra, False))  # fmt: skip
@@ -601,9 +590,7 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         dense_same = by.get(dense_kernel if fused or args.device != "cuda" else "dense-graph-sdpa" + suffix)
         if dense_same:
             ratio = r["decode_tok_s"] / dense_same["decode_tok_s"]
-            default_path = suffix not in ("-opbyop", "-cublasproj") and not r["config"].endswith(
-                ("-routerop", "-noprefetch")
-            )
+            default_path = suffix not in ("-opbyop", "-cublasproj") and not r["config"].endswith("-routerop")
             verdict = " (target >= 1.7x)" if r.get("target_fraction") == 0.3 and default_path else ""
             lines.append(f"- {r['config']} / {dense_same['config']}: **{ratio:.2f}x**{verdict}; ideal "
                          f"{ideal[r['config']]['tok_s'] / ideal[dense_same['config']]['tok_s']:.2f}x (bytes per token)")  # fmt: skip
@@ -619,10 +606,6 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
             gemv_row, cublas_row = by[r["config"].removesuffix("-cublasproj")], r
             lines.append(f"- {gemv_row['config']} / {cublas_row['config']} (attention projections by decode_linear "
                          f"instead of cuBLAS): {gemv_row['decode_tok_s'] / cublas_row['decode_tok_s']:.2f}x")  # fmt: skip
-        if r["config"].endswith("-noprefetch") and r["config"].removesuffix("-noprefetch") in by:
-            pf_row = by[r["config"].removesuffix("-noprefetch")]
-            lines.append(f"- {pf_row['config']} / {r['config']} (next q/k/v weight prefetched into L2 by the "
-                         f"expert kernel): {pf_row['decode_tok_s'] / r['decode_tok_s']:.2f}x")  # fmt: skip
         if r["config"].endswith("-routerop") and r["config"].removesuffix("-routerop") in by:
             fused_row = by[r["config"].removesuffix("-routerop")]
             lines.append(f"- {fused_row['config']} / {r['config']} (fused router, linear_topp_route): "

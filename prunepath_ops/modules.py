@@ -21,9 +21,6 @@ from prunepath_ops.routing import linear_topp_route, topp_route
 # T = 4 (14.5 vs 12.0 us).
 FUSED_ROUTER_MAX_TOKENS = 1
 
-# Default PrunePathMLP.l2_prefetch_bytes (see the attribute).
-L2_PREFETCH_BYTES = 32 * 2**20
-
 _ACT_OF_MODULE = {nn.SiLU: "silu", nn.ReLU: "relu"}
 
 
@@ -192,10 +189,6 @@ class PrunePathMLP(nn.Module):
         of ``router`` then :func:`prunepath_ops.topp_route`. Default True; the routing is the same
         function of the logits, the logits may differ from cuBLAS's in their last bit. Forward
         hooks on ``router`` turn it off (they need the module call).
-    l2_prefetch_bytes : int
-        With ``forward(x, l2_prefetch=weight)`` on that one-token CUDA path, the first this many
-        bytes of ``weight`` are warmed in L2 as the expert kernel ends (``sparse_ffn``'s
-        ``prefetch``); the Llama model passes the next layer's q/k/v weight. Default 32 MiB; 0 off.
 
     Examples
     --------
@@ -240,10 +233,6 @@ class PrunePathMLP(nn.Module):
         tickets = torch.zeros(FUSED_ROUTER_MAX_TOKENS, dtype=torch.int32, device=packed.w_in.device)
         self.register_buffer("route_tickets", tickets, persistent=False)
         self.fused_router = True
-        # Bytes of the caller's next weight (forward's l2_prefetch) to warm in L2 after the experts
-        # of a one-token step; 0 turns the hint off. 32 MiB: what HBM moves in the ~8 us the end of
-        # the expert kernel, the reduction and the next norm leave idle, within the 50 MB L2.
-        self.l2_prefetch_bytes = L2_PREFETCH_BYTES
         self.tau, self.gate, self.min_experts, self.max_experts = tau, gate, min_experts, max_experts
         self.path, self.backend = path, backend
         self.differentiable = differentiable
@@ -325,12 +314,6 @@ class PrunePathMLP(nn.Module):
             raise ValueError(f"PrunePathMLP: differentiable must be True, False or 'auto'; got {mode!r}")
         return mode
 
-    def _prefetch_view(self, weight: Tensor | None) -> Tensor | None:
-        n = getattr(self, "l2_prefetch_bytes", 0)  # modules pickled before the attribute existed: off
-        if weight is None or n <= 0 or not weight.is_contiguous():
-            return None
-        return weight.view(-1)[: n // weight.element_size()]
-
     def _use_fused_router(self, x: Tensor) -> bool:
         # The decode regime on CUDA, unless something must see the router as a module call
         # (forward hooks, e.g. the trainer's logit capture) or the user turned it off.
@@ -347,12 +330,8 @@ class PrunePathMLP(nn.Module):
             and not (self.router._forward_hooks or self.router._forward_pre_hooks)
         )
 
-    def forward(self, x: Tensor, *, l2_prefetch: Tensor | None = None) -> Tensor:
-        """``[..., d] -> [..., d]``.
-
-        ``l2_prefetch``: on the one-token CUDA path, the first ``l2_prefetch_bytes`` of this tensor
-        (the weight the caller reads next) go to :func:`prunepath_ops.sparse_ffn`'s ``prefetch``.
-        """
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., d] -> [..., d]``."""
         x2 = x.reshape(-1, x.shape[-1])
         if not self._use_differentiable(x2) and self._use_fused_router(x2):
             # Router projection and top-p routing in one launch (bit-identical routing of its logits).
@@ -360,9 +339,7 @@ class PrunePathMLP(nn.Module):
                 x2, self.router.weight, self.tau_tensor, min_experts=self.min_experts,
                 max_experts=self.max_experts, gate=self.gate, tickets=self.route_tickets,
             )  # fmt: skip
-            prefetch = self._prefetch_view(l2_prefetch) if x2.shape[0] == 1 else None
-            y = sparse_ffn(x2, route, self.packed, path=self.path, backend=self.backend, prefetch=prefetch)
-            return y.view(x.shape)
+            return sparse_ffn(x2, route, self.packed, path=self.path, backend=self.backend).view(x.shape)
         logits = self.router(x2)  # [T, E]
         route = self._route(logits)
         if self._use_differentiable(x2):

@@ -521,48 +521,6 @@ def test_gpu_cuda_graph_capture_decode():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize(
-    "prefetch",
-    [
-        "weight",  # a contiguous weight: prefetched on sm_90+, a no-op elsewhere
-        "misaligned",  # a view 2 bytes into its storage: not 16-byte aligned, so skipped
-        "strided",  # not contiguous: skipped
-        "empty",  # nothing to prefetch
-    ],
-)
-def test_prefetch_changes_no_value(prefetch):
-    # The L2 prefetch hint of the one-token decode path: the result is the same with any prefetch
-    # tensor (and the op with one passes opcheck; the fake ignores it).
-    _, _, packed = make_ffn(64, 128, 16, device=DEVICE)
-    x = torch.randn(1, 64, device=DEVICE)
-    route = pp.topp_route(torch.randn(1, 8, device=DEVICE), 0.7)
-    buf = torch.randn(4096, device=DEVICE).half()
-    pf = {"weight": buf, "misaligned": buf[1:], "strided": buf[::2], "empty": buf[:0]}[prefetch]
-    want = pp.sparse_ffn(x, route, packed)
-    assert torch.equal(pp.sparse_ffn(x, route, packed, prefetch=pf), want)
-    args = (x, *route, packed.w_in, None, packed.w_down, None, True, "silu", "auto", "auto", pf)
-    torch.library.opcheck(torch.ops.prunepath.sparse_ffn.default, args)
-
-
-@needs_cuda
-def test_gpu_prefetch_in_graph_is_bitwise_neutral():
-    # Llama-3-8B-like expert sizes, one token, the next layer's q/k/v weight prefetched (32 MiB).
-    d, F, S = 4096, 14336 // 4, 32
-    _, _, packed = make_ffn(d, F, S, dtype=torch.bfloat16, device="cuda")
-    nxt = torch.randn(6144, d, device="cuda").bfloat16()
-    x = torch.randn(1, d, device="cuda").bfloat16()
-    route = pp.topp_route(torch.randn(1, F // S, device="cuda"), 0.3)
-    want = pp.sparse_ffn(x, route, packed)
-    pf = nxt.view(-1)[: 32 * 2**20 // 2]
-    assert torch.equal(pp.sparse_ffn(x, route, packed, prefetch=pf), want)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = pp.sparse_ffn(x, route, packed, prefetch=pf)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, want)
-
-
 def test_decode_trace_argument_checked():
     from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton
 

@@ -16,7 +16,6 @@ def sparse_ffn(
     *,
     path: str = "auto",
     backend: str = "auto",
-    prefetch: Tensor | None = None,
 ) -> Tensor:
     """Routed expert FFN reading and computing only the selected experts.
 
@@ -43,12 +42,6 @@ def sparse_ffn(
         columns, fp32 accumulation, deterministic); ``torch`` the sparse PyTorch
         composite (CPU); ``triton`` on the CPU runs under ``TRITON_INTERPRET=1``
         only; ``reference`` is the expert loop of :func:`prunepath_ops.reference.sparse_ffn`.
-    prefetch : Tensor, optional
-        A scheduling hint for decode steps: a contiguous tensor (typically the start of the
-        next layer's first weight) whose bytes the Triton decode kernel starts loading into L2
-        as its expert programs finish, in the memory time the end of the kernel, the reduction
-        and the next norm leave idle. One token on sm_90+ only; elsewhere ignored. It changes no
-        value.
 
     Returns
     -------
@@ -87,6 +80,6 @@ def sparse_ffn(
         return y.view(shape)
     y = torch.ops.prunepath.sparse_ffn(
         x2, expert_ids, gates, num_active,
-        packed.w_in, packed.b_in, packed.w_down, packed.b_out, packed.gated, packed.act, path, backend, prefetch,
+        packed.w_in, packed.b_in, packed.w_down, packed.b_out, packed.gated, packed.act, path, backend,
     )  # fmt: skip
     return y.view(shape)

@@ -36,7 +36,6 @@ import triton
 import triton.language as tl
 
 from prunepath_ops._pdl import pdl_launch_dependents, pdl_wait
-from prunepath_ops._prefetch import prefetch_l2_part
 from prunepath_ops.ffn.kernels import apply_act
 
 
@@ -88,8 +87,6 @@ def decode_expert_kernel(
     num_active_ptr,  # [1] int32 (SLOT_GRID only)
     partial_ptr,  # [units, NC, T, d] fp32 out (only selected experts' rows are written)
     trace_ptr,  # [units * NC, 4] int64 (TRACE only): SM id, start and end %globaltimer, active
-    pf_ptr,  # bytes to warm in L2 once the program is done (PREFETCH only), 16-byte aligned
-    pf_bytes,
     T,
     d,
     E,
@@ -108,8 +105,6 @@ def decode_expert_kernel(
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
     TRACE: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    NUM_WARPS: tl.constexpr,
 ):
     # With PDL the reduction's programs are scheduled once all of these started, and wait there.
     pdl_wait(PDL)
@@ -193,11 +188,6 @@ def decode_expert_kernel(
             else:
                 out = tl.sum(wd.to(tl.float32) * h[:, None], axis=0)  # [BLOCK_N]
                 tl.store(dst + nn, out, mask=n_ok)
-        if PREFETCH:
-            # One token (SLOT_GRID): the n active slots split the bytes. The first programs to end
-            # start them while the last experts still stream, through the reduction and the norm
-            # after it: HBM time those leave idle (see prunepath_ops/_prefetch.py).
-            prefetch_l2_part(pf_ptr, pf_bytes, unit * NC + chunk, n * NC, LANES=32 * NUM_WARPS)
     if TRACE:
         row = trace_ptr + (tl.program_id(0) * NC + chunk) * 4
         tl.store(row, _smid().to(tl.int64))

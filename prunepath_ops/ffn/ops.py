@@ -73,7 +73,6 @@ def sparse_ffn_op(
     act: str,
     path: str,
     backend: str,
-    prefetch: Tensor | None = None,
 ) -> Tensor:
     """Routed expert FFN; see :func:`prunepath_ops.sparse_ffn`."""
     args = (x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act)
@@ -93,13 +92,11 @@ def sparse_ffn_op(
     from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton, sparse_ffn_prefill_triton
 
     if resolve_path(path, x.shape[0]) == "decode":
-        return sparse_ffn_decode_triton(*args, prefetch=prefetch)
+        return sparse_ffn_decode_triton(*args)
     return sparse_ffn_prefill_triton(*args)
 
 
 @sparse_ffn_op.register_fake
-def _sparse_ffn_fake(
-    x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act, path, backend, prefetch=None
-):
+def _sparse_ffn_fake(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act, path, backend):
     check_sparse_ffn_args(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act, path, backend)
     return torch.empty_like(x, memory_format=torch.contiguous_format)

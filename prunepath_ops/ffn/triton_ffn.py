@@ -12,7 +12,6 @@ import triton
 from torch import Tensor
 
 from prunepath_ops import _pdl
-from prunepath_ops._prefetch import PREFETCH_ALIGN
 from prunepath_ops.ffn import decode_kernels, kernels
 from prunepath_ops.ffn._env import DECODE_MAX_TOKENS
 from prunepath_ops.ffn._env import interpreting as _interpreting
@@ -138,21 +137,6 @@ def sparse_ffn_prefill_triton(
     return y
 
 
-def _prefetch_range(prefetch: Tensor | None, device: torch.device) -> tuple[Tensor | None, int]:
-    """``(tensor, bytes)`` for the expert kernel's L2 prefetch, or ``(None, 0)`` where it does not apply.
-
-    Applies on CUDA devices of compute capability 9 or more (the bulk prefetch instruction) to a
-    contiguous tensor on ``device``; its first 16-byte-aligned byte is its start (any allocation's).
-    """
-    if prefetch is None or device.type != "cuda" or prefetch.device != device or prefetch.numel() == 0:
-        return None, 0
-    if not prefetch.is_contiguous() or prefetch.data_ptr() % PREFETCH_ALIGN:
-        return None, 0
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        return None, 0
-    return prefetch, prefetch.numel() * prefetch.element_size()
-
-
 def sparse_ffn_decode_triton(
     x: Tensor,
     expert_ids: Tensor,
@@ -175,7 +159,6 @@ def sparse_ffn_decode_triton(
     block_d: int | None = None,
     pdl: bool | None = None,
     trace: Tensor | None = None,
-    prefetch: Tensor | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
 
@@ -191,8 +174,6 @@ def sparse_ffn_decode_triton(
     ``pdl`` the programmatic dependent launch of the kernels (default :func:`prunepath_ops._pdl.use_pdl`).
     Diagnostics (bench/diag/decode_expert_trace.py): ``trace`` (int64 ``[units * NC, 4]``, GPU only)
     receives each expert program's SM id, start and end ``%globaltimer`` and whether it had work.
-    ``prefetch``: a tensor whose bytes the expert programs start loading into L2 as they finish
-    (one token on sm_90+ only; a hint, see :mod:`prunepath_ops._prefetch`).
     Returns ``[T, d]`` in the dtype of ``x``.
     """
     T, d = x.shape
@@ -233,7 +214,6 @@ def sparse_ffn_decode_triton(
     ):
         raise ValueError(f"sparse_ffn: trace must be an int64 [{units * nc}, 4] tensor on {dev} (and not interpreted)")
     partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
-    pf, pf_bytes = _prefetch_range(prefetch, dev) if slot_grid and not interp else (None, 0)
     # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, 30 % active).
     # One token: each SM holds about one selected expert, so the bytes in flight per program set the
     # bandwidth; the down loop's 512-wide tiles keep as many in flight as the gate/up loop's 256-wide
@@ -246,11 +226,10 @@ def sparse_ffn_decode_triton(
     stages = num_stages or 3
     decode_kernels.decode_expert_kernel[(units, nc)](
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
-        trace if trace is not None else dummy, pf if pf is not None else dummy, pf_bytes, T, d, E, K, x.stride(0),
+        trace if trace is not None else dummy, T, d, E, K, x.stride(0),
         SLOT_GRID=slot_grid, S=S, R=r, TP=tp, GATED=gated,
         HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot,
-        DOT_PREC=_dot_precision(x.dtype), PDL=pdl, TRACE=trace is not None, PREFETCH=pf is not None,
-        NUM_WARPS=num_warps or 4,
+        DOT_PREC=_dot_precision(x.dtype), PDL=pdl, TRACE=trace is not None,
         **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
     y = torch.empty(T, d, dtype=x.dtype, device=dev)

@@ -366,26 +366,17 @@ class Block(nn.Module):
         return h + self.ffn(self.ffn_norm(h))
 
     def decode_fused(
-        self,
-        h: Tensor,
-        delta: Tensor | None,
-        cos: Tensor,
-        sin: Tensor,
-        cache_seqlens: Tensor,
-        next_weight: Tensor | None = None,
+        self, h: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor, cache_seqlens: Tensor
     ) -> tuple[Tensor, Tensor]:
         """:meth:`decode` with each residual add fused into the next RMSNorm (:func:`add_rms_norm`).
 
         The layer's input is ``h + delta`` (``delta`` None: ``h``), the previous layer's add left
         pending; returns ``(h', delta')`` whose sum is the layer's output, so the add happens in the
-        next layer's first norm (or the final norm). ``next_weight``: the weight the step reads
-        after this layer, which a :class:`PrunePathMLP` FFN may start loading into L2.
+        next layer's first norm (or the final norm).
         """
         y, h = add_rms_norm(h, delta, self.attn_norm.weight, self.attn_norm.eps)  # [B, d] x 2
         a = self.attn.decode_fused(y, cos, sin, cache_seqlens)
         y, h = add_rms_norm(h, a, self.ffn_norm.weight, self.ffn_norm.eps)
-        if next_weight is not None and isinstance(self.ffn, PrunePathMLP):
-            return h, self.ffn(y, l2_prefetch=next_weight)
         return h, self.ffn(y)
 
 
@@ -585,20 +576,13 @@ class Llama(nn.Module):
             # Three launches per layer for the elementwise work instead of ~16 (two residual adds
             # fused into the next norms, RoPE of q and k in one), the same numerics up to rounding.
             h, delta = x, None
-            for i, layer in enumerate(self.layers):
-                h, delta = layer.decode_fused(h, delta, cos, sin, cache_seqlens, self._weight_after(i))
+            for layer in self.layers:
+                h, delta = layer.decode_fused(h, delta, cos, sin, cache_seqlens)
             y, _ = add_rms_norm(h, delta, self.norm.weight, self.norm.eps)
             return self.lm_head(y)  # [B, V]
         for layer in self.layers:
             x = layer.decode(x, cos, sin, cache_seqlens, mask)
         return self.lm_head(self.norm(x))  # [B, V]
-
-    def _weight_after(self, i: int) -> Tensor:
-        """The first weight the decode step streams after layer ``i``: layer i + 1's q/k/v, or the LM head."""
-        if i + 1 == len(self.layers):
-            return self.lm_head.weight
-        attn = self.layers[i + 1].attn
-        return attn.qkv_weight if attn.qkv_weight is not None and attn.qkv_fused() else attn.q_proj.weight
 
     def _norms_in(self, dtype: torch.dtype) -> bool:
         """Whether every RMSNorm weight has the activations' dtype (what :func:`add_rms_norm` takes)."""
