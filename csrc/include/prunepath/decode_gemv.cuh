@@ -24,7 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "prunepath/vec_dot.cuh"
+#include "prunepath/decode_common.cuh"
 
 namespace prunepath {
 
@@ -148,18 +148,11 @@ cudaError_t launch_decode_gemv_typed(const DecodeGemvParams& p, bool vec, bool p
   constexpr int64_t kMaxGridY = 65535;
   const int64_t rows_per_block = static_cast<int64_t>(kGemvWarps) * kGemvRows;
   const int64_t passes = (static_cast<int64_t>(p.tokens) + kTokens - 1) / kTokens;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>((p.out_features + rows_per_block - 1) / rows_per_block),
-                        static_cast<unsigned>(passes < kMaxGridY ? passes : kMaxGridY));
-  config.blockDim = dim3(kGemvWarps * 32);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = pdl ? 1 : 0;
-  return vec ? cudaLaunchKernelEx(&config, decode_gemv_kernel<T, kTokens, true>, p)
-             : cudaLaunchKernelEx(&config, decode_gemv_kernel<T, kTokens, false>, p);
+  const dim3 grid(static_cast<unsigned>((p.out_features + rows_per_block - 1) / rows_per_block),
+                  static_cast<unsigned>(passes < kMaxGridY ? passes : kMaxGridY));
+  const dim3 block(kGemvWarps * 32);
+  return vec ? launch_maybe_pdl(decode_gemv_kernel<T, kTokens, true>, grid, block, stream, pdl, p)
+             : launch_maybe_pdl(decode_gemv_kernel<T, kTokens, false>, grid, block, stream, pdl, p);
 }
 
 template <typename T>

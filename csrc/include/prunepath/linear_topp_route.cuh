@@ -17,8 +17,8 @@
 // which is still finishing the x this kernel reads.
 #pragma once
 
+#include "prunepath/decode_common.cuh"
 #include "prunepath/topp_route.cuh"
-#include "prunepath/vec_dot.cuh"
 
 namespace prunepath {
 
@@ -144,17 +144,12 @@ struct LinearRouteLaunch {
   template <typename T>
   static cudaError_t launch(const LinearRouteParams& p, LogitDType dtype, bool vec, bool pdl,
                             cudaStream_t stream) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(p.route.num_tokens * p.blocks_per_token));
-    config.blockDim = dim3(NWARPS * 32);
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attribute;
-    config.numAttrs = pdl ? 1 : 0;
-    return vec ? cudaLaunchKernelEx(&config, linear_topp_route_kernel<NWARPS, T, true>, p, dtype)
-               : cudaLaunchKernelEx(&config, linear_topp_route_kernel<NWARPS, T, false>, p, dtype);
+    const dim3 grid(static_cast<unsigned>(p.route.num_tokens * p.blocks_per_token));
+    const dim3 block(NWARPS * 32);
+    return vec ? launch_maybe_pdl(linear_topp_route_kernel<NWARPS, T, true>, grid, block, stream, pdl, p,
+                                  dtype)
+               : launch_maybe_pdl(linear_topp_route_kernel<NWARPS, T, false>, grid, block, stream, pdl, p,
+                                  dtype);
   }
   static cudaError_t run(const LinearRouteParams& p, LogitDType dtype, bool vec, bool pdl,
                          cudaStream_t stream) {

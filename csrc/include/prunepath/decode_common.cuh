@@ -1,11 +1,14 @@
-// Dot products over 16-byte vectors, warp sums and the programmatic dependent
-// launch (PDL) controls shared by the decode GEMV kernels (decode_gemv.cuh,
-// linear_topp_route.cuh). Torch-free.
+// Pieces shared by the decode-step GEMV kernels (decode_gemv.cuh,
+// linear_topp_route.cuh): dot products over 16-byte vectors, warp sums,
+// streaming loads, and programmatic dependent launch (PDL) on both sides of the
+// launch. Torch-free.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <utility>
 
 namespace prunepath::detail {
 
@@ -89,6 +92,24 @@ __device__ __forceinline__ void grid_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// Launches kernel<<<grid, block, 0, stream>>>(args...), allowed to start before
+// the previous kernel on the stream ends when `pdl` (the kernel must then call
+// grid_dependency_wait before touching that kernel's output).
+template <typename... Params, typename... Args>
+cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl,
+                             Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace prunepath::detail
