@@ -71,6 +71,7 @@ from prunepath_ops.convert.calibrate import (  # noqa: E402
     make_measure_fn,
     record_num_active,
 )
+from prunepath_ops.decode_step.ops import cuda_gemv_built  # noqa: E402
 from prunepath_ops.models import GraphedDecoder, Llama, LlamaConfig, LlamaMLP, to_prunepath  # noqa: E402
 from prunepath_ops.models import llama as llama_mod  # noqa: E402
 
@@ -554,7 +555,7 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         "- attention projections of the kernel-attention steps at batch 1: "
         + (
             "decode_linear's CUDA GEMV (prunepath::decode_gemv; rows -cublasproj: cuBLAS)"
-            if torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::decode_gemv", "CUDA")
+            if cuda_gemv_built()
             else "cuBLAS (F.linear; the package has no CUDA kernels)"
         ),
         f"- PrunePath: S={args.expert_width}, E={cfg.ffn // args.expert_width}, sigmoid gate, routers N(0, 1/d); "

@@ -120,6 +120,11 @@ def _rope_qkv_fake(qkv, cos, sin, n_heads, n_kv_heads, backend):
     return qkv.new_empty(qkv.shape[0], n_heads + 2 * n_kv_heads, cos.shape[1])
 
 
+def cuda_gemv_built() -> bool:
+    """Whether this build of the package has the CUDA kernel of ``prunepath::decode_gemv``."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::decode_gemv", "CUDA")
+
+
 def resolve_decode_linear_backend(backend: str, device: torch.device) -> str:
     """``"cuda"``, ``"triton"`` or ``"cpu"`` for decode_linear on ``device``.
 
@@ -127,7 +132,7 @@ def resolve_decode_linear_backend(backend: str, device: torch.device) -> str:
     else Triton; the PyTorch implementation on the CPU. ``cuda`` needs CUDA tensors and a CUDA build.
     """
     if backend == "cuda" or (backend == "auto" and device.type == "cuda"):
-        built = torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::decode_gemv", "CUDA")
+        built = cuda_gemv_built()
         if backend == "auto":
             return "cuda" if built else "triton"
         if device.type != "cuda":

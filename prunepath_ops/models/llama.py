@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from prunepath_ops.attention import kv_decode_attention
 from prunepath_ops.decode_step import add_rms_norm, decode_linear, rope_qkv
+from prunepath_ops.decode_step.ops import cuda_gemv_built
 from prunepath_ops.modules import PrunePathMLP
 
 
@@ -148,13 +149,9 @@ class KVCache(nn.Module):
 
 
 # Decode batches up to this size take decode_linear for the attention projections. On the H200 the
-# CUDA kernel beats cuBLAS at one token only (bench/results/decode_linear_cuda.md: q/k/v 15.2 vs
-# 15.6 us, output 11.8 vs 13.2 us without an early PDL trigger; at 2 and 4 tokens 0.6-0.8x).
+# CUDA kernel beats cuBLAS at one token only (bench/results/decode_linear_cuda.md: q/k/v 14.8-15.0
+# vs 15.6-15.9 us, output 11.4 vs 13.3-13.5 us; at 2 and 4 tokens 0.64-0.95x).
 DECODE_GEMV_MAX_ROWS = 1
-
-
-def _cuda_gemv_built() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::decode_gemv", "CUDA")
 
 
 class Attention(nn.Module):
@@ -172,10 +169,10 @@ class Attention(nn.Module):
         self.qkv_weight: Tensor | None = None
         self._fuse_qkv()
         # decode_fused's two projections through decode_linear (one GEMV launch, PDL) instead of
-        # cuBLAS, for batches up to DECODE_GEMV_MAX_ROWS. None: where the package has its CUDA kernel
-        # (end to end on the H200: dense 208 -> 214 tok/s, PrunePath 30 % 332 -> 333,
-        # bench/results/decode_e2e_cuda_gemv.md); the Triton one lost to cuBLAS (0.94x the step).
-        # True: decode_linear whatever its backend; False: cuBLAS.
+        # cuBLAS, for batches up to DECODE_GEMV_MAX_ROWS. None: where the package has its CUDA kernel;
+        # end to end on the H200 that is within noise of cuBLAS (dense 211.0 -> 212.0 tok/s,
+        # PrunePath 30 % 331.2 -> 331.5, bench/results/decode_e2e_cuda_gemv_default.md), while the
+        # Triton one lost (0.94x the step). True: decode_linear whatever its backend; False: cuBLAS.
         self.decode_gemv: bool | None = None
 
     # -- one GEMV for q, k and v ---------------------------------------------------------------
@@ -282,7 +279,7 @@ class Attention(nn.Module):
         B = x.shape[0]
         H, Hkv = self.n_heads, self.n_kv_heads
         gemv = getattr(self, "decode_gemv", None)  # modules pickled before it existed: None
-        gemv = B <= DECODE_GEMV_MAX_ROWS and ((x.is_cuda and _cuda_gemv_built()) if gemv is None else gemv)
+        gemv = B <= DECODE_GEMV_MAX_ROWS and ((x.is_cuda and cuda_gemv_built()) if gemv is None else gemv)
         if self.qkv_weight is not None and self.qkv_fused():
             qkv = (decode_linear if gemv else F.linear)(x, self.qkv_weight)  # [B, (H + 2 Hkv) D]
         else:
