@@ -35,7 +35,8 @@ TORCH_LIBRARY(prunepath, m) {
   //   x [B, K] fp32/fp16/bf16 (unit inner stride); weight [N, K] contiguous, the
   //   dtype of x; pdl: programmatic dependent launch (CUDA, sm_90+).
   // Returns y [B, N] in the dtype of x: fp32 sums in a fixed order, rounded once
-  // (deterministic; may differ from cuBLAS in the last bit).
+  // (deterministic; may differ from cuBLAS in the last bit). NaN/inf propagate as
+  // in a matmul: a NaN in row b of x makes row b of y NaN.
   m.def("decode_gemv(Tensor x, Tensor weight, bool pdl) -> Tensor");
   // Token-to-expert alignment for the grouped expert GEMM (variable k per token).
   //   expert_ids [T, K] int32, num_active [T] int32 (only slots j < num_active[t]
