@@ -241,6 +241,17 @@ def test_decode_gemv_kernels_match_reference(device, dtype, pdl, B, K, N, misali
     assert torch.equal(torch.ops.prunepath.decode_gemv(x, w, pdl), y)  # fixed summation order: same bits
 
 
+@pytest.mark.parametrize("device", GEMV_DEVICES)
+def test_decode_gemv_nonfinite_rows(device):
+    # NaN/inf stay in their token's row, as in a matmul (the schema comment's promise).
+    x, w = _gemv_inputs(device, torch.float32, 3, 64, 24, 7)
+    x = x.clone()
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    y = torch.ops.prunepath.decode_gemv(x, w, False)
+    assert torch.isnan(y[1]).all() and not torch.isfinite(y[2]).any() and torch.isfinite(y[0]).all()
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(1, 9),
