@@ -1,5 +1,7 @@
 #include "decode_gemv_args.h"
 
+#include <ATen/ops/empty.h>
+
 #include <cstdint>
 #include <limits>
 
@@ -27,6 +29,14 @@ void check_decode_gemv_inputs(const at::Tensor& x, const at::Tensor& weight) {
   PRUNEPATH_CHECK_VALUE(x.size(0) <= kMax && weight.size(0) <= kMax && x.size(1) <= kMax,
                         "decode_gemv: B, N and K must each be below 2^31; got B = ", x.size(0),
                         ", N = ", weight.size(0), ", K = ", x.size(1));
+}
+
+DecodeGemvCall prepare_decode_gemv(const at::Tensor& x, const at::Tensor& weight) {
+  check_decode_gemv_inputs(x, weight);
+  const int64_t B = x.size(0);
+  const int64_t K = x.size(1);
+  const int64_t N = weight.size(0);
+  return {B, K, N, B > 1 ? x.stride(0) : K, at::empty({B, N}, x.options())};
 }
 
 }  // namespace prunepath

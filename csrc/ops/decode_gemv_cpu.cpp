@@ -4,7 +4,6 @@
 // Parallel over output features.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include "check.h"
 #include "decode_gemv_args.h"
@@ -14,13 +13,8 @@ namespace prunepath {
 
 at::Tensor decode_gemv_cpu(const at::Tensor& x, const at::Tensor& weight, bool /*pdl*/) {
   PRUNEPATH_CHECK_VALUE(x.device().is_cpu(), "decode_gemv_cpu: x must be on the CPU; got ", x.device());
-  check_decode_gemv_inputs(x, weight);
-  const int64_t B = x.size(0);
-  const int64_t K = x.size(1);
-  const int64_t N = weight.size(0);
-  at::Tensor y = at::empty({B, N}, x.options());
+  const auto [B, K, N, x_stride, y] = prepare_decode_gemv(x, weight);
   if (B == 0 || N == 0) return y;
-  const int64_t x_stride = B > 1 ? x.stride(0) : K;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "decode_gemv_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();

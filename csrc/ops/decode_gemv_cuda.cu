@@ -1,6 +1,5 @@
 // CUDA glue for decode_gemv: checks, device guard, current stream, launch.
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
@@ -15,17 +14,13 @@ namespace prunepath {
 at::Tensor decode_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, bool pdl) {
   PRUNEPATH_CHECK_VALUE(x.is_cuda(), "decode_gemv_cuda: x must be a CUDA tensor; got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
-  check_decode_gemv_inputs(x, weight);
-  const int64_t B = x.size(0);
-  const int64_t K = x.size(1);
-  const int64_t N = weight.size(0);
-  at::Tensor y = at::empty({B, N}, x.options());
+  const auto [B, K, N, x_stride, y] = prepare_decode_gemv(x, weight);
   if (B == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
 
   DecodeGemvParams p{};
   p.x = x.data_ptr();
-  p.x_stride = B > 1 ? x.stride(0) : K;
+  p.x_stride = x_stride;
   p.weight = weight.data_ptr();
   p.y = y.data_ptr();
   p.tokens = static_cast<int32_t>(B);
