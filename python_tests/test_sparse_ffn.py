@@ -547,3 +547,49 @@ def test_gpu_decode_trace_records_each_program():
     assert int(active.sum()) == int(route.num_active)  # one program per selected slot did work
     assert bool((end >= start).all()) and bool((start > 0).all())
     assert int(sm.max()) < torch.cuda.get_device_properties(0).multi_processor_count
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "T, tau, empty",
+    [
+        (1, 0.3, False),  # the batch-1 slot grid: a program per slot, most of them without work
+        (1, 0.3, True),  # a token without experts: no reduction program waits, the reset still must
+        (5, 0.6, False),  # gate table + expert grid, one reduction program row per token
+        (16, 0.9, True),  # the largest decode batch, its first token without experts
+    ],
+)
+def test_gpu_decode_arrival_overlap_same_bits_and_counters_reset(T, tau, empty):
+    """The reduction started by the arrival count (PDL) gives the bits of the one started by the
+    expert grid's end, call after call and in a CUDA graph, and leaves the stream's counters at zero."""
+    from prunepath_ops import _pdl
+    from prunepath_ops.ffn.triton_ffn import arrival_counters, sparse_ffn_decode_triton
+
+    if not _pdl.use_pdl(torch.device("cuda")):
+        pytest.skip("the arrival path runs with PDL only (Hopper and later)")
+    d, F, S = 1024, 32 * 96, 32
+    _, _, packed = make_ffn(d, F, S, dtype=torch.bfloat16, device="cuda", seed=T)
+    x = torch.randn(T, d, device="cuda").bfloat16()
+    ids, gates, num_active = pp.topp_route(torch.randn(T, F // S, device="cuda"), tau)
+    if empty:
+        num_active[0] = 0
+    args = (x, ids, gates, num_active, packed.w_in, packed.b_in, packed.w_down, packed.b_out, True, "silu")
+    expected = sparse_ffn_decode_triton(*args, arrive=False)
+    for _ in range(4):  # a counter left non-zero would start the next call's reduction too early
+        assert torch.equal(sparse_ffn_decode_triton(*args, arrive=True), expected)
+    torch.cuda.synchronize()
+    assert arrival_counters(torch.device("cuda")).tolist() == [0, 0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sparse_ffn_decode_triton(*args, arrive=True)  # the capture stream's counters, made outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        outs = [sparse_ffn_decode_triton(*args, arrive=True) for _ in range(3)]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, expected) for o in outs)
+    with torch.cuda.stream(stream):
+        assert arrival_counters(torch.device("cuda")).tolist() == [0, 0]
