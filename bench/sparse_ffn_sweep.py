@@ -133,8 +133,8 @@ def main(argv=None) -> int:
                            (32, 128, 256, 3, True, {}), (32, 128, 128, 4, True, {})]  # fmt: skip
                 configs = [{"rows": r, "block_k": bk, "block_n": bn, "num_stages": ns, "num_warps": 4,
                             "pdl": pdl, **extra} for r, bk, bn, ns, pdl, extra in exp]  # fmt: skip
-                if args.defaults_only:  # the launcher's defaults; with PDL, the arrival-count reduction off and on
-                    configs = [{"pdl": False}, {"pdl": True, "arrive": False}, {"pdl": True}]
+                if args.defaults_only:
+                    configs = [{"pdl": False}, {"pdl": True}]
                 for cfg in configs:
 
                     def fn(x, cfg=cfg, route=route, pk=p):

@@ -19,20 +19,11 @@ At decode the cost is reading weights, so the work is split by weight slice, not
      kernel 0 is skipped.
   2. ``decode_reduce_kernel`` (one program per token and d block): sums the partials of the
      token's selected experts in its slot order (then chunk order) in fp32, adds the output
-     bias, casts. A fixed order, no float atomics: bitwise reproducible.
+     bias, casts. A fixed order, no atomics: bitwise reproducible.
 
 With ``PDL`` (see :mod:`prunepath_ops._pdl`) each kernel waits for the previous one before its
 first memory access and lets the next one be scheduled early: the launch gaps between the three
 kernels (and the kernels around them in a decode step) shrink, the results stay bitwise the same.
-
-With ``ARRIVE`` (on with PDL) the reduction does not wait for the expert kernel to end: every expert
-program, its partial written, adds one to an arrival counter (a release), and the reduction's
-programs, already resident (PDL schedules them once every expert program has started, so their
-spinning cannot keep an expert program off the GPU), poll it until the whole grid has arrived (an
-acquire), then sum. That saves the grid's drain and the release of the dependent kernel, about a
-microsecond per call at batch 1. The last reduction program to finish sets the counter back to
-zero, so the next call on the stream starts from zero without a memset; the counters belong to the
-stream (:func:`prunepath_ops.ffn.triton_ffn.arrival_counters`).
 
 The partials cost ``n_selected * NC * T * d * 4`` bytes written and read (4.4 MB for one
 token with 134 of 448 Llama-3-8B experts, against 105 MB of weights), traffic that mostly
@@ -96,7 +87,6 @@ def decode_expert_kernel(
     num_active_ptr,  # [1] int32 (SLOT_GRID only)
     partial_ptr,  # [units, NC, T, d] fp32 out (only selected experts' rows are written)
     trace_ptr,  # [units * NC, 4] int64 (TRACE only): SM id, start and end %globaltimer, active
-    arrive_ptr,  # [2] int32 (ARRIVE only): arrivals of expert programs, of reduction programs
     T,
     d,
     E,
@@ -115,7 +105,6 @@ def decode_expert_kernel(
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
     TRACE: tl.constexpr,
-    ARRIVE: tl.constexpr,
 ):
     # With PDL the reduction's programs are scheduled once all of these started, and wait there.
     pdl_wait(PDL)
@@ -209,11 +198,6 @@ def decode_expert_kernel(
         tl.store(row + 1, t_start)
         tl.store(row + 2, _globaltimer())
         tl.store(row + 3, (tl.max(sel, axis=0) > 0).to(tl.int64))
-    if ARRIVE:
-        # Every thread's partial stores come before the barrier, the barrier before the one
-        # thread's release: a reader that acquires the full count sees all partials.
-        tl.debug_barrier()
-        tl.atomic_add(arrive_ptr, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -227,42 +211,23 @@ def _smid():
 
 
 @triton.jit
-def _nanosleep():
-    return tl.inline_asm_elementwise(
-        "nanosleep.u32 128; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
-def _wait_for_arrivals(arrive_ptr, n_arrivals):
-    # One thread polls (a scalar atomic) and shares the count: the loop condition is uniform.
-    seen = tl.atomic_add(arrive_ptr, 0, sem="acquire", scope="gpu")
-    while seen < n_arrivals:
-        _nanosleep()
-        seen = tl.atomic_add(arrive_ptr, 0, sem="acquire", scope="gpu")
-
-
-@triton.jit
 def decode_reduce_kernel(
     partial_ptr,  # [E, NC, T, d] fp32
     expert_ids_ptr,  # [T, K] int32
     num_active_ptr,  # [T] int32
     b_out_ptr,  # [d] or a dummy
     y_ptr,  # [T, d] out, dtype of x
-    arrive_ptr,  # [2] int32 (ARRIVE only), as in decode_expert_kernel
     T,
     K,
     E,
     d,
     stride_y,
-    n_arrivals,  # programs of the expert kernel's grid
     SLOT_GRID: tl.constexpr,
     NC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
-    ARRIVE: tl.constexpr,
 ):
     pdl_launch_dependents(PDL)
     t = tl.program_id(0)
@@ -279,36 +244,12 @@ def decode_reduce_kernel(
         unit = j.to(tl.int64) if SLOT_GRID else e  # partials are indexed by slot or by expert
         # The routing was final before the expert kernel started (it waited for its producer), so
         # only the partials wait for the expert kernel: one memory round trip after it ends, not three.
-        if ARRIVE:
-            if j0 == 0:
-                _wait_for_arrivals(arrive_ptr, n_arrivals)
-        else:
-            pdl_wait(PDL)
+        pdl_wait(PDL)
         for c in range(NC):
             rows = (unit * NC + c) * T + t  # [BLOCK_J]
-            # .cg: from L2, where the other SMs' partials are (this SM's L1 is not coherent with them).
-            p = tl.load(
-                partial_ptr + rows[:, None] * d + cols[None, :],
-                mask=ok[:, None] & col_ok[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
+            p = tl.load(partial_ptr + rows[:, None] * d + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
             acc += tl.sum(p, axis=0)
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if ARRIVE:
-        # y is no buffer the expert kernel touches, so it may be written before that grid ends.
-        tl.store(y_ptr + t * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
-        tl.debug_barrier()  # every program has passed its wait before the last one resets the count
-        n_reducers = tl.num_programs(0) * tl.num_programs(1)
-        if tl.atomic_add(arrive_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_reducers - 1:
-            # Tokens without slots never waited: the reset must still follow every expert arrival.
-            _wait_for_arrivals(arrive_ptr, n_arrivals)
-            tl.atomic_xchg(arrive_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(arrive_ptr + 1, 0, sem="relaxed", scope="gpu")
-        # Still wait for the expert grid to end, so that this kernel's end implies that one's for
-        # the kernels after it (PDL orders only adjacent kernels); the partial sums overlapped it.
-        pdl_wait(PDL)
-    else:
-        pdl_wait(PDL)  # a token without slots skipped the loop; nothing is written before the wait
-        tl.store(y_ptr + t * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
+    pdl_wait(PDL)  # a token without slots skipped the loop; nothing is written before the wait
+    tl.store(y_ptr + t * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)

@@ -27,27 +27,6 @@ def _align(expert_ids: Tensor, num_active: Tensor, E: int, block_m: int):
     return align_experts_reference(expert_ids, num_active, E, block_m)
 
 
-_ARRIVAL_COUNTERS: dict[tuple[int, int], Tensor] = {}
-
-
-def arrival_counters(device: torch.device) -> Tensor:
-    """The decode FFN's two int32 arrival counters for the current stream of ``device`` (zero between calls).
-
-    The expert kernel counts its finished programs there and the PDL-launched reduction polls the
-    count instead of waiting for the expert grid to end (:mod:`prunepath_ops.ffn.decode_kernels`);
-    its last program sets both back to zero. Calls on one stream run one after the other, so one
-    pair per stream is enough. A CUDA graph keeps the pair of the stream it was captured on: two
-    graphs captured on one stream must not be replayed concurrently on two streams (pass
-    ``arrive=False`` to the launcher, or ``PRUNEPATH_PDL=0``, for that).
-    """
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, torch.cuda.current_stream(index).cuda_stream)
-    counters = _ARRIVAL_COUNTERS.get(key)
-    if counters is None:
-        counters = _ARRIVAL_COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=torch.device("cuda", index))
-    return counters
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs keep fp32 products (TF32 would cost ~1e-3 relative error).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -179,7 +158,6 @@ def sparse_ffn_decode_triton(
     slot_grid_one_token: bool | None = None,
     block_d: int | None = None,
     pdl: bool | None = None,
-    arrive: bool | None = None,
     trace: Tensor | None = None,
 ) -> Tensor:
     """Routed FFN for 1 to 16 tokens: every selected expert's weights read once for the batch.
@@ -193,9 +171,7 @@ def sparse_ffn_decode_triton(
     loads stream weights faster than the CUDA-core reduction, see
     bench/results/sparse_ffn_sweep_cuda.md); ``slot_grid_one_token=False`` makes a single
     token go through the gate table like a batch, ``block_d`` sets the reduction's tile,
-    ``pdl`` the programmatic dependent launch of the kernels (default :func:`prunepath_ops._pdl.use_pdl`),
-    ``arrive`` (default: on with PDL) the reduction's start on the expert programs' arrival count
-    rather than on the end of their grid (see :func:`arrival_counters`; same bits either way).
+    ``pdl`` the programmatic dependent launch of the kernels (default :func:`prunepath_ops._pdl.use_pdl`).
     Diagnostics (bench/diag/decode_expert_trace.py): ``trace`` (int64 ``[units * NC, 4]``, GPU only)
     receives each expert program's SM id, start and end ``%globaltimer`` and whether it had work.
     Returns ``[T, d]`` in the dtype of ``x``.
@@ -220,8 +196,6 @@ def sparse_ffn_decode_triton(
     dev = x.device
     pdl = _pdl.resolve(pdl, dev)
     launch = {} if interp else {"num_warps": 4, **_pdl.launch_options(pdl)}
-    # Without PDL the reduction starts after the expert grid anyway: nothing to overlap.
-    arrive = pdl and (arrive is None or bool(arrive))
     slot_grid = T == 1 and (slot_grid_one_token if slot_grid_one_token is not None else True)
     dummy = w_down
     if slot_grid:
@@ -240,7 +214,6 @@ def sparse_ffn_decode_triton(
     ):
         raise ValueError(f"sparse_ffn: trace must be an int64 [{units * nc}, 4] tensor on {dev} (and not interpreted)")
     partial = torch.empty(units, nc, T, d, dtype=torch.float32, device=dev)  # selected rows written
-    counters = arrival_counters(dev) if arrive else dummy
     # Tiles from bench/results/sparse_ffn_sweep_cuda.md (H200, Llama-3-8B shape, bf16, 30 % active).
     # One token: each SM holds about one selected expert, so the bytes in flight per program set the
     # bandwidth; the down loop's 512-wide tiles keep as many in flight as the gate/up loop's 256-wide
@@ -253,10 +226,10 @@ def sparse_ffn_decode_triton(
     stages = num_stages or 3
     decode_kernels.decode_expert_kernel[(units, nc)](
         x, w_in, b_in if b_in is not None else dummy, w_down, table, sel, expert_ids, gates, num_active, partial,
-        trace if trace is not None else dummy, counters, T, d, E, K, x.stride(0),
+        trace if trace is not None else dummy, T, d, E, K, x.stride(0),
         SLOT_GRID=slot_grid, S=S, R=r, TP=tp, GATED=gated,
         HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], BLOCK_K=bk, BLOCK_N=bn, USE_DOT=use_dot,
-        DOT_PREC=_dot_precision(x.dtype), PDL=pdl, TRACE=trace is not None, ARRIVE=arrive,
+        DOT_PREC=_dot_precision(x.dtype), PDL=pdl, TRACE=trace is not None,
         **({} if interp else {**launch, "num_warps": num_warps or 4, "num_stages": stages}),
     )  # fmt: skip
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
@@ -266,9 +239,8 @@ def sparse_ffn_decode_triton(
     bj = 16 if interp else min(triton.next_power_of_2(K), 512)
     bd = 32 if interp else (block_d or max(16, min(128, 8192 // bj)))
     decode_kernels.decode_reduce_kernel[(T, triton.cdiv(d, bd))](
-        partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, counters, T, K, E, d,
-        y.stride(0), units * nc,
-        SLOT_GRID=slot_grid, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=bj, BLOCK_D=bd, PDL=pdl, ARRIVE=arrive,
+        partial, expert_ids, num_active, b_out if b_out is not None else dummy, y, T, K, E, d, y.stride(0),
+        SLOT_GRID=slot_grid, NC=nc, HAS_BIAS=b_out is not None, BLOCK_J=bj, BLOCK_D=bd, PDL=pdl,
         **launch,
     )  # fmt: skip
     return y
