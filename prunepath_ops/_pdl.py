@@ -16,7 +16,6 @@ change, bit for bit. ``PRUNEPATH_PDL=0`` turns it off (for A/B timing or a drive
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -25,13 +24,20 @@ import triton.language as tl
 
 from prunepath_ops.ffn._env import interpreting
 
+# A plain dict, not functools.cache: torch.compile traces the op wrappers that ask this, and Dynamo
+# warns about (and ignores) an lru_cache wrapper on every compile; a dict lookup it traces cleanly.
+_PDL_SUPPORT: dict[int, bool] = {}
 
-@functools.cache
+
 def _device_supports_pdl(index: int) -> bool:
-    if torch.cuda.get_device_capability(index)[0] < 9:
-        return False
-    cuda = getattr(getattr(tl, "extra", None), "cuda", None)
-    return hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
+    supported = _PDL_SUPPORT.get(index)
+    if supported is None:
+        cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+        supported = torch.cuda.get_device_capability(index)[0] >= 9 and (
+            hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
+        )
+        _PDL_SUPPORT[index] = supported
+    return supported
 
 
 def use_pdl(device: torch.device) -> bool:

@@ -21,6 +21,30 @@ def test_launch_options_only_name_the_flag_when_on():
     assert _pdl.launch_options(True) == {"launch_pdl": True}
 
 
+@pytest.mark.parametrize("major", [8, 9])  # below Hopper: never; Hopper: as the Triton intrinsics allow
+def test_capability_query_compiles_without_warnings(monkeypatch, major):
+    """The op wrappers that torch.compile traces ask for PDL support: no Dynamo warning (an lru_cache
+    wrapper gave one per compile), no graph break, the eager answer."""
+    import warnings
+
+    def capability(index=None):
+        return (major, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(_pdl, "_PDL_SUPPORT", {})
+    expected = major >= 9 and hasattr(getattr(_pdl.tl, "extra", None), "cuda")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def plus_one_with_pdl(x):
+        return x + 1 if _pdl._device_supports_pdl(0) else x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch._dynamo.reset()
+        out = plus_one_with_pdl(torch.zeros(2))
+    assert bool(out[0] == 1) == expected == _pdl._device_supports_pdl(0)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_env_switch_and_capability(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
