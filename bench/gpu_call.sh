@@ -40,6 +40,8 @@ for part in "$@"; do
                    --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
                    --section SchedulerStats python3 bench/diag/decode_expert_ncu.py --which "$which" > "$out/ncu_decode_$which.log" 2>&1
                done ;;
+    ncutopp) t 200 ncu --clock-control none -k "regex:topp_route_lean" --launch-skip 1 --launch-count 1 --set full \
+               python3 bench/diag/ncu_topp.py > "$out/ncu_topp_lean.log" 2>&1 ;;
     trace) t 150 python3 bench/diag/decode_expert_trace.py --out "$out" > "$out/decode_expert_trace.log" 2>&1 ;;
     profile) t 180 python3 bench/diag/kernel_profile.py --out "$out" > "$out/kernel_profile.log" 2>&1 ;;
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
