@@ -13,6 +13,7 @@
 #define __global__
 #define __host__
 #define __launch_bounds__(...)
+#define __noinline__ __attribute__((noinline))
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -150,6 +151,11 @@ T exchange(T v, int src_lane) {
 #define gridDim (emu::g_gdim)
 
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::barrier(emu::warp().g); }
+// Cache hints change nothing on the host.
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
+}
 inline void __syncthreads() { emu::barrier(emu::g_block); }
 
 template <typename T>
