@@ -12,7 +12,6 @@
 // clang-format on
 
 #include <algorithm>
-#include <cstdlib>
 #include <random>
 #include <string>
 
@@ -64,10 +63,6 @@ template <int IPL>
 static void run_warp_ipl(const ToppRouteParams& p, const void* l, LogitDType d) {
   emu::launch((p.num_tokens + 3) / 4, 128, [&] { topp_route_warp_kernel<IPL>(p, l, d); });
 }
-// Which lean kernel runs: PRUNEPATH_EMU_LEAN_MODE=0 the persistent one (default), 1 the one-token ones
-// (16-bit logits: kLeanOneToken, fp32: kLeanOneTokenL2).
-static int g_lean_mode = kLeanPersistent;
-
 template <int IPL>
 static void run_lean_ipl(const ToppRouteParams& p, const void* l, LogitDType d, int deferred_blocks) {
   if constexpr (IPL < 4) {
@@ -79,22 +74,12 @@ static void run_lean_ipl(const ToppRouteParams& p, const void* l, LogitDType d, 
       run_warp_ipl<IPL>(p, l, d);
       return;
     }
-    // The persistent kernel on at most 3 blocks (its warps then stride over several
-    // tokens each), or the one-token kernels (g_lean_mode).
-    const bool persistent = g_lean_mode == kLeanPersistent;
-    const unsigned blocks = static_cast<unsigned>(persistent ? std::min<int64_t>((p.num_tokens + 3) / 4, 3)
-                                                             : (p.num_tokens + 3) / 4);
-    const int64_t wave = 8;
-    if (g_lean_mode == kLeanPersistent) {
-      if (d == LogitDType::kFloat32) {
-        emu::launch(blocks, 128, [&] { topp_route_lean_kernel<IPL, false, kLeanPersistent>(p, l, d, wave); });
-      } else {
-        emu::launch(blocks, 128, [&] { topp_route_lean_kernel<IPL, true, kLeanPersistent>(p, l, d, wave); });
-      }
-    } else if (d == LogitDType::kFloat32) {
-      emu::launch(blocks, 128, [&] { topp_route_lean_kernel<IPL, false, kLeanOneTokenL2>(p, l, d, wave); });
+    // wave 8: the leanl2 prefetch (a no-op on the host) gets a distance inside small problems.
+    const unsigned blocks = static_cast<unsigned>((p.num_tokens + 3) / 4);
+    if (d == LogitDType::kFloat32) {
+      emu::launch(blocks, 128, [&] { topp_route_lean_kernel<IPL, false, true>(p, l, d, 8); });
     } else {
-      emu::launch(blocks, 128, [&] { topp_route_lean_kernel<IPL, true, kLeanOneToken>(p, l, d, wave); });
+      emu::launch(blocks, 128, [&] { topp_route_lean_kernel<IPL, true, false>(p, l, d, 8); });
     }
     if (deferred_blocks > 0)
       emu::launch(deferred_blocks, 128, [&] { topp_route_deferred_kernel<IPL>(p, l, d); });
@@ -277,7 +262,6 @@ static Problem make(std::mt19937& rng, int T, int E, LogitDType dt, float scale,
 
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? atoi(argv[1]) : 1;
-  if (const char* mode = std::getenv("PRUNEPATH_EMU_LEAN_MODE")) g_lean_mode = atoi(mode);
   std::mt19937 rng(12345);
   if (argc > 2 && std::string(argv[2]) == "stride") {
     for (int E : {100, 300}) {

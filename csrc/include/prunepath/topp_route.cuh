@@ -9,13 +9,15 @@
 //                                fallback deferred to a second kernel (E <= 1024;
 //                                E <= 64, scalar tau >= 1 and min_experts > 256 run
 //                                the warp kernel, which sorts the whole row anyway)
+//   leanl2                       lean, each warp prefetching into L2 the row that a
+//                                warp of the next resident wave routes (opt-in
+//                                until measured against lean itself)
 //   rank   topp_route_rank.cuh   block per token, thread per expert, rank by
 //                                counting: low latency for few tokens (E <= 1024)
 //   block  topp_route_block.cuh  block per token, CUB radix sort (any E <= 4096;
 //                                the only kernel for E > 1024)
 #pragma once
 
-#include <algorithm>
 #include <atomic>
 #include <cstring>
 
@@ -27,18 +29,10 @@
 
 namespace prunepath {
 
-enum class ToppKernel : int32_t {
-  kAuto = 0,
-  kWarp = 1,
-  kBlock = 2,
-  kLean = 3,
-  kRank = 4,
-  kLeanOne = 5,
-  kLeanOneL2 = 6
-};
+enum class ToppKernel : int32_t { kAuto = 0, kWarp = 1, kBlock = 2, kLean = 3, kRank = 4, kLeanL2 = 5 };
 
 // The names PRUNEPATH_TOPP_KERNEL takes (read once per process by the torch glue).
-constexpr const char* kToppKernelNames = "auto, warp, block, lean, rank, lean1, lean1l2";
+constexpr const char* kToppKernelNames = "auto, warp, block, lean, rank, leanl2";
 
 // The `auto` policy, in one place:
 //  * E > kToppRouteWarpMaxExperts: block (the only kernel for wide rows);
@@ -62,10 +56,8 @@ inline bool parse_topp_kernel(const char* name, ToppKernel* out) {
     *out = ToppKernel::kLean;
   } else if (std::strcmp(name, "rank") == 0) {
     *out = ToppKernel::kRank;
-  } else if (std::strcmp(name, "lean1") == 0) {
-    *out = ToppKernel::kLeanOne;
-  } else if (std::strcmp(name, "lean1l2") == 0) {
-    *out = ToppKernel::kLeanOneL2;
+  } else if (std::strcmp(name, "leanl2") == 0) {
+    *out = ToppKernel::kLeanL2;
   } else {
     return false;
   }
@@ -107,30 +99,25 @@ inline void launch_warp(const ToppRouteParams& p, const void* logits, LogitDType
       <<<warp_grid(p.num_tokens), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype);
 }
 
-template <int IPL, int MODE>
+template <int IPL, bool L2_AHEAD>
 inline void launch_lean(const ToppRouteParams& p, const void* logits, LogitDType dtype, cudaStream_t stream) {
-  const int64_t sm_count = current_device_sm_count();
-  const int64_t resident_blocks = sm_count * lean_kernel_min_blocks(IPL);
-  // Persistent warps: at most what is resident at once; else one warp per token.
-  const int64_t blocks = MODE == kLeanPersistent
-                             ? std::min<int64_t>(warp_grid(p.num_tokens).x, resident_blocks)
-                             : warp_grid(p.num_tokens).x;
-  const int64_t wave = resident_blocks * kToppRouteWarpsPerBlock;
+  // Tokens routed at once by a full GPU (the L2 prefetch distance of leanl2).
+  const int64_t wave =
+      static_cast<int64_t>(current_device_sm_count()) * lean_kernel_min_blocks(IPL) * kToppRouteWarpsPerBlock;
   if (dtype == LogitDType::kFloat32) {
-    topp_route_lean_kernel<IPL, false, MODE>
-        <<<static_cast<unsigned>(blocks), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype, wave);
+    topp_route_lean_kernel<IPL, false, L2_AHEAD>
+        <<<warp_grid(p.num_tokens), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype, wave);
   } else {
-    topp_route_lean_kernel<IPL, true, MODE>
-        <<<static_cast<unsigned>(blocks), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype, wave);
+    topp_route_lean_kernel<IPL, true, L2_AHEAD>
+        <<<warp_grid(p.num_tokens), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype, wave);
   }
   // Enough resident blocks to take every token if all were deferred, no more:
   // when none is, the pass costs a launch and one read of num_active.
   constexpr int64_t kTokensPerBlock = kToppRouteWarpsPerBlock * 32;
   const int64_t wanted = (p.num_tokens + kTokensPerBlock - 1) / kTokensPerBlock;
-  const int64_t resident = sm_count * warp_kernel_min_blocks(IPL);
-  const unsigned deferred_blocks = static_cast<unsigned>(wanted < resident ? wanted : resident);
-  topp_route_deferred_kernel<IPL>
-      <<<deferred_blocks, kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype);
+  const int64_t resident = static_cast<int64_t>(current_device_sm_count()) * warp_kernel_min_blocks(IPL);
+  const unsigned blocks = static_cast<unsigned>(wanted < resident ? wanted : resident);
+  topp_route_deferred_kernel<IPL><<<blocks, kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype);
 }
 
 // Items per lane (warp kernels) or warps per block (rank kernel) for E <= 1024:
@@ -160,29 +147,18 @@ struct WarpLaunch {
   }
 };
 
-template <int MODE>
-struct LeanLaunchMode {
+template <bool L2_AHEAD>
+struct LeanLaunch {
   template <int IPL>
-  struct Launch {
+  struct Width {
     static void run(const ToppRouteParams& p, const void* logits, LogitDType dtype, cudaStream_t stream) {
       if constexpr (IPL >= 4) {
-        launch_lean<IPL, MODE>(p, logits, dtype, stream);
+        launch_lean<IPL, L2_AHEAD>(p, logits, dtype, stream);
       } else {
         launch_warp<IPL>(p, logits, dtype, stream);
       }
     }
   };
-};
-
-template <int IPL>
-struct LeanLaunch {
-  static void run(const ToppRouteParams& p, const void* logits, LogitDType dtype, cudaStream_t stream) {
-    if constexpr (IPL >= 4) {
-      launch_lean<IPL, kLeanPersistent>(p, logits, dtype, stream);
-    } else {
-      launch_warp<IPL>(p, logits, dtype, stream);
-    }
-  }
 };
 
 template <int NWARPS>
@@ -228,22 +204,17 @@ inline cudaError_t launch_topp_route(const ToppRouteParams& p, const void* logit
       detail::dispatch_row_width<detail::RankLaunch>(E, p, logits, dtype, stream);
       break;
     case ToppKernel::kLean:
-    case ToppKernel::kLeanOne:
-    case ToppKernel::kLeanOneL2: {
+    case ToppKernel::kLeanL2: {
       // Every token would be deferred to the full sort: run the warp kernel, which
       // goes straight to it, in one pass.
       const bool all_full =
           (p.tau_per_token == nullptr && !(p.tau < 1.0f)) || p.min_experts > kToppRouteMaxCandidates;
       if (all_full) {
         detail::dispatch_row_width<detail::WarpLaunch>(E, p, logits, dtype, stream);
-      } else if (requested == ToppKernel::kLeanOne) {
-        detail::dispatch_row_width<detail::LeanLaunchMode<kLeanOneToken>::Launch>(E, p, logits, dtype,
-                                                                                  stream);
-      } else if (requested == ToppKernel::kLeanOneL2) {
-        detail::dispatch_row_width<detail::LeanLaunchMode<kLeanOneTokenL2>::Launch>(E, p, logits, dtype,
-                                                                                    stream);
+      } else if (requested == ToppKernel::kLeanL2) {
+        detail::dispatch_row_width<detail::LeanLaunch<true>::Width>(E, p, logits, dtype, stream);
       } else {
-        detail::dispatch_row_width<detail::LeanLaunch>(E, p, logits, dtype, stream);
+        detail::dispatch_row_width<detail::LeanLaunch<false>::Width>(E, p, logits, dtype, stream);
       }
       break;
     }

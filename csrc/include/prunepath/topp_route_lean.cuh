@@ -69,8 +69,8 @@ __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) 
 
 // Scans and selects one row whose `count` candidates (a prefix of the full
 // order, closed under probability ties) are sorted in `key` (descending,
-// blocked: lane l holds positions l * C + i); the logit and probability of
-// expert e are gl[e] and gq[e]. Writes the outputs and returns true, or returns false, writing
+// blocked: lane l holds positions l * C + i); (logit, probability) of expert e
+// is gp[e]. Writes the outputs and returns true, or returns false, writing
 // nothing, when the candidates do not decide the row (the threshold or
 // min_experts reaches past them, or, with `check_order`, two neighbours are out
 // of (probability desc, index asc) order). Same arithmetic as
@@ -78,15 +78,15 @@ __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) 
 template <int C, typename KeyPolicy>
 __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t, int lane,
                                             const typename KeyPolicy::Key (&key)[C], int count,
-                                            const float* gl, const float* gq, float tau, bool check_order) {
+                                            const float2* gp, float tau, bool check_order) {
   const int E = p.num_experts;
   // Registers matter here (C = 8 with 64-bit keys is the kernel's peak): the
-  // expert is decoded from the key when needed and the logit re-read from gl.
+  // expert is decoded from the key when needed and the logit re-read from gp.
   float prob[C];
   double lane_total = 0.0;
 #pragma unroll
   for (int i = 0; i < C; ++i) {
-    prob[i] = lane * C + i < count ? gq[KeyPolicy::expert(key[i])] : 0.0f;
+    prob[i] = lane * C + i < count ? gp[KeyPolicy::expert(key[i])].y : 0.0f;
     lane_total += prob[i];
   }
   double running = warp_exclusive_scan(lane_total, lane);
@@ -131,7 +131,7 @@ __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t,
     const bool kept = lane * C + i < n;
     const int e = kept ? KeyPolicy::expert(key[i]) : 0;
     ids[i] = kept ? e : -1;
-    gates[i] = kept ? gate_value(p.gate, gl[e], prob[i], kept_mass) : 0.0f;
+    gates[i] = kept ? gate_value(p.gate, gp[e].x, prob[i], kept_mass) : 0.0f;
   }
 
   // Sorted slots 0 .. 32C-1 (lane l: l*C .. l*C+C-1, so one warp store covers
@@ -187,8 +187,8 @@ __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t,
 // C keys per lane, then lean_select.
 template <int C, typename KeyPolicy>
 __device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64_t t, int lane,
-                                                 const unsigned long long* cand, int count, const float* gl,
-                                                 const float* gq, float tau, bool check_order) {
+                                                 const unsigned long long* cand, int count, const float2* gp,
+                                                 float tau, bool check_order) {
   typename KeyPolicy::Key key[C];
 #pragma unroll
   for (int i = 0; i < C; ++i) {
@@ -196,63 +196,40 @@ __device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64
     key[i] = j < count ? static_cast<typename KeyPolicy::Key>(cand[j]) : 0;
   }
   warp_bitonic_sort_desc<C>(key, lane);
-  return lean_select<C, KeyPolicy>(p, t, lane, key, count, gl, gq, tau, check_order);
+  return lean_select<C, KeyPolicy>(p, t, lane, key, count, gp, tau, check_order);
 }
 
 // The smallest sort (C keys per lane, C in 1, 2, 4, 8 and 32C <= 32 MAX_C) that
 // holds `count` <= 32 MAX_C candidates.
 template <int MAX_C, typename KeyPolicy>
 __device__ __forceinline__ bool lean_dispatch(const ToppRouteParams& p, int64_t t, int lane,
-                                              const unsigned long long* cand, int count, const float* gl,
-                                              const float* gq, float tau, bool check_order) {
-  if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, gl, gq, tau, check_order);
+                                              const unsigned long long* cand, int count, const float2* gp,
+                                              float tau, bool check_order) {
+  if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
   if constexpr (MAX_C >= 2) {
-    if (count <= 64) return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, gl, gq, tau, check_order);
+    if (count <= 64) return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
   }
   if constexpr (MAX_C >= 4) {
-    if (count <= 128)
-      return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, gl, gq, tau, check_order);
+    if (count <= 128) return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
   }
   if constexpr (MAX_C >= 8) {
-    return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, gl, gq, tau, check_order);
+    return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
   }
   return false;
 }
 
 }  // namespace detail
 
-// Blocks per SM asked of the register allocator: IPL <= 16 fits 64 registers
-// (8 blocks of 4 warps: half the SM's warp slots); IPL = 32 holds 64 row values.
-constexpr int lean_kernel_min_blocks(int ipl) { return ipl <= 16 ? 8 : 4; }
-
-// Brings the 128-byte lines of a logit row into this SM's L1 (lanes take one
-// line each): issued for a warp's next token before it routes the current one,
-// so the next row's loads hit L1 instead of waiting a DRAM round trip (Nsight
-// Compute put 4.2 of 12.4 cycles per instruction on that wait when every warp
-// routed a single token: bench/results/ncu_topp_lean_h200.log).
-__host__ __device__ constexpr int64_t logit_dtype_size(LogitDType dtype) {
-  return dtype == LogitDType::kFloat32 ? 4 : 2;
-}
-
-__device__ __forceinline__ void prefetch_row_l1(const void* row, int64_t bytes, int lane) {
-#if defined(__CUDA_ARCH__)
-  const char* base = static_cast<const char*>(row);
-  const int64_t first_line = reinterpret_cast<uintptr_t>(base) & ~uintptr_t{127};
-  const int64_t end = reinterpret_cast<uintptr_t>(base) + bytes;
-  for (int64_t line = first_line + 128 * lane; line < end; line += 32 * 128) {
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(line));
-  }
-#else
-  (void)row, (void)bytes, (void)lane;
-#endif
-}
-
+// Brings the 128-byte lines of a logit row into L2 (lanes take one line each).
+// With L2_AHEAD the lean kernel's warp for token t issues it for token t + wave
+// (`wave`: the warps resident on the whole GPU), the token a warp of the next
+// wave routes, so that warp's row loads hit L2 instead of DRAM. Session 8's
+// A/B on a variant of this kernel: -8 % at T = 65536, E = 448 and -11 % at
+// E = 1024 (bench/results/topp_route_cuda_lean_ab_variants.md, lean1 vs lean1l2).
 __device__ __forceinline__ void prefetch_row_l2(const void* row, int64_t bytes, int lane) {
 #if defined(__CUDA_ARCH__)
-  const char* base = static_cast<const char*>(row);
-  const int64_t first_line = reinterpret_cast<uintptr_t>(base) & ~uintptr_t{127};
-  const int64_t end = reinterpret_cast<uintptr_t>(base) + bytes;
-  for (int64_t line = first_line + 128 * lane; line < end; line += 32 * 128) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(row);
+  for (uintptr_t line = (begin & ~uintptr_t{127}) + 128u * lane; line < begin + bytes; line += 32u * 128u) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
   }
 #else
@@ -260,22 +237,42 @@ __device__ __forceinline__ void prefetch_row_l2(const void* row, int64_t bytes, 
 #endif
 }
 
-// Routes token t with one warp; E in 65 .. 32 * IPL. `scratch` is the warp's
-// histogram / candidate buffer, gl and gq its per-expert logits and
-// probabilities (separate arrays: a warp's striped 4-byte stores then touch 32
-// different banks, where the fields of a float2 array met 2-way conflicts).
-template <int IPL, bool NARROW>
-__device__ __forceinline__ void lean_route_token(const ToppRouteParams& p, int64_t t, int lane,
-                                                 const void* __restrict__ logits, LogitDType dtype,
-                                                 unsigned long long* scratch, float* gl, float* gq) {
+// Blocks per SM asked of the register allocator: IPL <= 16 fits 64 registers
+// (8 blocks of 4 warps: half the SM's warp slots); IPL = 32 holds 64 row values.
+constexpr int lean_kernel_min_blocks(int ipl) { return ipl <= 16 ? 8 : 4; }
+
+// One warp per token, E in 65 .. 32 * IPL (IPL >= 4; smaller rows use the
+// original kernel, whose full sort of <= 64 keys is already cheap). NARROW:
+// 16-bit logits (32-bit sort keys, order checked); else fp32 logits (exact
+// 64-bit keys). A template parameter, so that the 16-bit kernels do not carry
+// the register needs of the 64-bit sort.
+template <int IPL, bool NARROW, bool L2_AHEAD>
+__global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_blocks(IPL))
+    topp_route_lean_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype,
+                           int64_t wave) {
+  static_assert(IPL >= 4 && IPL <= 32, "E <= 64 goes to topp_route_warp_kernel");
   constexpr int kMaxC = IPL < 8 ? IPL : 8;  // candidate sort: at most 32 * kMaxC <= kToppRouteMaxCandidates
+  // Per warp: the histogram, then the candidate keys (one buffer, 2 KB); and
+  // (logit, probability) of every expert.
+  __shared__ __align__(16) unsigned long long scratch_smem[kToppRouteWarpsPerBlock][kToppRouteMaxCandidates];
+  __shared__ float2 gp_smem[kToppRouteWarpsPerBlock][32 * IPL];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kToppRouteWarpsPerBlock + warp;
+  if (t >= p.num_tokens) return;  // whole warps only
   const int E = p.num_experts;
+  if constexpr (L2_AHEAD) {
+    if (t + wave < p.num_tokens) {
+      const int64_t size = NARROW ? 2 : 4;
+      prefetch_row_l2(static_cast<const char*>(logits) + (t + wave) * p.logits_stride * size, E * size, lane);
+    }
+  }
   const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
   if (!(tau < 1.0f) || p.min_experts > kToppRouteMaxCandidates) {  // only the full sort decides these
     if (lane == 0) p.num_active[t] = kToppRouteDeferred;
     return;
   }
-  unsigned* hist = reinterpret_cast<unsigned*>(scratch);
+  unsigned* hist = reinterpret_cast<unsigned*>(scratch_smem[warp]);
 #pragma unroll
   for (int k = 0; k < kLeanHistBins / 128; ++k) {
     reinterpret_cast<uint4*>(hist)[k * 32 + lane] = make_uint4(0u, 0u, 0u, 0u);
@@ -283,14 +280,15 @@ __device__ __forceinline__ void lean_route_token(const ToppRouteParams& p, int64
 
   // Softmax exactly as topp_route_warp_kernel: striped row (expert i * 32 + lane),
   // per-lane sums in slot order, then the butterfly; the normaliser rounded once.
-  // The logits go to shared memory at once (gl), so that only the weights stay
-  // in registers once they are computed.
+  // The logits go to shared memory at once (gp[e].x), so that only the weights
+  // stay in registers once they are computed.
+  float2* gp = gp_smem[warp];
   float g[IPL];
   detail::load_row<IPL>(logits, t * p.logits_stride, E, lane, dtype, g);
   float local_max = -INFINITY;
 #pragma unroll
   for (int i = 0; i < IPL; ++i) {
-    if (i * 32 + lane < E) gl[i * 32 + lane] = g[i];
+    if (i * 32 + lane < E) gp[i * 32 + lane].x = g[i];
     local_max = fmaxf(local_max, g[i]);
   }
   const float row_max = detail::warp_max(local_max);
@@ -336,7 +334,7 @@ __device__ __forceinline__ void lean_route_token(const ToppRouteParams& p, int64
     if (i * 32 >= E) break;
     if (e < E) {
       const float q = detail::div_by_total(w[i], total, p_top);
-      gq[e] = q;
+      gp[e].y = q;
       const unsigned bin = top - (__float_as_uint(q) >> 18);
       if (bin < kLeanHistBins) atomicAdd(&hist[bin], __float2uint_rz(q * 0x1p31f));
     }
@@ -351,9 +349,7 @@ __device__ __forceinline__ void lean_route_token(const ToppRouteParams& p, int64
   unsigned lane_mass = 0;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    // Lane l reads its four 16-byte groups in a rotated order, so that the eight
-    // lanes of each quarter-warp phase hit eight different bank groups.
-    const uint4 v = hist4[lane * 4 + ((k + (lane >> 1)) & 3)];
+    const uint4 v = hist4[lane * 4 + k];
     lane_mass += v.x + v.y + v.z + v.w;
   }
   unsigned inclusive = lane_mass;
@@ -382,13 +378,13 @@ __device__ __forceinline__ void lean_route_token(const ToppRouteParams& p, int64
     // Candidates {bits(p) >> 18 >= theta} = {p >= the chosen bin's lower edge}:
     // closed under ties, so exactly a prefix of the full order. Compacted in
     // expert order (deterministic slots).
-    unsigned long long* cand = scratch;
+    unsigned long long* cand = scratch_smem[warp];
     int count = 0;
 #pragma unroll
     for (int i = 0; i < IPL; ++i) {
       if (i * 32 >= E) break;
       const int e = i * 32 + lane;
-      const float2 v = e < E ? make_float2(gl[e], gq[e]) : make_float2(0.0f, 0.0f);
+      const float2 v = e < E ? gp[e] : make_float2(0.0f, 0.0f);
       const bool take = (__float_as_uint(v.y) >> 18) >= theta;
       const unsigned ballot = __ballot_sync(detail::kFullMask, take);
       const int at = count + __popc(ballot & detail::lanemask_lt(lane));
@@ -401,66 +397,10 @@ __device__ __forceinline__ void lean_route_token(const ToppRouteParams& p, int64
     __syncwarp();
     if (count <= 32 * kMaxC) {
       using Policy = std::conditional_t<NARROW, detail::LogitKey32, detail::ProbKey64>;
-      done = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, cand, count, gl, gq, tau, NARROW);
+      done = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, cand, count, gp, tau, NARROW);
     }
   }
   if (!done && lane == 0) p.num_active[t] = kToppRouteDeferred;
-}
-
-// The persistent variant's call: not inlined, so that the loop's state (token,
-// stride) lives across a call instead of adding to the peak register pressure of
-// the sort (inlined, the loop spilled inside it at the 64-register bound).
-template <int IPL, bool NARROW>
-__device__ __noinline__ void lean_route_token_call(const ToppRouteParams& p, int64_t t, int lane,
-                                                   const void* __restrict__ logits, LogitDType dtype,
-                                                   unsigned long long* scratch, float* gl, float* gq) {
-  lean_route_token<IPL, NARROW>(p, t, lane, logits, dtype, scratch, gl, gq);
-}
-
-// How the lean kernel's warps take tokens (experiment, session 8).
-enum LeanMode : int {
-  kLeanPersistent = 0,  // grid-stride over tokens, the next row prefetched into L1
-  kLeanOneToken = 1,    // one token per warp (the session 3-7 structure)
-  kLeanOneTokenL2 = 2,  // one token per warp, the row one resident wave ahead prefetched into L2
-};
-
-// E in 65 .. 32 * IPL (IPL >= 4; smaller rows use the original kernel, whose
-// full sort of <= 64 keys is already cheap). NARROW: 16-bit logits (32-bit sort
-// keys, order checked); else fp32 logits (exact 64-bit keys). A template
-// parameter, so that the 16-bit kernels do not carry the register needs of the
-// 64-bit sort. `wave`: tokens routed at once by a full GPU (kLeanOneTokenL2).
-template <int IPL, bool NARROW, int MODE>
-__global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_blocks(IPL))
-    topp_route_lean_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype,
-                           int64_t wave) {
-  static_assert(IPL >= 4 && IPL <= 32, "E <= 64 goes to topp_route_warp_kernel");
-  // Per warp: the histogram, then the candidate keys (one buffer, 2 KB); and
-  // the logit and the probability of every expert.
-  __shared__ __align__(16) unsigned long long scratch_smem[kToppRouteWarpsPerBlock][kToppRouteMaxCandidates];
-  __shared__ float logit_smem[kToppRouteWarpsPerBlock][32 * IPL];
-  __shared__ float prob_smem[kToppRouteWarpsPerBlock][32 * IPL];
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kToppRouteWarpsPerBlock + warp;
-  const char* rows = static_cast<const char*>(logits);
-  const int64_t row_pitch = p.logits_stride * logit_dtype_size(dtype);
-  const int64_t row_bytes = static_cast<int64_t>(p.num_experts) * logit_dtype_size(dtype);
-  if constexpr (MODE == kLeanPersistent) {
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * kToppRouteWarpsPerBlock;
-    for (int64_t t = first; t < p.num_tokens; t += stride) {
-      if (t + stride < p.num_tokens) prefetch_row_l1(rows + (t + stride) * row_pitch, row_bytes, lane);
-      __syncwarp();  // the previous token's shared-memory reads are done
-      lean_route_token_call<IPL, NARROW>(p, t, lane, logits, dtype, scratch_smem[warp], logit_smem[warp],
-                                         prob_smem[warp]);
-    }
-  } else {
-    if (first >= p.num_tokens) return;  // whole warps only
-    if constexpr (MODE == kLeanOneTokenL2) {
-      if (first + wave < p.num_tokens) prefetch_row_l2(rows + (first + wave) * row_pitch, row_bytes, lane);
-    }
-    lean_route_token<IPL, NARROW>(p, first, lane, logits, dtype, scratch_smem[warp], logit_smem[warp],
-                                  prob_smem[warp]);
-  }
 }
 
 // The second pass: every token flagged kToppRouteDeferred, routed with the
