@@ -241,6 +241,44 @@ def test_cuda_matches_cpu_kernel(dtype):
     assert int(rows_differ.sum()) <= 2  # only rows with a cumulative sum within rounding of tau
 
 
+_VARIANT_SCRIPT = """
+import sys, torch, prunepath_ops
+from prunepath_ops.testing import random_logits
+out = []
+for dtype in (torch.bfloat16, torch.float32):
+    logits = random_logits(9001, 448, dtype, "cuda", seed=3)
+    out.append(tuple(t.cpu() for t in prunepath_ops.topp_route(logits, 0.5)))
+torch.save(out, sys.argv[1])
+"""
+
+
+def _route_with_kernel(name: str, folder) -> list:
+    """Routes in a subprocess with PRUNEPATH_TOPP_KERNEL=name (read once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    path = folder / f"{name}.pt"
+    env = {**os.environ, "PRUNEPATH_TOPP_KERNEL": name}
+    subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT, str(path)], env=env, check=True, timeout=300)
+    return torch.load(path)
+
+
+@pytest.fixture(scope="module")
+def auto_routes(tmp_path_factory):
+    return _route_with_kernel("auto", tmp_path_factory.mktemp("auto"))
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("variant", ["leanl2", "warp", "rank"])  # the A/B kernel names against auto (lean here)
+def test_cuda_kernel_variants_write_the_same_bits(variant, auto_routes, tmp_path):
+    """9001 tokens of 448 experts, bf16 and fp32: large enough that leanl2's prefetch distance (one
+    resident wave of warps) lies inside the batch."""
+    for ref, out in zip(auto_routes, _route_with_kernel(variant, tmp_path), strict=True):
+        for a, b in zip(ref, out, strict=True):
+            assert torch.equal(a, b)
+
+
 @CUDA_ONLY
 def test_cuda_graph_capture_with_tau_tensor():
     logits = random_logits(64, 448, torch.bfloat16, "cuda", seed=4)
