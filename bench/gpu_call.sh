@@ -57,7 +57,7 @@ for part in "$@"; do
                  > "$out/gpu_tests_topp.log" 2>&1 ;;
     decodetests) t 90 python3 -m pytest python_tests/test_decode.py -q -p no:cacheprovider \
                    > "$out/gpu_tests_decode.log" 2>&1 ;;
-    ffntestsgpu) t 150 python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider \
+    ffntestsgpu) t ${FFNTESTSGPU_TIMEOUT:-280} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider \
                   -k "test_gpu or edge_routings or tau_one or decode_chunked or both_oracles" > "$out/gpu_tests_ffn.log" 2>&1 ;;
     ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
     toppvariants) t 300 python3 bench/topp_route_gpu.py --variants auto,warp,lean,rank,block --out "$out" \
