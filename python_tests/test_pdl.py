@@ -32,7 +32,8 @@ def test_capability_query_compiles_without_warnings(monkeypatch, major):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(_pdl, "_PDL_SUPPORT", {})
-    expected = major >= 9 and hasattr(getattr(_pdl.tl, "extra", None), "cuda")
+    intrinsics = getattr(getattr(_pdl.tl, "extra", None), "cuda", None)
+    expected = major >= 9 and hasattr(intrinsics, "gdc_wait") and hasattr(intrinsics, "gdc_launch_dependents")
 
     @torch.compile(fullgraph=True, backend="eager")
     def plus_one_with_pdl(x):
