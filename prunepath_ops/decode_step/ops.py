@@ -120,9 +120,14 @@ def _rope_qkv_fake(qkv, cos, sin, n_heads, n_kv_heads, backend):
     return qkv.new_empty(qkv.shape[0], n_heads + 2 * n_kv_heads, cos.shape[1])
 
 
+# Fixed once prunepath_ops._C is loaded (the package's __init__ loads it before any submodule), so
+# asked once here rather than on every decode_linear call or in torch.compile's trace.
+_CUDA_GEMV_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::decode_gemv", "CUDA")
+
+
 def cuda_gemv_built() -> bool:
     """Whether this build of the package has the CUDA kernel of ``prunepath::decode_gemv``."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::decode_gemv", "CUDA")
+    return _CUDA_GEMV_BUILT
 
 
 def resolve_decode_linear_backend(backend: str, device: torch.device) -> str:

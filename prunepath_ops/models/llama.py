@@ -152,9 +152,6 @@ class KVCache(nn.Module):
 # CUDA kernel beats cuBLAS at one token only (bench/results/decode_linear_cuda.md: q/k/v 14.8-15.0
 # vs 15.6-15.9 us, output 11.4 vs 13.3-13.5 us; at 2 and 4 tokens 0.64-0.95x).
 DECODE_GEMV_MAX_ROWS = 1
-# Whether the package was built with that CUDA kernel: fixed once prunepath_ops._C is loaded, so
-# asked once here, not per layer and step (nor inside torch.compile's trace).
-_CUDA_GEMV = cuda_gemv_built()
 
 
 class Attention(nn.Module):
@@ -282,7 +279,7 @@ class Attention(nn.Module):
         B = x.shape[0]
         H, Hkv = self.n_heads, self.n_kv_heads
         gemv = getattr(self, "decode_gemv", None)  # modules pickled before it existed: None
-        gemv = B <= DECODE_GEMV_MAX_ROWS and ((x.is_cuda and _CUDA_GEMV) if gemv is None else gemv)
+        gemv = B <= DECODE_GEMV_MAX_ROWS and ((x.is_cuda and cuda_gemv_built()) if gemv is None else gemv)
         if self.qkv_weight is not None and self.qkv_fused():
             qkv = (decode_linear if gemv else F.linear)(x, self.qkv_weight)  # [B, (H + 2 Hkv) D]
         else:
