@@ -74,7 +74,7 @@ static void run_lean_ipl(const ToppRouteParams& p, const void* l, LogitDType d, 
       run_warp_ipl<IPL>(p, l, d);
       return;
     }
-    // wave 8: the leanl2 prefetch (a no-op on the host) gets a distance inside small problems.
+    // ahead 8: the L2 prefetch (a no-op on the host) gets a distance inside small problems.
     const unsigned blocks = static_cast<unsigned>((p.num_tokens + 3) / 4);
     if (d == LogitDType::kFloat32) {
       emu::launch(blocks, 128, [&] { topp_route_lean_kernel<IPL, false, true>(p, l, d, 8); });

@@ -6,12 +6,12 @@
 //   warp   topp_route_warp.cuh   warp per token, candidate threshold + full-sort
 //                                fallback in one kernel (E <= 1024)
 //   lean   topp_route_lean.cuh   warp per token, one histogram pass, the full-sort
-//                                fallback deferred to a second kernel (E <= 1024;
+//                                fallback deferred to a second kernel, each warp
+//                                prefetching into L2 the row of a token routed a
+//                                fraction of a resident wave later (E <= 1024;
 //                                E <= 64, scalar tau >= 1 and min_experts > 256 run
 //                                the warp kernel, which sorts the whole row anyway)
-//   leanl2                       lean, each warp prefetching into L2 the row that a
-//                                warp of the next resident wave routes (opt-in
-//                                until measured against lean itself)
+//   lean_noprefetch              lean without the L2 prefetch (for A/B runs)
 //   rank   topp_route_rank.cuh   block per token, thread per expert, rank by
 //                                counting: low latency for few tokens (E <= 1024)
 //   block  topp_route_block.cuh  block per token, CUB radix sort (any E <= 4096;
@@ -29,10 +29,17 @@
 
 namespace prunepath {
 
-enum class ToppKernel : int32_t { kAuto = 0, kWarp = 1, kBlock = 2, kLean = 3, kRank = 4, kLeanL2 = 5 };
+enum class ToppKernel : int32_t {
+  kAuto = 0,
+  kWarp = 1,
+  kBlock = 2,
+  kLean = 3,
+  kRank = 4,
+  kLeanNoPrefetch = 5
+};
 
 // The names PRUNEPATH_TOPP_KERNEL takes (read once per process by the torch glue).
-constexpr const char* kToppKernelNames = "auto, warp, block, lean, rank, leanl2";
+constexpr const char* kToppKernelNames = "auto, warp, block, lean, rank, lean_noprefetch";
 
 // The `auto` policy, in one place:
 //  * E > kToppRouteWarpMaxExperts: block (the only kernel for wide rows);
@@ -56,8 +63,8 @@ inline bool parse_topp_kernel(const char* name, ToppKernel* out) {
     *out = ToppKernel::kLean;
   } else if (std::strcmp(name, "rank") == 0) {
     *out = ToppKernel::kRank;
-  } else if (std::strcmp(name, "leanl2") == 0) {
-    *out = ToppKernel::kLeanL2;
+  } else if (std::strcmp(name, "lean_noprefetch") == 0) {
+    *out = ToppKernel::kLeanNoPrefetch;
   } else {
     return false;
   }
@@ -99,17 +106,19 @@ inline void launch_warp(const ToppRouteParams& p, const void* logits, LogitDType
       <<<warp_grid(p.num_tokens), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype);
 }
 
+// `waves_ahead`: the L2 prefetch distance in resident waves (tuning runs only).
 template <int IPL, bool L2_AHEAD>
-inline void launch_lean(const ToppRouteParams& p, const void* logits, LogitDType dtype, cudaStream_t stream) {
-  // Tokens routed at once by a full GPU (the L2 prefetch distance of leanl2).
-  const int64_t wave =
-      static_cast<int64_t>(current_device_sm_count()) * lean_kernel_min_blocks(IPL) * kToppRouteWarpsPerBlock;
+inline void launch_lean(const ToppRouteParams& p, const void* logits, LogitDType dtype, cudaStream_t stream,
+                        double waves_ahead = kLeanPrefetchWaves) {
+  const double wave =
+      static_cast<double>(current_device_sm_count()) * lean_kernel_min_blocks(IPL) * kToppRouteWarpsPerBlock;
+  const int64_t ahead = static_cast<int64_t>(waves_ahead * wave);
   if (dtype == LogitDType::kFloat32) {
     topp_route_lean_kernel<IPL, false, L2_AHEAD>
-        <<<warp_grid(p.num_tokens), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype, wave);
+        <<<warp_grid(p.num_tokens), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype, ahead);
   } else {
     topp_route_lean_kernel<IPL, true, L2_AHEAD>
-        <<<warp_grid(p.num_tokens), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype, wave);
+        <<<warp_grid(p.num_tokens), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype, ahead);
   }
   // Enough resident blocks to take every token if all were deferred, no more:
   // when none is, the pass costs a launch and one read of num_active.
@@ -204,17 +213,17 @@ inline cudaError_t launch_topp_route(const ToppRouteParams& p, const void* logit
       detail::dispatch_row_width<detail::RankLaunch>(E, p, logits, dtype, stream);
       break;
     case ToppKernel::kLean:
-    case ToppKernel::kLeanL2: {
+    case ToppKernel::kLeanNoPrefetch: {
       // Every token would be deferred to the full sort: run the warp kernel, which
       // goes straight to it, in one pass.
       const bool all_full =
           (p.tau_per_token == nullptr && !(p.tau < 1.0f)) || p.min_experts > kToppRouteMaxCandidates;
       if (all_full) {
         detail::dispatch_row_width<detail::WarpLaunch>(E, p, logits, dtype, stream);
-      } else if (requested == ToppKernel::kLeanL2) {
-        detail::dispatch_row_width<detail::LeanLaunch<true>::Width>(E, p, logits, dtype, stream);
-      } else {
+      } else if (requested == ToppKernel::kLeanNoPrefetch) {
         detail::dispatch_row_width<detail::LeanLaunch<false>::Width>(E, p, logits, dtype, stream);
+      } else {
+        detail::dispatch_row_width<detail::LeanLaunch<true>::Width>(E, p, logits, dtype, stream);
       }
       break;
     }

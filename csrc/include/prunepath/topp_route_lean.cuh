@@ -221,11 +221,14 @@ __device__ __forceinline__ bool lean_dispatch(const ToppRouteParams& p, int64_t 
 }  // namespace detail
 
 // Brings the 128-byte lines of a logit row into L2 (lanes take one line each).
-// With L2_AHEAD the lean kernel's warp for token t issues it for token t + wave
-// (`wave`: the warps resident on the whole GPU), the token a warp of the next
-// wave routes, so that warp's row loads hit L2 instead of DRAM. Session 8's
-// A/B on a variant of this kernel: -8 % at T = 65536, E = 448 and -11 % at
-// E = 1024 (bench/results/topp_route_cuda_lean_ab_variants.md, lean1 vs lean1l2).
+// With L2_AHEAD the lean kernel's warp for token t issues it for token t + ahead,
+// a token that a warp of a later resident wave routes, so that warp's row loads
+// hit L2 instead of DRAM. `ahead` is kLeanPrefetchWaves of the warps resident on
+// the whole GPU: at T = 65536, bf16, 0.25 .. 0.5 waves measured best (-7 % at
+// E = 448, -17 % at E = 1024), one wave less good, two waves worse than none
+// (the rows are evicted before they are read); bench/results/topp_route_lean_tuning_h200.md.
+constexpr double kLeanPrefetchWaves = 0.375;
+
 __device__ __forceinline__ void prefetch_row_l2(const void* row, int64_t bytes, int lane) {
 #if defined(__CUDA_ARCH__)
   const uintptr_t begin = reinterpret_cast<uintptr_t>(row);
@@ -245,11 +248,12 @@ constexpr int lean_kernel_min_blocks(int ipl) { return ipl <= 16 ? 8 : 4; }
 // original kernel, whose full sort of <= 64 keys is already cheap). NARROW:
 // 16-bit logits (32-bit sort keys, order checked); else fp32 logits (exact
 // 64-bit keys). A template parameter, so that the 16-bit kernels do not carry
-// the register needs of the 64-bit sort.
+// the register needs of the 64-bit sort. L2_AHEAD: prefetch the row of token
+// t + `ahead` (see prefetch_row_l2).
 template <int IPL, bool NARROW, bool L2_AHEAD>
 __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_blocks(IPL))
     topp_route_lean_kernel(const ToppRouteParams p, const void* __restrict__ logits, LogitDType dtype,
-                           int64_t wave) {
+                           int64_t ahead) {
   static_assert(IPL >= 4 && IPL <= 32, "E <= 64 goes to topp_route_warp_kernel");
   constexpr int kMaxC = IPL < 8 ? IPL : 8;  // candidate sort: at most 32 * kMaxC <= kToppRouteMaxCandidates
   // Per warp: the histogram, then the candidate keys (one buffer, 2 KB); and
@@ -262,9 +266,10 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   if (t >= p.num_tokens) return;  // whole warps only
   const int E = p.num_experts;
   if constexpr (L2_AHEAD) {
-    if (t + wave < p.num_tokens) {
+    if (t + ahead < p.num_tokens) {
       const int64_t size = NARROW ? 2 : 4;
-      prefetch_row_l2(static_cast<const char*>(logits) + (t + wave) * p.logits_stride * size, E * size, lane);
+      prefetch_row_l2(static_cast<const char*>(logits) + (t + ahead) * p.logits_stride * size, E * size,
+                      lane);
     }
   }
   const float tau = p.tau_per_token ? p.tau_per_token[t * p.tau_stride] : p.tau;
@@ -345,11 +350,15 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   // first lane whose running mass reaches the target, then the first bin inside
   // it. The target is tau + 1e-5 (as in the original kernel): the candidates then
   // hold clearly more than tau, so the exact scan crosses tau inside them.
+  // A lane reads its four 16-byte words starting at word (lane / 2) % 4: read in
+  // order, 16 lanes would hit the same four banks (16 wavefronts a load instead
+  // of 4; the kernel's main shared-memory conflict in the session-8 Nsight
+  // Compute profile). Integer sums do not depend on the order.
   const uint4* hist4 = reinterpret_cast<const uint4*>(hist);
   unsigned lane_mass = 0;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const uint4 v = hist4[lane * 4 + k];
+    const uint4 v = hist4[lane * 4 + ((k + (lane >> 1)) & 3)];
     lane_mass += v.x + v.y + v.z + v.w;
   }
   unsigned inclusive = lane_mass;
