@@ -58,11 +58,18 @@ namespace detail {
 // there. (An exhaustive check over every w mantissa for 20000 random divisors
 // found the single correction already exact.) The residual must not underflow:
 // w below 2^-80 (a logit ~55 below the row maximum) takes the real division.
-__device__ __forceinline__ float div_by_total(float w, float total, float inv_total) {
-  if (w < 0x1p-80f) return w / total;
+// div_by_total_fma is the correction sequence alone, exact for w = 0 and for
+// w >= 2^-80; has_tiny_weight tells a lane whether any of its weights needs the
+// real division (one warp-uniform branch per row instead of one per expert).
+__device__ __forceinline__ float div_by_total_fma(float w, float total, float inv_total) {
   float q = __fmul_rn(w, inv_total);
   q = __fmaf_rn(__fmaf_rn(-total, q, w), inv_total, q);
   return __fmaf_rn(__fmaf_rn(-total, q, w), inv_total, q);
+}
+__device__ __forceinline__ bool is_tiny_weight(float w) { return w != 0.0f && w < 0x1p-80f; }
+__device__ __forceinline__ float div_by_total(float w, float total, float inv_total) {
+  if (is_tiny_weight(w)) return w / total;
+  return div_by_total_fma(w, total, inv_total);
 }
 
 __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
@@ -332,17 +339,28 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   // only lowers it (by < 2^-21 in all), and integer sums do not depend on the
   // order of the atomics.
   const unsigned top = (__float_as_uint(p_top) >> 18) | 31u;
-  __syncwarp();  // the histogram is zeroed
+  bool tiny = false;
 #pragma unroll
-  for (int i = 0; i < IPL; ++i) {
-    const int e = i * 32 + lane;
-    if (i * 32 >= E) break;
-    if (e < E) {
-      const float q = detail::div_by_total(w[i], total, p_top);
-      gp[e].y = q;
-      const unsigned bin = top - (__float_as_uint(q) >> 18);
-      if (bin < kLeanHistBins) atomicAdd(&hist[bin], __float2uint_rz(q * 0x1p31f));
+  for (int i = 0; i < IPL; ++i) tiny |= detail::is_tiny_weight(w[i]);
+  auto store_probabilities = [&](auto any_tiny) {
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      const int e = i * 32 + lane;
+      if (i * 32 >= E) break;
+      if (e < E) {
+        const float q = decltype(any_tiny)::value ? detail::div_by_total(w[i], total, p_top)
+                                                  : detail::div_by_total_fma(w[i], total, p_top);
+        gp[e].y = q;
+        const unsigned bin = top - (__float_as_uint(q) >> 18);
+        if (bin < kLeanHistBins) atomicAdd(&hist[bin], __float2uint_rz(q * 0x1p31f));
+      }
     }
+  };
+  __syncwarp();  // the histogram is zeroed
+  if (__any_sync(detail::kFullMask, tiny)) {
+    store_probabilities(std::true_type{});
+  } else {  // the common row: no logit ~55 below the maximum
+    store_probabilities(std::false_type{});
   }
   __syncwarp();
 
