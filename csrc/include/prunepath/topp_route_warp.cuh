@@ -46,15 +46,6 @@ __device__ __forceinline__ double warp_exclusive_scan(double v, int lane) {
   return lane == 0 ? 0.0 : previous;
 }
 
-template <typename Key>
-__device__ __forceinline__ Key key_max(Key a, Key b) {
-  return a > b ? a : b;
-}
-template <typename Key>
-__device__ __forceinline__ Key key_min(Key a, Key b) {
-  return a < b ? a : b;
-}
-
 // Sorts the warp's 32 * IPL keys into descending order; after the call lane l
 // holds sorted positions l * IPL .. l * IPL + IPL - 1.
 template <int IPL, typename Key>
@@ -64,6 +55,9 @@ __device__ __forceinline__ void warp_bitonic_sort_desc(Key (&a)[IPL], int lane) 
   for (int k = 2; k <= N; k <<= 1) {
 #pragma unroll
     for (int j = k >> 1; j > 0; j >>= 1) {
+      // Compare-exchanges as one comparison folded with the direction and
+      // selects (2-3 instructions), not min + max + select (3-4): the sort is
+      // the largest part of the lean kernel (session-9 source profile).
       if (j >= IPL) {  // partner lives in lane ^ (j / IPL), same slot
         const int lane_mask = j / IPL;
         const bool lower = (lane & lane_mask) == 0;
@@ -71,17 +65,19 @@ __device__ __forceinline__ void warp_bitonic_sort_desc(Key (&a)[IPL], int lane) 
         for (int i = 0; i < IPL; ++i) {
           const bool desc = ((lane * IPL + i) & k) == 0;
           const Key other = __shfl_xor_sync(kFullMask, a[i], lane_mask);
-          a[i] = lower == desc ? key_max(a[i], other) : key_min(a[i], other);
+          // Keep the larger key where lower == desc, else the smaller.
+          a[i] = (other > a[i]) == (lower == desc) ? other : a[i];
         }
       } else {  // partner is slot i ^ j of this lane
 #pragma unroll
         for (int i = 0; i < IPL; ++i) {
           if ((i & j) == 0) {
             const bool desc = ((lane * IPL + i) & k) == 0;
-            const Key hi = key_max(a[i], a[i | j]);
-            const Key lo = key_min(a[i], a[i | j]);
-            a[i] = desc ? hi : lo;
-            a[i | j] = desc ? lo : hi;
+            const Key x = a[i];
+            const Key y = a[i | j];
+            const bool swap = (x < y) == desc;  // descending wants x >= y
+            a[i] = swap ? y : x;
+            a[i | j] = swap ? x : y;
           }
         }
       }
