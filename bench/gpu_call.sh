@@ -53,7 +53,7 @@ for part in "$@"; do
                    -q -p no:cacheprovider > "$out/gpu_tests_router.log" 2>&1 ;;
     routerbench) t 120 python3 bench/router_decode_gpu.py --out "$out" > "$out/router_decode.log" 2>&1 ;;
     gemvbench) t 120 python3 bench/decode_linear_gpu.py --out "$out" > "$out/decode_linear.log" 2>&1 ;;
-    topptests) t 120 python3 -m pytest python_tests/test_topp_route.py -x -q -p no:cacheprovider \
+    topptests) t ${TOPPTESTS_TIMEOUT:-300} python3 -m pytest python_tests/test_topp_route.py -x -q -p no:cacheprovider \
                  > "$out/gpu_tests_topp.log" 2>&1 ;;
     decodetests) t 90 python3 -m pytest python_tests/test_decode.py -q -p no:cacheprovider \
                    > "$out/gpu_tests_decode.log" 2>&1 ;;

@@ -342,18 +342,18 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   bool tiny = false;
 #pragma unroll
   for (int i = 0; i < IPL; ++i) tiny |= detail::is_tiny_weight(w[i]);
+  // No per-lane bounds check: a slot past E has w = 0, so q = 0, which lands in
+  // gp's spare entries (32 * IPL of them) and in no histogram bin.
   auto store_probabilities = [&](auto any_tiny) {
 #pragma unroll
     for (int i = 0; i < IPL; ++i) {
-      const int e = i * 32 + lane;
       if (i * 32 >= E) break;
-      if (e < E) {
-        const float q = decltype(any_tiny)::value ? detail::div_by_total(w[i], total, p_top)
-                                                  : detail::div_by_total_fma(w[i], total, p_top);
-        gp[e].y = q;
-        const unsigned bin = top - (__float_as_uint(q) >> 18);
-        if (bin < kLeanHistBins) atomicAdd(&hist[bin], __float2uint_rz(q * 0x1p31f));
-      }
+      const int e = i * 32 + lane;
+      const float q = decltype(any_tiny)::value ? detail::div_by_total(w[i], total, p_top)
+                                                : detail::div_by_total_fma(w[i], total, p_top);
+      gp[e].y = q;
+      const unsigned bin = top - (__float_as_uint(q) >> 18);
+      if (bin < kLeanHistBins) atomicAdd(&hist[bin], __float2uint_rz(q * 0x1p31f));
     }
   };
   __syncwarp();  // the histogram is zeroed
@@ -411,7 +411,8 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     for (int i = 0; i < IPL; ++i) {
       if (i * 32 >= E) break;
       const int e = i * 32 + lane;
-      const float2 v = e < E ? gp[e] : make_float2(0.0f, 0.0f);
+      // Past E: probability 0 (see store_probabilities), never taken (theta > 0).
+      const float2 v = gp[e];
       const bool take = (__float_as_uint(v.y) >> 18) >= theta;
       const unsigned ballot = __ballot_sync(detail::kFullMask, take);
       const int at = count + __popc(ballot & detail::lanemask_lt(lane));
