@@ -63,7 +63,7 @@ for part in "$@"; do
     toppvariants) t 300 python3 bench/topp_route_gpu.py --variants auto,warp,lean,rank,block --out "$out" \
                     > "$out/topp_route_gpu.log" 2>&1 ;;
     toppcheck) t 120 python3 bench/diag/topp_variants_check.py > "$out/topp_variants_check.log" 2>&1 ;;
-    toppleanab) t 240 python3 bench/topp_route_gpu.py --variants lean,lean_noprefetch --T 4096 65536 --E 448 1024 --no-extras \
+    toppleanab) t 240 python3 bench/topp_route_gpu.py --variants lean,lean_prefetch --T 4096 65536 --E 448 1024 --no-extras \
                   --name topp_route_cuda_lean_ab --out "$out" > "$out/topp_route_lean_ab.log" 2>&1 ;;
     toppab) t 120 .prebuilt/topp_lean_ab > "$out/topp_lean_ab.txt" 2>&1 ;;  # built here first: bench/diag/topp_lean_ab.sh
     topp) t 200 python3 bench/topp_route_gpu.py --out "$out" > "$out/topp_route_gpu.log" 2>&1 ;;

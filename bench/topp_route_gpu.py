@@ -66,7 +66,7 @@ from routing_bench import (  # noqa: E402
 )
 
 # PRUNEPATH_TOPP_KERNEL values (csrc/include/prunepath/topp_route.cuh, kToppKernelNames).
-VARIANTS = ("auto", "warp", "block", "lean", "rank", "lean_noprefetch")
+VARIANTS = ("auto", "warp", "block", "lean", "rank", "lean_prefetch")
 GRAPH_CALLS = 20
 QUICK_T = (1, 64, 512)
 QUICK_E = (48, 448, 1024)

@@ -270,12 +270,10 @@ def auto_routes(tmp_path_factory):
 
 
 @CUDA_ONLY
-@pytest.mark.parametrize(
-    "variant", ["lean_noprefetch", "warp", "rank"]
-)  # the A/B kernel names against auto (lean here)
+@pytest.mark.parametrize("variant", ["lean_prefetch", "warp", "rank"])  # the A/B kernel names against auto (lean here)
 def test_cuda_kernel_variants_write_the_same_bits(variant, auto_routes, tmp_path):
-    """9001 tokens of 448 experts, bf16 and fp32: large enough that lean's L2 prefetch distance (3/8 of
-    a resident wave of warps, 1,584 tokens on an H200) lies inside the batch."""
+    """9001 tokens of 448 experts, bf16 and fp32: large enough that lean_prefetch's L2 prefetch
+    distance (3/8 of a resident wave of warps, 1,584 tokens on an H200) lies inside the batch."""
     for ref, out in zip(auto_routes, _route_with_kernel(variant, tmp_path), strict=True):
         for a, b in zip(ref, out, strict=True):
             assert torch.equal(a, b)

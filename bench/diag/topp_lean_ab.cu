@@ -1,7 +1,7 @@
 // Torch-free A/B of the lean topp_route kernel at T = 65536, bf16 N(0, 1) logits, tau 0.5,
-// sigmoid gates, E = 448 and 1024: this tree's kernel with its default L2 prefetch distance
-// (kLeanPrefetchWaves), other distances and none (PRUNEPATH_TOPP_KERNEL=lean_noprefetch), and a
-// baseline commit's lean kernel (topp_lean_ab_base.cu). Checks that every variant writes the bits
+// sigmoid gates, E = 448 and 1024: this tree's kernel without and with its L2 prefetch
+// (PRUNEPATH_TOPP_KERNEL=lean_prefetch) at several distances, and a baseline commit's default
+// kernel for these shapes (topp_lean_ab_base.cu). Checks that every variant writes the bits
 // of the first, then times them interleaved (CUDA events, 10 rounds x 50 launches each, kernel +
 // deferred pass). Build: bash bench/diag/topp_lean_ab.sh build BASE_REV BINARY (see there).
 #include <cuda_bf16.h>
@@ -29,7 +29,7 @@ using namespace prunepath;
 #define PRUNEPATH_AB_BASE "?"
 #endif
 
-// topp_lean_ab_base.cu: the baseline commit's launch_lean<IPL, true> (bf16).
+// topp_lean_ab_base.cu: the baseline commit's default topp_route kernel (bf16).
 void base_launch_lean(const void* params, size_t params_size, int ipl, const void* logits);
 
 struct Variant {
@@ -40,9 +40,10 @@ struct Variant {
 };
 
 constexpr Variant kVariants[] = {
-    {"lean", true, kLeanPrefetchWaves, false}, {"base " PRUNEPATH_AB_BASE, true, 0.0, true},
-    {"noprefetch", false, 0.0, false},         {"ahead 0.25", true, 0.25, false},
-    {"ahead 0.5", true, 0.5, false},
+    {"lean", false, 0.0, false},
+    {"base " PRUNEPATH_AB_BASE, false, 0.0, true},
+    {"prefetch 0.375", true, kLeanPrefetchWaves, false},
+    {"prefetch 0.25", true, 0.25, false},
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 

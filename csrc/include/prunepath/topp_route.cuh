@@ -6,12 +6,13 @@
 //   warp   topp_route_warp.cuh   warp per token, candidate threshold + full-sort
 //                                fallback in one kernel (E <= 1024)
 //   lean   topp_route_lean.cuh   warp per token, one histogram pass, the full-sort
-//                                fallback deferred to a second kernel, each warp
-//                                prefetching into L2 the row of a token routed a
-//                                fraction of a resident wave later (E <= 1024;
+//                                fallback deferred to a second kernel (E <= 1024;
 //                                E <= 64, scalar tau >= 1 and min_experts > 256 run
 //                                the warp kernel, which sorts the whole row anyway)
-//   lean_noprefetch              lean without the L2 prefetch (for A/B runs)
+//   lean_prefetch                lean plus an L2 prefetch of the row a warp a
+//                                fraction of a resident wave later reads (for
+//                                A/B runs: faster before the row loads were all
+//                                issued at once, slower since)
 //   rank   topp_route_rank.cuh   block per token, thread per expert, rank by
 //                                counting: low latency for few tokens (E <= 1024)
 //   block  topp_route_block.cuh  block per token, CUB radix sort (any E <= 4096;
@@ -29,17 +30,10 @@
 
 namespace prunepath {
 
-enum class ToppKernel : int32_t {
-  kAuto = 0,
-  kWarp = 1,
-  kBlock = 2,
-  kLean = 3,
-  kRank = 4,
-  kLeanNoPrefetch = 5
-};
+enum class ToppKernel : int32_t { kAuto = 0, kWarp = 1, kBlock = 2, kLean = 3, kRank = 4, kLeanPrefetch = 5 };
 
 // The names PRUNEPATH_TOPP_KERNEL takes (read once per process by the torch glue).
-constexpr const char* kToppKernelNames = "auto, warp, block, lean, rank, lean_noprefetch";
+constexpr const char* kToppKernelNames = "auto, warp, block, lean, rank, lean_prefetch";
 
 // The `auto` policy, in one place:
 //  * E > kToppRouteWarpMaxExperts: block (the only kernel for wide rows);
@@ -63,8 +57,8 @@ inline bool parse_topp_kernel(const char* name, ToppKernel* out) {
     *out = ToppKernel::kLean;
   } else if (std::strcmp(name, "rank") == 0) {
     *out = ToppKernel::kRank;
-  } else if (std::strcmp(name, "lean_noprefetch") == 0) {
-    *out = ToppKernel::kLeanNoPrefetch;
+  } else if (std::strcmp(name, "lean_prefetch") == 0) {
+    *out = ToppKernel::kLeanPrefetch;
   } else {
     return false;
   }
@@ -213,17 +207,17 @@ inline cudaError_t launch_topp_route(const ToppRouteParams& p, const void* logit
       detail::dispatch_row_width<detail::RankLaunch>(E, p, logits, dtype, stream);
       break;
     case ToppKernel::kLean:
-    case ToppKernel::kLeanNoPrefetch: {
+    case ToppKernel::kLeanPrefetch: {
       // Every token would be deferred to the full sort: run the warp kernel, which
       // goes straight to it, in one pass.
       const bool all_full =
           (p.tau_per_token == nullptr && !(p.tau < 1.0f)) || p.min_experts > kToppRouteMaxCandidates;
       if (all_full) {
         detail::dispatch_row_width<detail::WarpLaunch>(E, p, logits, dtype, stream);
-      } else if (requested == ToppKernel::kLeanNoPrefetch) {
-        detail::dispatch_row_width<detail::LeanLaunch<false>::Width>(E, p, logits, dtype, stream);
-      } else {
+      } else if (requested == ToppKernel::kLeanPrefetch) {
         detail::dispatch_row_width<detail::LeanLaunch<true>::Width>(E, p, logits, dtype, stream);
+      } else {
+        detail::dispatch_row_width<detail::LeanLaunch<false>::Width>(E, p, logits, dtype, stream);
       }
       break;
     }

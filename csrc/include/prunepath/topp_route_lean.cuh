@@ -233,7 +233,10 @@ __device__ __forceinline__ bool lean_dispatch(const ToppRouteParams& p, int64_t 
 // hit L2 instead of DRAM. `ahead` is kLeanPrefetchWaves of the warps resident on
 // the whole GPU: at T = 65536, bf16, 0.25 .. 0.5 waves measured best (-7 % at
 // E = 448, -17 % at E = 1024), one wave less good, two waves worse than none
-// (the rows are evicted before they are read); bench/results/topp_route_lean_tuning_h200.md.
+// (the rows are evicted before they are read). Once load_row issued all of a
+// row's loads at once, the prefetch cost more than it saved (+2.7 % at E = 448,
+// +0.4 % at E = 1024): opt-in since (PRUNEPATH_TOPP_KERNEL=lean_prefetch);
+// bench/results/topp_route_lean_tuning_h200.md.
 constexpr double kLeanPrefetchWaves = 0.375;
 
 __device__ __forceinline__ void prefetch_row_l2(const void* row, int64_t bytes, int lane) {

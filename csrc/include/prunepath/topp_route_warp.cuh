@@ -268,30 +268,64 @@ constexpr int kToppRouteMaxCandidates = 256;
 
 namespace detail {
 
-// Striped, coalesced load of one row (expert i * 32 + lane), NaN -> -inf.
-// One switch per row, not per element. The lane's pointer is formed once and
-// the slots are constant offsets from it: indexing the row inside the
-// predicated loads made ptxas recompute the 64-bit row offset for every slot
-// (~20 instructions a slot in the lean kernel's session-9 profile).
+// The 16- or 32-bit word at p when `valid`, else `absent`, as one predicated
+// load whose predicate dies when the load issues. Written in C++ (a select
+// after the load), the predicate lives until the data arrives, and with 7
+// predicate registers ptxas issued a row's loads in batches of five: three
+// round trips per row (session-9 source profile of the lean kernel).
+__device__ __forceinline__ unsigned short load_u16_or(const void* p, bool valid, unsigned short absent) {
+#if defined(__CUDA_ARCH__)
+  unsigned short v;
+  asm("{\n .reg .pred q;\n setp.ne.u32 q, %2, 0;\n mov.b16 %0, %3;\n @q ld.global.b16 %0, [%1];\n}"
+      : "=h"(v)
+      : "l"(p), "r"(static_cast<unsigned>(valid)), "h"(absent));
+  return v;
+#else
+  return valid ? *static_cast<const unsigned short*>(p) : absent;
+#endif
+}
+__device__ __forceinline__ unsigned load_u32_or(const void* p, bool valid, unsigned absent) {
+#if defined(__CUDA_ARCH__)
+  unsigned v;
+  asm("{\n .reg .pred q;\n setp.ne.u32 q, %2, 0;\n mov.b32 %0, %3;\n @q ld.global.b32 %0, [%1];\n}"
+      : "=r"(v)
+      : "l"(p), "r"(static_cast<unsigned>(valid)), "r"(absent));
+  return v;
+#else
+  return valid ? *static_cast<const unsigned*>(p) : absent;
+#endif
+}
+
+// Striped, coalesced load of one row (expert i * 32 + lane), NaN -> -inf;
+// slots past the row read as -inf. One switch per row, not per element. The
+// lane's pointer is formed once and the slots are constant offsets from it:
+// indexing the row inside the predicated loads made ptxas recompute the 64-bit
+// row offset for every slot (~20 instructions a slot in the same profile).
 template <int IPL>
 __device__ __forceinline__ void load_row(const void* logits, int64_t offset, int E, int lane,
                                          LogitDType dtype, float (&g)[IPL]) {
-#define PRUNEPATH_LOAD_ROW(T, CONVERT)                                            \
-  {                                                                               \
-    const T* __restrict__ slot = static_cast<const T*>(logits) + (offset + lane); \
-    const int slots = E - lane; /* slot i is an expert when i * 32 < E - lane */  \
-    _Pragma("unroll") for (int i = 0; i < IPL; ++i) {                             \
-      g[i] = i * 32 < slots ? sanitize_logit(CONVERT(slot[i * 32])) : -INFINITY;  \
-    }                                                                             \
-  }
+  const int slots = E - lane;  // slot i is an expert when i * 32 < E - lane
   if (dtype == LogitDType::kBFloat16) {
-    PRUNEPATH_LOAD_ROW(__nv_bfloat16, __bfloat162float)
+    const __nv_bfloat16* slot = static_cast<const __nv_bfloat16*>(logits) + (offset + lane);
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      const unsigned short bits = load_u16_or(slot + i * 32, i * 32 < slots, 0xff80u);  // bf16 -inf
+      g[i] = sanitize_logit(__bfloat162float(__ushort_as_bfloat16(bits)));
+    }
   } else if (dtype == LogitDType::kFloat16) {
-    PRUNEPATH_LOAD_ROW(__half, __half2float)
+    const __half* slot = static_cast<const __half*>(logits) + (offset + lane);
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      const unsigned short bits = load_u16_or(slot + i * 32, i * 32 < slots, 0xfc00u);  // fp16 -inf
+      g[i] = sanitize_logit(__half2float(__ushort_as_half(bits)));
+    }
   } else {
-    PRUNEPATH_LOAD_ROW(float, static_cast<float>)
+    const float* slot = static_cast<const float*>(logits) + (offset + lane);
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      g[i] = sanitize_logit(__uint_as_float(load_u32_or(slot + i * 32, i * 32 < slots, 0xff800000u)));
+    }
   }
-#undef PRUNEPATH_LOAD_ROW
 }
 
 // One level of the threshold search: every value in `prob` whose bucket (0..31,
