@@ -59,8 +59,8 @@ namespace detail {
 // found the single correction already exact.) The residual must not underflow:
 // w below 2^-80 (a logit ~55 below the row maximum) takes the real division.
 // div_by_total_fma is the correction sequence alone, exact for w = 0 and for
-// w >= 2^-80; has_tiny_weight tells a lane whether any of its weights needs the
-// real division (one warp-uniform branch per row instead of one per expert).
+// w >= 2^-80; is_tiny_weight says which weights need the real division (the
+// lean kernel asks once per row, so the common row has no branch per expert).
 __device__ __forceinline__ float div_by_total_fma(float w, float total, float inv_total) {
   float q = __fmul_rn(w, inv_total);
   q = __fmaf_rn(__fmaf_rn(-total, q, w), inv_total, q);

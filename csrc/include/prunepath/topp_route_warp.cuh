@@ -272,7 +272,9 @@ namespace detail {
 // load whose predicate dies when the load issues. Written in C++ (a select
 // after the load), the predicate lives until the data arrives, and with 7
 // predicate registers ptxas issued a row's loads in batches of five: three
-// round trips per row (session-9 source profile of the lean kernel).
+// round trips per row (session-9 source profile of the lean kernel). Plain
+// (not volatile) asm without a memory clobber: for the logits only, which no
+// kernel writes while it routes them.
 __device__ __forceinline__ unsigned short load_u16_or(const void* p, bool valid, unsigned short absent) {
 #if defined(__CUDA_ARCH__)
   unsigned short v;
