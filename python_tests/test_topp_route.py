@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -254,10 +257,6 @@ torch.save(out, sys.argv[1])
 
 def _route_with_kernel(name: str, folder) -> list:
     """Routes in a subprocess with PRUNEPATH_TOPP_KERNEL=name (read once per process)."""
-    import os
-    import subprocess
-    import sys
-
     path = folder / f"{name}.pt"
     env = {**os.environ, "PRUNEPATH_TOPP_KERNEL": name}
     subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT, str(path)], env=env, check=True, timeout=300)

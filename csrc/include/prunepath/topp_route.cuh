@@ -104,9 +104,12 @@ inline void launch_warp(const ToppRouteParams& p, const void* logits, LogitDType
 template <int IPL, bool L2_AHEAD>
 inline void launch_lean(const ToppRouteParams& p, const void* logits, LogitDType dtype, cudaStream_t stream,
                         double waves_ahead = kLeanPrefetchWaves) {
-  const double wave =
-      static_cast<double>(current_device_sm_count()) * lean_kernel_min_blocks(IPL) * kToppRouteWarpsPerBlock;
-  const int64_t ahead = static_cast<int64_t>(waves_ahead * wave);
+  int64_t ahead = 0;  // only the prefetching variant reads it
+  if constexpr (L2_AHEAD) {
+    const double wave = static_cast<double>(current_device_sm_count()) * lean_kernel_min_blocks(IPL) *
+                        kToppRouteWarpsPerBlock;
+    ahead = static_cast<int64_t>(waves_ahead * wave);
+  }
   if (dtype == LogitDType::kFloat32) {
     topp_route_lean_kernel<IPL, false, L2_AHEAD>
         <<<warp_grid(p.num_tokens), kToppRouteWarpsPerBlock * 32, 0, stream>>>(p, logits, dtype, ahead);
