@@ -40,6 +40,9 @@ for part in "$@"; do
                    --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
                    --section SchedulerStats python3 bench/diag/decode_expert_ncu.py --which "$which" > "$out/ncu_decode_$which.log" 2>&1
                done ;;
+    ncueff) t 150 ncu --clock-control none -k "regex:expert_ffn|decode_expert_kernel|decode_reduce" --launch-skip 4 --launch-count 4 \
+              --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+              --section LaunchStats python3 bench/diag/decode_expert_ncu.py --which "${NCU_WHICH:-cuda}" > "$out/ncu_expert_ffn.log" 2>&1 ;;
     ncutopp) t 200 ncu --clock-control none -k "regex:topp_route_lean" --launch-skip 1 --launch-count 1 --set full \
                python3 bench/diag/ncu_topp.py > "$out/ncu_topp_lean.log" 2>&1 ;;
     trace) t 150 python3 bench/diag/decode_expert_trace.py --out "$out" > "$out/decode_expert_trace.log" 2>&1 ;;
@@ -59,6 +62,9 @@ for part in "$@"; do
                    > "$out/gpu_tests_decode.log" 2>&1 ;;
     ffntestsgpu) t ${FFNTESTSGPU_TIMEOUT:-280} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider \
                   -k "test_gpu or edge_routings or tau_one or decode_chunked or both_oracles" > "$out/gpu_tests_ffn.log" 2>&1 ;;
+    efftests) t ${EFFTESTS_TIMEOUT:-200} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider \
+                -k "expert_ffn or test_gpu" > "$out/gpu_tests_expert_ffn_cuda.log" 2>&1 ;;
+    effsweep) t 200 python3 bench/diag/expert_ffn_cuda_sweep.py --out "$out" > "$out/expert_ffn_cuda_sweep.log" 2>&1 ;;
     ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
     toppvariants) t 300 python3 bench/topp_route_gpu.py --variants auto,warp,lean,rank,block --out "$out" \
                     > "$out/topp_route_gpu.log" 2>&1 ;;

@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefill", type=int, nargs="+", default=None, help=f"prefill token counts (default {PREFILL_T})")
     ap.add_argument("--fractions", type=float, nargs="+", default=None, help=f"experts kept (default {FRACTIONS})")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
-    ap.add_argument("--backend", choices=("auto", "triton", "cpu", "reference"), default="auto")
+    ap.add_argument("--backend", choices=("auto", "cuda", "triton", "cpu", "reference"), default="auto")
     ap.add_argument("--check-tokens", type=int, default=128, help="tokens compared with the reference per case")
     ap.add_argument("--warmup", type=float, default=None, help="warmup per measurement, ms (default 15; quick 10)")
     ap.add_argument("--rep", type=float, default=None, help="timed repetitions per measurement, ms (default 60)")
@@ -235,6 +235,8 @@ def run_case(shape: str, w: Weights, T: int, frac: float, xs, dense_us: float, a
                 row["sparse_steady_us"], row["dense_steady_us"] = steady_state(w, route, xs[0], args, timer)
                 row["speedup_dense_steady"] = row["dense_steady_us"] / row["sparse_steady_us"]
                 row["pct_bw_steady"] = 100 * nbytes / (row["sparse_steady_us"] * 1e-6) / 1e12 / args.peak_tbps
+                if T == 1 and args.backend == "auto":  # expert_ffn's CUDA kernel (opt-in) in the same run
+                    row["cuda_steady_us"] = steady_state(w, route, xs[0], args, timer, backend="cuda")[0]
             except Exception as exc:  # e.g. out of memory for the copies: keep the other columns
                 row["steady_error"] = repr(exc)[:300]
     if T == 1:
@@ -248,7 +250,7 @@ def run_case(shape: str, w: Weights, T: int, frac: float, xs, dense_us: float, a
     return row
 
 
-def steady_state(w: Weights, route, x: torch.Tensor, args, timer) -> tuple[float, float]:
+def steady_state(w: Weights, route, x: torch.Tensor, args, timer, backend: str | None = None) -> tuple[float, float]:
     """``(sparse, dense)`` device time per call, us, in the steady state of a decode step.
 
     One CUDA graph holds ``--steady-calls`` calls back to back, cycling over ``--steady-copies``
@@ -258,13 +260,14 @@ def steady_state(w: Weights, route, x: torch.Tensor, args, timer) -> tuple[float
     captured call (the "graph" columns) pays in full: the kernels and the gaps between them remain.
     """
     n, k = args.steady_calls, args.steady_copies
+    backend = backend or args.backend
     p = w.packed
     packs = [p] + [dataclasses.replace(p, w_in=p.w_in.clone(), w_down=p.w_down.clone()) for _ in range(k - 1)]
     dense = [(w.wg, w.wu, w.wd)] + [(w.wg.clone(), w.wu.clone(), w.wd.clone()) for _ in range(k - 1)]
 
     def sparse_calls():
         for i in range(n):
-            prunepath_ops.sparse_ffn(x, route, packs[i % k], backend=args.backend)
+            prunepath_ops.sparse_ffn(x, route, packs[i % k], backend=backend)
 
     def dense_calls():
         for i in range(n):
@@ -307,9 +310,9 @@ def _time(r: dict, key: str) -> str:
 def decode_table(rows: list[dict]) -> str:
     head = ("| shape | T | active | experts/token | union | sparse us (graph) | dense us (graph) | vs dense (graph) "
             "| TB/s (graph) | % of peak (graph) | sparse us (steady) | dense us (steady) | vs dense (steady) "
-            "| % of peak (steady) | sparse us (eager) | dense us (eager) | index_select us (eager) "
+            "| % of peak (steady) | CUDA expert_ffn us (steady) | sparse us (eager) | dense us (eager) | index_select us (eager) "
             "| vs dense (eager) | vs index_select (eager) | union MB | floor us | rel err |")  # fmt: skip
-    out = [head, "|" + "---|" * 2 + "---:|" * 20]
+    out = [head, "|" + "---|" * 2 + "---:|" * 21]
     for r in rows:
         out.append(
             f"| {r['shape']} | {r['T']} | {r['frac']:.0%} | {r['n_active']} | {r['union_experts']} "
@@ -317,7 +320,7 @@ def decode_table(rows: list[dict]) -> str:
             f"| {_f(r.get('speedup_dense_graph'), '.2f', 'x')} | {_f(r.get('TBps_graph'), '.2f')} "
             f"| {_f(r.get('pct_bw_graph'), '.0f')} | {_time(r, 'sparse_steady_us')} | {_time(r, 'dense_steady_us')} "
             f"| {_f(r.get('speedup_dense_steady'), '.2f', 'x')} | {_f(r.get('pct_bw_steady'), '.0f')} "
-            f"| {_time(r, 'sparse_us')} | {_time(r, 'dense_us')} | {_time(r, 'index_select_us')} "
+            f"| {_time(r, 'cuda_steady_us')} | {_time(r, 'sparse_us')} | {_time(r, 'dense_us')} | {_time(r, 'index_select_us')} "
             f"| {_f(r.get('speedup_dense'), '.2f', 'x')} | {_f(r.get('speedup_index_select'), '.2f', 'x')} "
             f"| {r['union_bytes'] / 1e6:.1f} | {_time(r, 'floor_us')} | {_f(r.get('rel_err'), '.1e')} |"
         )
@@ -422,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         *header_lines(f"sparse_ffn on {where}", env, args),
         f"- each timed function rotates among {N_INPUTS} different x",
         f"- {args.dtype}, gated SiLU FFN, weights randn * 0.02, x randn; sparse: `prunepath_ops.sparse_ffn(x, route, "
-        f"packed, path='auto', backend='{args.backend}')` (decode kernels for T <= {DECODE_MAX_TOKENS}, prefill above)",
+        f"packed, path='auto', backend='{args.backend}')` (decode kernels for T <= {DECODE_MAX_TOKENS}, prefill above; "
+        "at T = 1 the column 'CUDA expert_ffn us (steady)' times the opt-in backend='cuda' in the same run)",
         "- dense: `prunepath_ops.reference.dense_ffn` = F.linear(h, Wd) with h = silu(F.linear(x, Wg)) * "
         "F.linear(x, Wu) (three F.linear); index_select: `reference.index_select_ffn` (batch 1 only)",
         "- routing: every token keeps exactly the given fraction of the E experts (random distinct subset, "

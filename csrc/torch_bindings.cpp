@@ -49,19 +49,25 @@ TORCH_LIBRARY(prunepath, m) {
       "align_experts(Tensor expert_ids, Tensor num_active, int num_experts, int block_m) -> (Tensor "
       "sorted_pairs, "
       "Tensor block_expert, Tensor expert_offsets, Tensor expert_counts)");
-  // Routed expert FFN kernel on packed weights (SPEC.md sections 1 and 3), the
-  // CPU backend of prunepath::sparse_ffn (which picks a backend and is defined in
-  // Python, prunepath_ops/ffn/ops.py).
+  // Routed expert FFN kernel on packed weights (SPEC.md sections 1 and 3): the
+  // CPU backend of prunepath::sparse_ffn (defined in Python,
+  // prunepath_ops/ffn/ops.py) and, on CUDA, its opt-in backend "cuda".
   //   x [T, d] fp32/fp16/bf16; expert_ids [T, K] int32, gates [T, K] fp32,
   //   num_active [T] int32 (only slots j < num_active[t] are read, ids in [0, E));
   //   w_in [E, 2S, d] (gated: S gate rows, then S up rows) or [E, S, d] (plain);
   //   b_in [E, S] (plain only); w_down [E, S, d]; b_out [d]; weights and biases in
-  //   the dtype of x. act: 'silu' | 'gelu' | 'gelu_tanh' | 'relu'.
-  // Returns y [T, d] in the dtype of x: sum over a token's active slots, in slot
-  // order, of gate * FFN_e(x) (+ b_out once), accumulated in fp32; deterministic.
+  //   the dtype of x. act: 'silu' | 'gelu' | 'gelu_tanh' | 'relu'. pdl:
+  //   programmatic dependent launch (CUDA, sm_90+; ignored on the CPU).
+  // Returns y [T, d] in the dtype of x: gate * FFN_e(x) summed over a token's
+  // active slots (+ b_out once), fp32 accumulation in a fixed order:
+  // deterministic. CPU: slot order; an id outside [0, E) raises. CUDA: each
+  // token's selected neurons split evenly over the SMs (made for one decode
+  // token: every token reads its own experts' weights, where sparse_ffn's Triton
+  // decode kernels share them across a batch), no host synchronisation (CUDA
+  // graphs), so an id outside [0, E) cannot raise and contributes nothing.
   m.def(
       "expert_ffn(Tensor x, Tensor expert_ids, Tensor gates, Tensor num_active, Tensor w_in, Tensor? b_in, "
-      "Tensor w_down, Tensor? b_out, bool gated, str act) -> Tensor");
+      "Tensor w_down, Tensor? b_out, bool gated, str act, bool pdl=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
@@ -78,5 +84,6 @@ TORCH_LIBRARY_IMPL(prunepath, CUDA, m) {
   m.impl("linear_topp_route", &prunepath::linear_topp_route_cuda);
   m.impl("decode_gemv", &prunepath::decode_gemv_cuda);
   m.impl("align_experts", &prunepath::align_experts_cuda);
+  m.impl("expert_ffn", &prunepath::expert_ffn_cuda);
 }
 #endif

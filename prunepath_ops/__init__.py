@@ -31,7 +31,7 @@ _OPS = (
     "linear_topp_route",
     "decode_gemv",
     "align_experts",
-)  # C++ ops with CPU and CUDA kernels (expert_ffn: CPU only)
+)  # C++ ops with CPU and CUDA kernels (expert_ffn too; backends() asks these)
 
 
 def backends() -> dict[str, bool]:

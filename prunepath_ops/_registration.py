@@ -271,6 +271,6 @@ def check_expert_ffn_args(
 
 
 @torch.library.register_fake("prunepath::expert_ffn")
-def _expert_ffn_fake(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act):
+def _expert_ffn_fake(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act, pdl=False):
     check_expert_ffn_args(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act)
     return torch.empty_like(x, memory_format=torch.contiguous_format)

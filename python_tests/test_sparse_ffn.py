@@ -547,3 +547,151 @@ def test_gpu_decode_trace_records_each_program():
     assert int(active.sum()) == int(route.num_active)  # one program per selected slot did work
     assert bool((end >= start).all()) and bool((start > 0).all())
     assert int(sm.max()) < torch.cuda.get_device_properties(0).multi_processor_count
+
+
+# ----------------------------------------------------------------------------- expert_ffn's CUDA kernel
+# (prunepath::expert_ffn on CUDA: every token's selected neurons split evenly over the SMs;
+# sparse_ffn(backend="cuda"))
+
+
+def test_cuda_backend_needs_cuda_tensors():
+    _, _, packed = make_ffn(16, 32, 16)
+    route = pp.topp_route(torch.randn(1, 2), 0.9)
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        pp.sparse_ffn(torch.randn(1, 16), route, packed, backend="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "T,d,F,S,tau",
+    [
+        (0, 64, 128, 16, 0.5),  # no tokens
+        (1, 4096, 32 * 64, 32, 0.5),  # one token, Llama width, 16-byte vectors
+        (1, 1000, 32 * 40, 32, 2.0),  # every expert; d a multiple of 8 but not of a warp's 256
+        (1, 36, 16 * 7, 16, 0.7),  # d = 36: no 16-byte vectors for 16-bit types (element path)
+        (3, 40, 64 * 6, 64, 0.6),  # a few tokens, S = 64
+        (17, 200, 128 * 5, 128, 0.8),  # prime T past the decode limit, S = 128
+    ],
+)
+def test_gpu_expert_ffn_cuda_matches_reference(family, dtype, T, d, F, S, tau):
+    cfg = FAMILIES[family]
+    w, perm, packed = make_ffn(
+        d, F, S, gated=cfg["gated"], act=cfg["act"], bias=cfg["bias"], dtype=dtype, device="cuda"
+    )
+    E = F // S
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(2)).to(dtype).cuda()
+    route = pp.topp_route((torch.randn(T, E, generator=torch.Generator().manual_seed(3)) * 2).cuda(), tau)
+    out = torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, poison_padding(route, E, E), packed), True)
+    assert out.shape == (T, d) and out.dtype == dtype
+    cpu = tuple(t.cpu() for t in route)
+    ref = R.sparse_ffn(
+        x.cpu(), *cpu, packed.w_in.cpu(), packed.w_down.cpu(),
+        b_in=None if packed.b_in is None else packed.b_in.cpu(),
+        b_out=None if packed.b_out is None else packed.b_out.cpu(), gated=packed.gated, act=packed.act,
+    )  # fmt: skip
+    check(out.cpu(), ref, dtype)
+    if dtype == torch.float32:
+        _, masked = oracles(x, w, perm, packed, route, S, cfg["act"])
+        check(out, masked, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_expert_ffn_cuda_edge_routings(dtype):
+    E, S, d = 6, 32, 256
+    _, _, packed = make_ffn(d, E * S, S, dtype=dtype, device="cuda")
+    rows = [[], [5], [0, 1, 2, 3, 4, 5], [3, 3], [2]]  # no expert, one, all, one expert twice, one
+    route = tuple(t.cuda() for t in _custom_route(len(rows), E, E, rows))
+    x = torch.randn(len(rows), d).to(dtype).cuda()
+    out = torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, poison_padding(route, E, E, seed=5), packed))
+    check(out.cpu(), reference_of(x.cpu(), tuple(t.cpu() for t in route), packed.to("cpu")), dtype)
+    assert torch.equal(out[0], torch.zeros(d, dtype=dtype, device="cuda"))  # no expert: exactly zero
+    # An id outside [0, E) in an active slot contributes nothing on CUDA (no host sync to raise).
+    ids, gates, n = (t.clone() for t in route)
+    ids[2, 1] = E + 3
+    ids[2, 4] = -2
+    bad = torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, (ids, gates, n), packed))
+    keep = [[0, 2, 3, 5]]
+    gates_kept = gates[2:3, [0, 2, 3, 5]].cpu()
+    one = (torch.tensor(keep, dtype=torch.int32), gates_kept, torch.tensor([4], dtype=torch.int32))
+    check(bad[2:3].cpu(), reference_of(x[2:3].cpu(), one, packed.to("cpu")), dtype)
+
+
+@needs_cuda
+def test_gpu_expert_ffn_cuda_many_slots_and_neurons():
+    """K > 1024 slots (the slot ids are read from global memory) and more neurons than the default
+    grid holds at kFfnMaxNeurons per block (the launcher adds blocks)."""
+    E, S, d = 1100, 32, 64
+    _, _, packed = make_ffn(d, E * S, S, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1, d).bfloat16().cuda()
+    route = pp.topp_route(torch.randn(1, E, device="cuda"), 2.0)  # all 1100 experts: 35,200 neurons
+    assert int(route.num_active) == E
+    out = torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, route, packed))
+    check(out.cpu(), reference_of(x.cpu(), tuple(t.cpu() for t in route), packed.to("cpu")), torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("blocks,cap", [("1", "1"), ("3", "1"), ("2", "0"), ("8", "0")])
+def test_gpu_expert_ffn_cuda_grid_knobs(monkeypatch, blocks, cap):
+    """The grid's blocks per SM and the occupancy cap change the summation split, not the result."""
+    d, F, S = 4096, 32 * 96, 32
+    _, _, packed = make_ffn(d, F, S, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1, d).bfloat16().cuda()
+    route = pp.topp_route(torch.randn(1, F // S, device="cuda"), 0.5)
+    monkeypatch.setenv("PRUNEPATH_EXPERT_FFN_BLOCKS_PER_SM", blocks)
+    monkeypatch.setenv("PRUNEPATH_EXPERT_FFN_CAP", cap)
+    out = torch.ops.prunepath.expert_ffn(*expert_ffn_args(x, route, packed))
+    check(out.cpu(), reference_of(x.cpu(), tuple(t.cpu() for t in route), packed.to("cpu")), torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gpu_expert_ffn_cuda_graph_and_bitwise_repeat(pdl):
+    d, F, S = 4096, 32 * 448, 32
+    _, _, packed = make_ffn(d, F, S, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1, d).bfloat16().cuda()
+    route = pp.topp_route(torch.randn(1, F // S, device="cuda"), 0.3)
+    args = expert_ffn_args(x, route, packed)
+    first = torch.ops.prunepath.expert_ffn(*args, pdl)
+    for _ in range(5):
+        assert torch.equal(torch.ops.prunepath.expert_ffn(*args, pdl), first)
+    assert torch.equal(pp.sparse_ffn(x, route, packed, backend="cuda"), first)  # PDL changes no bit
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.prunepath.expert_ffn(*args, pdl)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "family,dtype,T",
+    [
+        ("gated_silu", torch.bfloat16, 1),  # the decode case
+        ("plain_gelu_bias", torch.float32, 3),  # plain with both biases, a few tokens
+        ("plain_relu", torch.float16, 0),  # no tokens
+    ],
+)
+def test_gpu_opcheck_expert_ffn_cuda(family, dtype, T):
+    cfg = FAMILIES[family]
+    _, _, packed = make_ffn(
+        64, 96, 16, gated=cfg["gated"], act=cfg["act"], bias=cfg["bias"], dtype=dtype, device="cuda"
+    )
+    x = torch.randn(T, 64, device="cuda").to(dtype)
+    route = poison_padding(pp.topp_route(torch.randn(T, 6, device="cuda"), 0.6), 6, 6)
+    torch.library.opcheck(torch.ops.prunepath.expert_ffn.default, (*expert_ffn_args(x, route, packed), True))
+
+
+@needs_cuda
+def test_gpu_expert_ffn_cuda_errors():
+    _, _, packed = make_ffn(16, 32, 16, device="cuda")
+    x = torch.randn(1, 16, device="cuda")
+    route = pp.topp_route(torch.randn(1, 2, device="cuda"), 0.9)
+    args = expert_ffn_args(x, route, packed)
+    with pytest.raises(ValueError, match="gates is on cpu"):
+        torch.ops.prunepath.expert_ffn(*args[:2], route[1].cpu(), *args[3:])
+    with pytest.raises(ValueError, match="w_down must be"):
+        torch.ops.prunepath.expert_ffn(*args[:6], packed.w_down[:, :, :8], *args[7:])

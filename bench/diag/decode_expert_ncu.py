@@ -2,8 +2,9 @@
 """A few launches of one decode-FFN kernel, for Nsight Compute (``ncu``) to profile on the H200.
 
 Batch 1, Llama-3-8B FFN shape (d 4096, F 14336, S 32, E 448), bf16, 30 % of the experts active:
-the issue's decode row. ``--which`` picks what runs: ``triton`` (the default one-token path,
-``decode_expert_kernel`` + ``decode_reduce_kernel``), ``bulk`` (the experimental TMA bulk-copy
+the issue's decode row. ``--which`` picks what runs: ``triton`` (the Triton one-token path,
+``decode_expert_kernel`` + ``decode_reduce_kernel``), ``cuda`` (the CUDA kernel of
+``prunepath::expert_ffn``: ``expert_ffn_partial_kernel`` + ``expert_ffn_reduce_kernel``), ``bulk`` (the experimental TMA bulk-copy
 expert kernel, where the build has it) or ``dense`` (the three ``F.linear`` of the dense FFN:
 the streaming reference, cuBLAS GEMVs). The question it answers: with the same bytes to stream,
 why does the expert kernel reach ~74 % of the HBM bandwidth where cuBLAS reaches ~86 %
@@ -30,7 +31,7 @@ from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--which", choices=("triton", "bulk", "dense"), default="triton")
+    ap.add_argument("--which", choices=("triton", "cuda", "bulk", "dense"), default="triton")
     ap.add_argument("--fraction", type=float, default=0.3)
     ap.add_argument("--launches", type=int, default=4)
     args = ap.parse_args(argv)
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
         for _ in range(args.launches):
             if args.which == "dense":
                 F.linear(F.silu(F.linear(x, w.wg)) * F.linear(x, w.wu), w.wd)
+            elif args.which == "cuda":
+                torch.ops.prunepath.expert_ffn(x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, False)
             else:
                 extra = {"expert_kernel": "bulk"} if args.which == "bulk" else {}
                 sparse_ffn_decode_triton(x, *route, p.w_in, p.b_in, p.w_down, p.b_out, p.gated, p.act, **extra)

@@ -54,6 +54,14 @@ AlignOutputs align_experts_cuda(const at::Tensor& expert_ids, const at::Tensor& 
 at::Tensor expert_ffn_cpu(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& gates,
                           const at::Tensor& num_active, const at::Tensor& w_in,
                           const std::optional<at::Tensor>& b_in, const at::Tensor& w_down,
-                          const std::optional<at::Tensor>& b_out, bool gated, c10::string_view act);
+                          const std::optional<at::Tensor>& b_out, bool gated, c10::string_view act, bool pdl);
+
+#ifdef PRUNEPATH_WITH_CUDA
+at::Tensor expert_ffn_cuda(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& gates,
+                           const at::Tensor& num_active, const at::Tensor& w_in,
+                           const std::optional<at::Tensor>& b_in, const at::Tensor& w_down,
+                           const std::optional<at::Tensor>& b_out, bool gated, c10::string_view act,
+                           bool pdl);
+#endif
 
 }  // namespace prunepath

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prunepath_ops import _pdl
 from prunepath_ops.ffn import ops as _ops  # registers torch.ops.prunepath.sparse_ffn
 from prunepath_ops.ffn.packing import PackedExperts
 
@@ -36,12 +37,17 @@ def sparse_ffn(
     path : {"auto", "decode", "prefill"}
         ``auto`` takes the decode kernels (weights read once for the batch, tuned
         for bandwidth) up to 16 tokens and the grouped-GEMM prefill kernels above.
-    backend : {"auto", "triton", "cpu", "torch", "reference"}
-        ``auto``: Triton on CUDA, ``cpu`` on the CPU. ``cpu`` is the C++ kernel
-        ``torch.ops.prunepath.expert_ffn`` (parallel over experts and output
-        columns, fp32 accumulation, deterministic); ``torch`` the sparse PyTorch
-        composite (CPU); ``triton`` on the CPU runs under ``TRITON_INTERPRET=1``
-        only; ``reference`` is the expert loop of :func:`prunepath_ops.reference.sparse_ffn`.
+    backend : {"auto", "cuda", "triton", "cpu", "torch", "reference"}
+        ``auto``: Triton on CUDA, ``cpu`` on the CPU. ``cuda`` is the CUDA kernel
+        of ``torch.ops.prunepath.expert_ffn`` (its blocks split each token's
+        selected neurons evenly over the SMs; for one token it beats the Triton
+        decode kernels below ~25 % of the experts and loses from 30 % on,
+        bench/results/expert_ffn_cuda_sweep.md; for a batch every token reads
+        its own experts). ``cpu`` is the C++ kernel (parallel over experts and
+        output columns, fp32 accumulation, deterministic); ``torch`` the sparse
+        PyTorch composite (CPU); ``triton`` on the CPU runs under
+        ``TRITON_INTERPRET=1`` only; ``reference`` is the expert loop of
+        :func:`prunepath_ops.reference.sparse_ffn`.
 
     Returns
     -------
@@ -61,22 +67,16 @@ def sparse_ffn(
     expert_ids, gates, num_active = route
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if backend in ("auto", "cpu") and x.device.type == "cpu":
-        # The C++ kernel op directly: one opaque node for torch.compile as well, without the
+    _ops.check_path_backend(path, backend, x2.shape[0])
+    chosen = _ops.resolve_backend(backend, x.device)
+    if chosen in ("cpu", "cuda"):
+        # The C++/CUDA kernel op directly: one opaque node for torch.compile as well, without the
         # Python dispatch of prunepath::sparse_ffn (tens of microseconds, a lot at batch 1).
-        _ops.check_path_backend(path, backend, x2.shape[0])
+        pdl = chosen == "cuda" and _pdl.use_pdl(x.device)
         y = torch.ops.prunepath.expert_ffn(
-            x2,
-            expert_ids,
-            gates,
-            num_active,
-            packed.w_in,
-            packed.b_in,
-            packed.w_down,
-            packed.b_out,
-            packed.gated,
-            packed.act,
-        )
+            x2, expert_ids, gates, num_active,
+            packed.w_in, packed.b_in, packed.w_down, packed.b_out, packed.gated, packed.act, pdl,
+        )  # fmt: skip
         return y.view(shape)
     y = torch.ops.prunepath.sparse_ffn(
         x2, expert_ids, gates, num_active,

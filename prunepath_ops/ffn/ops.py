@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prunepath_ops import _pdl
 from prunepath_ops._registration import check_expert_ffn_args
 from prunepath_ops.ffn._env import DECODE_MAX_TOKENS
 from prunepath_ops.ffn._env import interpreting as _interpreting
@@ -16,7 +17,10 @@ from prunepath_ops.ffn.cpu import sparse_ffn_torch
 from prunepath_ops.reference.sparse_ffn import sparse_ffn as sparse_ffn_reference
 
 PATHS = ("auto", "decode", "prefill")
-BACKENDS = ("auto", "triton", "cpu", "torch", "reference")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch", "reference")
+
+# The CUDA kernel of prunepath::expert_ffn (compiled in CUDA builds only).
+CUDA_KERNEL_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("prunepath::expert_ffn", "CUDA")
 
 
 def check_sparse_ffn_args(
@@ -40,13 +44,21 @@ def check_path_backend(path: str, backend: str, num_tokens: int) -> None:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto``: Triton on CUDA, the C++ kernel ``prunepath::expert_ffn`` on the CPU.
 
-    ``triton`` on the CPU needs ``TRITON_INTERPRET=1`` (the tests use it there);
-    ``torch`` (the sparse PyTorch composite) and ``reference`` run anywhere.
+    ``cuda`` is the CUDA kernel of ``prunepath::expert_ffn`` (opt-in: each token's selected neurons
+    split evenly over the SMs; faster than the Triton decode kernels for one token below ~25 % of the
+    experts, slower from 30 % on, bench/results/expert_ffn_cuda_sweep.md; for a batch every token
+    reads its own experts). ``triton`` on the CPU needs ``TRITON_INTERPRET=1`` (the tests use it
+    there); ``torch`` (the sparse PyTorch composite) and ``reference`` run anywhere.
     """
     if backend == "auto":
         return "triton" if device.type == "cuda" else "cpu"
     if backend == "triton" and device.type != "cuda" and not _interpreting():
         raise RuntimeError("sparse_ffn: backend='triton' on the CPU needs TRITON_INTERPRET=1")
+    if backend == "cuda" and (device.type != "cuda" or not CUDA_KERNEL_BUILT):
+        raise RuntimeError(
+            f"sparse_ffn: backend='cuda' needs CUDA tensors and a CUDA build of prunepath_ops; got {device}, "
+            f"CUDA kernel built: {CUDA_KERNEL_BUILT}"
+        )
     if backend in ("cpu", "torch") and device.type != "cpu":
         raise ValueError(f"sparse_ffn: backend={backend!r} needs CPU tensors; got {device}")
     return backend
@@ -87,6 +99,8 @@ def sparse_ffn_op(
         )
     if chosen == "cpu":
         return torch.ops.prunepath.expert_ffn(*args)
+    if chosen == "cuda":
+        return torch.ops.prunepath.expert_ffn(*args, _pdl.use_pdl(x.device))
     if chosen == "torch":
         return sparse_ffn_torch(*args)
     from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton, sparse_ffn_prefill_triton

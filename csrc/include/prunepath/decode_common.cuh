@@ -8,7 +8,15 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <utility>
+
+namespace prunepath {
+
+// Element types of the decode kernels (one switch in each launcher).
+enum class DecodeDType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+}  // namespace prunepath
 
 namespace prunepath::detail {
 
@@ -81,6 +89,44 @@ __device__ __forceinline__ uint4 load_stream_v4(const void* ptr) {
   return v;
 }
 
+// load_stream_v4 when `valid`, zeros otherwise, as one predicated load whose
+// predicate is dead once the load has issued. A C++ `valid ? load : zero` keeps
+// one predicate register per load alive until its data arrives, and ptxas holds
+// loads back once it runs out of predicate registers (topp_route_warp.cuh).
+__device__ __forceinline__ uint4 load_stream_v4_or_zero(const void* ptr, bool valid) {
+  uint4 v;
+  asm("{\n .reg .pred q;\n setp.ne.u32 q, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n"
+      " mov.b32 %3, 0;\n @q ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "r"(static_cast<unsigned>(valid)));
+  return v;
+}
+
+// The same for data that other warps of the SM read too (kept in L1).
+__device__ __forceinline__ uint4 load_cached_v4_or_zero(const void* ptr, bool valid) {
+  uint4 v;
+  asm("{\n .reg .pred q;\n setp.ne.u32 q, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n"
+      " mov.b32 %3, 0;\n @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "r"(static_cast<unsigned>(valid)));
+  return v;
+}
+
+// 16 bytes from global to shared memory without passing through registers
+// (cp.async, sm_80+), or 16 zero bytes when !valid (src is not read then).
+__device__ __forceinline__ void cp_async_16_or_zero(void* smem_dst, const void* src, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed cp.async groups are pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // Programmatic dependent launch (sm_90+): wait for the previous kernel's memory;
 // let the next kernel be scheduled. Both are no-ops in a launch without PDL.
 __device__ __forceinline__ void grid_dependency_wait() {
@@ -94,15 +140,16 @@ __device__ __forceinline__ void grid_launch_dependents() {
 #endif
 }
 
-// Launches kernel<<<grid, block, 0, stream>>>(args...), allowed to start before
-// the previous kernel on the stream ends when `pdl` (the kernel must then call
-// grid_dependency_wait before touching that kernel's output).
+// Launches kernel<<<grid, block, smem, stream>>>(args...), allowed to start
+// before the previous kernel on the stream ends when `pdl` (the kernel must then
+// call grid_dependency_wait before touching that kernel's output).
 template <typename... Params, typename... Args>
-cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl,
-                             Args&&... args) {
+cudaError_t launch_maybe_pdl_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                  cudaStream_t stream, bool pdl, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
+  config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -110,6 +157,13 @@ cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, c
   config.attrs = attribute;
   config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// The same without dynamic shared memory.
+template <typename... Params, typename... Args>
+cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl,
+                             Args&&... args) {
+  return launch_maybe_pdl_smem(kernel, grid, block, 0, stream, pdl, std::forward<Args>(args)...);
 }
 
 }  // namespace prunepath::detail

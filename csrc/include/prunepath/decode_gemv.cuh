@@ -28,7 +28,7 @@
 
 namespace prunepath {
 
-enum class GemvDType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using GemvDType = DecodeDType;
 
 struct DecodeGemvParams {
   const void* x;         // [B, K], unit inner stride, rows x_stride apart

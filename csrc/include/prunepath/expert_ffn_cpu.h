@@ -24,9 +24,9 @@
 #include <type_traits>
 #include <vector>
 
-namespace prunepath {
+#include "prunepath/ffn_activation.h"
 
-enum class FfnActivation : int32_t { kSilu, kGelu, kGeluTanh, kRelu };
+namespace prunepath {
 
 constexpr int64_t kExpertFfnTokenTile = 8;   // pairs of one expert per first-layer task
 constexpr int64_t kExpertFfnDownBlock = 64;  // output columns per down-projection task
@@ -225,18 +225,7 @@ inline void expert_ffn_axpy_rows(const float* h, const float* w, int64_t S, int6
   }
 }
 
-inline float expert_ffn_activation(float z, FfnActivation act) {
-  switch (act) {
-    case FfnActivation::kSilu: return z / (1.f + std::exp(-z));
-    case FfnActivation::kGelu: return 0.5f * z * (1.f + std::erf(z * 0.70710678118654752f));
-    case FfnActivation::kGeluTanh: {
-      const float inner = 0.79788456080286536f * (z + 0.044715f * z * z * z);
-      return 0.5f * z * (1.f + std::tanh(inner));
-    }
-    case FfnActivation::kRelu: return z < 0.f ? 0.f : z;  // NaN stays NaN, as in torch
-  }
-  return z;
-}
+inline float expert_ffn_activation(float z, FfnActivation act) { return ffn_activation(z, act); }
 
 // Copies a [rows, cols] block with row stride ld into fp32 (row stride cols).
 template <typename WeightT>
