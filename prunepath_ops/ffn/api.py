@@ -41,9 +41,9 @@ def sparse_ffn(
         ``auto``: Triton on CUDA, ``cpu`` on the CPU. ``cuda`` is the CUDA kernel
         of ``torch.ops.prunepath.expert_ffn`` (its blocks split each token's
         selected neurons evenly over the SMs; for one token it beats the Triton
-        decode kernels below ~25 % of the experts and loses from 30 % on,
-        bench/results/expert_ffn_cuda_sweep.md; for a batch every token reads
-        its own experts). ``cpu`` is the C++ kernel (parallel over experts and
+        decode kernels up to ~35 % of the experts and ties with them at 30-50 %,
+        bench/results/expert_ffn_cuda_steps_h200.md; for a batch every token
+        reads its own experts). ``cpu`` is the C++ kernel (parallel over experts and
         output columns, fp32 accumulation, deterministic); ``torch`` the sparse
         PyTorch composite (CPU); ``triton`` on the CPU runs under
         ``TRITON_INTERPRET=1`` only; ``reference`` is the expert loop of

@@ -13,26 +13,30 @@
 // most that many blocks per SM (an unused shared-memory reservation), so the
 // blocks cannot pile up on a few SMs.
 //
-// Measured (H200, bf16, one token, bench/results/expert_ffn_cuda_sweep.md): the
-// balance holds, but each SM streams more slowly than the Triton kernel's
-// cp.async pipeline (Nsight Compute: 62 % of DRAM bandwidth over the kernel,
-// 8 warps per SM, bench/results/ncu_expert_ffn_h200.log). It wins at 10-25 %
-// of the experts (19 against 25 us at 10 %) and loses from 30 % on (36.4
-// against 34.0 us), so sparse_ffn keeps Triton by default and takes this
-// kernel with backend="cuda". What would close the gap: more bytes in flight
-// per SM than registers allow (cp.async or TMA into a shared-memory ring).
+// Measured (H200, bf16, one token at Llama-3-8B's shape, steady state,
+// bench/results/expert_ffn_cuda_steps_h200.md): 17.8 / 33.7 / 49.5 us at
+// 10 / 30 / 50 % of the experts against the Triton kernel's 25.3 / 33.8 / 48.7.
+// Streaming runs at about the copy peak; what remains is ~9 us per call of
+// fixed cost (setup, the phase switch, the reduction). sparse_ffn keeps Triton
+// as its default (a tie at 30 %) and takes this kernel with backend="cuda".
 //
-// Kernel 1 (expert_ffn_partial_kernel, grid [P, T]): per block,
+// Kernel 1 (expert_ffn_partial_kernel, grid [P, T], one block of kFfnWarps
+// warps per SM by default): per block,
 //  1. the neurons' expert rows and gates (slot ids preloaded to shared memory
 //     in the same round trip as num_active);
 //  2. first layer: every warp owns one 1/kFfnWarps slice of d and walks all of
-//     the block's gate/up rows, kFfnRowBatch rows at a time, so every warp does
+//     the block's gate/up rows, kFfnRowBatch rows per step, so every warp does
 //     the same work; per-warp sums meet in shared memory in warp order;
 //  3. h = gate * act(x Wg^T) * (x Wu^T) (or gate * act(x Wi^T + bi)), fp32;
 //  4. down projection: every warp owns columns and sums its neurons' rows in
 //     neuron order, then writes the block's fp32 partial [d] to a workspace.
-// Kernel 2 (expert_ffn_reduce_kernel, PDL-launched): sums the P partials of a
-// token in a fixed order, adds b_out, rounds once.
+// Steps 2 and 4 stream through one per-warp ring of kFfnStages steps in shared
+// memory filled by cp.async (registers alone held too few bytes in flight: 62 %
+// of DRAM bandwidth against 71 % with the ring), and the first down-projection
+// steps are in flight while the last first-layer steps are summed.
+// Kernel 2 (expert_ffn_reduce_kernel, PDL-launched, small blocks that fit beside
+// kernel 1's): sums the P partials of a token in a fixed order, adds b_out,
+// rounds once.
 // Every sum has a fixed order: bitwise reproducible on a given GPU (P depends
 // on its SM count). Slots j >= num_active[t] are never used as experts; a slot
 // whose id lies outside [0, E) contributes nothing (the host cannot check ids
