@@ -43,9 +43,9 @@ def sparse_ffn(
         selected neurons evenly over the SMs; for one token it beats the Triton
         decode kernels up to ~35 % of the experts and ties with them at 30-50 %,
         bench/results/expert_ffn_cuda_steps_h200.md; for a batch every token
-        reads its own experts). ``cpu`` is the C++ kernel (parallel over experts and
-        output columns, fp32 accumulation, deterministic); ``torch`` the sparse
-        PyTorch composite (CPU); ``triton`` on the CPU runs under
+        reads its own experts). ``cpu`` is the C++ kernel (parallel over experts
+        and output columns, fp32 accumulation, deterministic); ``torch`` the
+        sparse PyTorch composite (CPU); ``triton`` on the CPU runs under
         ``TRITON_INTERPRET=1`` only; ``reference`` is the expert loop of
         :func:`prunepath_ops.reference.sparse_ffn`.
 

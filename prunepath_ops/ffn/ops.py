@@ -47,8 +47,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     ``cuda`` is the CUDA kernel of ``prunepath::expert_ffn`` (opt-in: each token's selected neurons
     split evenly over the SMs; for one token at Llama-3-8B's shape it beats the Triton decode kernels
     up to ~35 % of the experts, 17.8 against 24.6 us at 10 %, and ties with them at 30-50 %,
-    bench/results/expert_ffn_cuda_steps_h200.md; for a batch every token reads its own experts). ``triton`` on the CPU needs ``TRITON_INTERPRET=1`` (the tests use it
-    there); ``torch`` (the sparse PyTorch composite) and ``reference`` run anywhere.
+    bench/results/expert_ffn_cuda_steps_h200.md; for a batch every token reads its own experts).
+    ``triton`` on the CPU needs ``TRITON_INTERPRET=1`` (the tests use it there); ``torch`` (the
+    sparse PyTorch composite) and ``reference`` run anywhere.
     """
     if backend == "auto":
         return "triton" if device.type == "cuda" else "cpu"
