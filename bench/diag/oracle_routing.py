@@ -5,7 +5,9 @@ every expert's output ``y_e = FFN_e(x)`` (dense, so this is a measurement, never
 treats ``m_e = ||y_e||_2`` as the expert's weight. PrunePath's rule then runs on the distribution
 ``m / sum(m)`` (the smallest prefix of experts, heaviest first, whose cumulative share stays below
 ``tau``; ``topp_route`` of ``log m``), top-k keeps the k heaviest, and the output is the sum of the
-kept ``y_e`` (gate one). ``--power a`` runs the rule on ``m ** a`` instead (sharper for a > 1). Against the trained router's rows of the same script (``--with-router``) it
+kept ``y_e`` (gate one). ``--power a`` runs the rule on ``m ** a`` instead (sharper for a > 1);
+``--mass activation`` ranks by the norm of the expert's activations ``h_e`` instead (the quantity
+the least-squares routers of ``prunepath convert`` are fitted to predict). Against the trained router's rows of the same script (``--with-router``) it
 separates two questions the quality report mixes: is the mass rule (a per-token budget) better than a
 fixed count when the ranking is right, and how far is the router's ranking from the right one?
 
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from prunepath_ops import topp_route
 from prunepath_ops.__main__ import _load_prunepath, _routed
+from prunepath_ops.convert import expert_activation_mass
 from prunepath_ops.evaluate import format_table, sweep
 from prunepath_ops.evaluate.data import text_tokens
 from prunepath_ops.modules import PrunePathMLP
@@ -46,12 +49,16 @@ def expert_outputs(mlp: PrunePathMLP, x: Tensor) -> Tensor:
 
 
 POWER = [1.0]  # the distribution is m ** POWER[0] / sum(m ** POWER[0]) (--power)
+MASS = ["output"]  # m_e: "output" ||FFN_e(x)|| or "activation" ||h_e|| (what the lstsq routers fit) (--mass)
 
 
 def oracle_route(mlp: PrunePathMLP, x: Tensor, y_e: Tensor | None = None):
     """The module's rule (tau, expert bounds) on the distribution of the experts' output norms."""
-    y_e = expert_outputs(mlp, x) if y_e is None else y_e
-    weight = y_e.norm(dim=-1)  # [T, E]
+    if MASS[0] == "activation":
+        weight = expert_activation_mass(mlp, x)  # [T, E]
+    else:
+        y_e = expert_outputs(mlp, x) if y_e is None else y_e
+        weight = y_e.norm(dim=-1)  # [T, E]
     return topp_route(
         POWER[0] * torch.log(weight), mlp.tau_tensor.to(weight.device), min_experts=mlp.min_experts,
         max_experts=mlp.max_experts, gate="one",
@@ -95,8 +102,10 @@ def main() -> int:
     ap.add_argument("--with-router", action="store_true", help="also the trained router's rows, same tokens")
     ap.add_argument("--power", type=float, default=1.0, help="PrunePath's rule on m ** power (top-k: same ranking)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    ap.add_argument("--mass", choices=("output", "activation"), default="output",
+                    help="rank by ||FFN_e(x)|| or by the activation norm ||h_e|| that the lstsq routers fit")  # fmt: skip
     args = ap.parse_args()
-    POWER[0] = args.power
+    POWER[0], MASS[0] = args.power, args.mass
     torch.set_grad_enabled(False)
     model, tok, _ = _load_prunepath(args.checkpoint, None, False)
     tokens = text_tokens(args.text, tok, (0.8, 1.0))
@@ -110,7 +119,8 @@ def main() -> int:
     start = time.perf_counter()
     with oracle_routing(_routed(model)):
         rows = sweep(model, tokens, taus=taus, ks=ks, dense=not (args.with_router or args.no_dense), **common)
-    title = f"oracle: experts ranked by ||FFN_e(x)||, PrunePath's rule on ||FFN_e(x)|| ** {args.power:g}"
+    m = "||FFN_e(x)||" if args.mass == "output" else "||h_e||"
+    title = f"oracle: experts ranked by {m}, PrunePath's rule on {m} ** {args.power:g}"
     print(f"\n## {title} ({time.perf_counter() - start:.0f} s)\n\n{format_table(rows)}")
     return 0
 
