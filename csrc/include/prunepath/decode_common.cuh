@@ -89,20 +89,11 @@ __device__ __forceinline__ uint4 load_stream_v4(const void* ptr) {
   return v;
 }
 
-// load_stream_v4 when `valid`, zeros otherwise, as one predicated load whose
-// predicate is dead once the load has issued. A C++ `valid ? load : zero` keeps
-// one predicate register per load alive until its data arrives, and ptxas holds
-// loads back once it runs out of predicate registers (topp_route_warp.cuh).
-__device__ __forceinline__ uint4 load_stream_v4_or_zero(const void* ptr, bool valid) {
-  uint4 v;
-  asm("{\n .reg .pred q;\n setp.ne.u32 q, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n"
-      " mov.b32 %3, 0;\n @q ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "r"(static_cast<unsigned>(valid)));
-  return v;
-}
-
-// The same for data that other warps of the SM read too (kept in L1).
+// A 16-byte load through L1 (data that other warps of the SM read too) when
+// `valid`, zeros otherwise, as one predicated load whose predicate is dead once
+// it has issued. A C++ `valid ? load : zero` keeps one predicate register per
+// load alive until its data arrives, and ptxas holds loads back once it runs out
+// of predicate registers (topp_route_warp.cuh).
 __device__ __forceinline__ uint4 load_cached_v4_or_zero(const void* ptr, bool valid) {
   uint4 v;
   asm("{\n .reg .pred q;\n setp.ne.u32 q, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n"

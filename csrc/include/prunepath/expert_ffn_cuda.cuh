@@ -99,14 +99,12 @@ struct FfnUnit<T, true> {
   using Unit = uint4;
   static constexpr int kElems = VecTraits<T>::kElems;
   __device__ static Unit zero() { return make_uint4(0u, 0u, 0u, 0u); }
-  // Unit u of `row` when `valid`, zeros otherwise (u is not read then).
-  __device__ static Unit stream(const T* row, int64_t u, bool valid) {
-    return load_stream_v4_or_zero(reinterpret_cast<const uint4*>(row) + u, valid);
-  }
-  // *dst = the same, asynchronously (cp.async; complete after cp_async_wait).
+  // *dst = unit u of `row` when `valid`, zeros otherwise (u is not read then),
+  // asynchronously: cp.async, complete after cp_async_wait.
   __device__ static void copy_async(Unit* dst, const T* row, int64_t u, bool valid) {
     cp_async_16_or_zero(dst, reinterpret_cast<const uint4*>(row) + u, valid);
   }
+  // Unit u of `row` through L1 when `valid`, zeros otherwise.
   __device__ static Unit cached(const T* row, int64_t u, bool valid) {
     return load_cached_v4_or_zero(reinterpret_cast<const uint4*>(row) + u, valid);
   }
@@ -139,12 +137,9 @@ struct FfnUnit<T, false> {
   using Unit = T;
   static constexpr int kElems = 1;
   __device__ static Unit zero() { return VecTraits<T>::round(0.0f); }
-  __device__ static Unit stream(const T* row, int64_t u, bool valid) {
-    return valid ? __ldg(row + u) : zero();
-  }
   // No cp.async for a single element: a load and a shared-memory store.
   __device__ static void copy_async(Unit* dst, const T* row, int64_t u, bool valid) {
-    *dst = stream(row, u, valid);
+    *dst = cached(row, u, valid);
   }
   __device__ static Unit cached(const T* row, int64_t u, bool valid) {
     return valid ? __ldg(row + u) : zero();
