@@ -17,8 +17,8 @@ fixed count when the ranking is right, and how far is the router's ranking from 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,48 +27,38 @@ from torch import Tensor
 
 from prunepath_ops import topp_route
 from prunepath_ops.__main__ import _load_prunepath, _routed
-from prunepath_ops.convert import expert_activation_mass
+from prunepath_ops.convert import expert_activation_mass, expert_activations
 from prunepath_ops.evaluate import format_table, sweep
 from prunepath_ops.evaluate.data import text_tokens
 from prunepath_ops.modules import PrunePathMLP
-from prunepath_ops.reference.sparse_ffn import activation
 
 
 def expert_outputs(mlp: PrunePathMLP, x: Tensor) -> Tensor:
     """``[T, E, d]``: every expert's output for ``x [T, d]`` (gate one, no output bias), fp32."""
-    p = mlp.packed
-    S = p.w_down.shape[1]
-    x = x.float()
-    w_in, w_down = p.w_in.float(), p.w_down.float()
-    z = torch.einsum("td,erd->ter", x, w_in)  # [T, E, 2S or S]
-    if p.gated:
-        h = activation(z[..., :S], p.act) * z[..., S:]
-    else:
-        h = activation(z + (p.b_in.float() if p.b_in is not None else 0.0), p.act)
-    return torch.einsum("tes,esd->ted", h, w_down)
+    return torch.einsum("tes,esd->ted", expert_activations(mlp, x), mlp.packed.w_down.float())
 
 
-POWER = [1.0]  # the distribution is m ** POWER[0] / sum(m ** POWER[0]) (--power)
-MASS = ["output"]  # m_e: "output" ||FFN_e(x)|| or "activation" ||h_e|| (what the lstsq routers fit) (--mass)
+def oracle_route(mlp: PrunePathMLP, x: Tensor, y_e: Tensor | None = None, *, power: float = 1.0, mass: str = "output"):
+    """The module's rule (tau, expert bounds) on ``m ** power / sum(m ** power)``.
 
-
-def oracle_route(mlp: PrunePathMLP, x: Tensor, y_e: Tensor | None = None):
-    """The module's rule (tau, expert bounds) on the distribution of the experts' output norms."""
-    if MASS[0] == "activation":
+    ``m``: the experts' output norms ``||FFN_e(x)||`` (``mass="output"``; ``y_e`` when already
+    computed) or activation norms ``||h_e||`` (``"activation"``, what the lstsq routers fit).
+    """
+    if mass == "activation":
         weight = expert_activation_mass(mlp, x)  # [T, E]
     else:
-        y_e = expert_outputs(mlp, x) if y_e is None else y_e
-        weight = y_e.norm(dim=-1)  # [T, E]
+        weight = (expert_outputs(mlp, x) if y_e is None else y_e).norm(dim=-1)  # [T, E]
     return topp_route(
-        POWER[0] * torch.log(weight), mlp.tau_tensor.to(weight.device), min_experts=mlp.min_experts,
+        power * torch.log(weight), mlp.tau_tensor.to(weight.device), min_experts=mlp.min_experts,
         max_experts=mlp.max_experts, gate="one",
     )  # fmt: skip
 
 
-def oracle_forward(mlp: PrunePathMLP, x: Tensor) -> Tensor:
+def oracle_forward(mlp: PrunePathMLP, x: Tensor, **rule) -> Tensor:
+    """The sum of the experts :func:`oracle_route` keeps (gate one), plus the output bias."""
     x2 = x.reshape(-1, x.shape[-1])
     y_e = expert_outputs(mlp, x2)
-    ids, _, n = oracle_route(mlp, x2, y_e)
+    ids, _, n = oracle_route(mlp, x2, y_e, **rule)
     E = y_e.shape[1]
     keep = torch.zeros(x2.shape[0], E + 1, dtype=y_e.dtype, device=y_e.device)
     slots = torch.arange(ids.shape[1], device=ids.device)[None, :] < n[:, None]
@@ -80,11 +70,11 @@ def oracle_forward(mlp: PrunePathMLP, x: Tensor) -> Tensor:
 
 
 @contextmanager
-def oracle_routing(mlps: list[PrunePathMLP]) -> Iterator[None]:
+def oracle_routing(mlps: list[PrunePathMLP], *, power: float = 1.0, mass: str = "output") -> Iterator[None]:
     """Within the block every module routes (and reports ``num_active``) by the oracle."""
     for m in mlps:
-        m.forward = types.MethodType(oracle_forward, m)
-        m.route = types.MethodType(lambda self, x: oracle_route(self, x), m)
+        m.forward = functools.partial(oracle_forward, m, power=power, mass=mass)
+        m.route = functools.partial(oracle_route, m, power=power, mass=mass)
     try:
         yield
     finally:
@@ -105,7 +95,6 @@ def main() -> int:
     ap.add_argument("--mass", choices=("output", "activation"), default="output",
                     help="rank by ||FFN_e(x)|| or by the activation norm ||h_e|| that the lstsq routers fit")  # fmt: skip
     args = ap.parse_args()
-    POWER[0], MASS[0] = args.power, args.mass
     torch.set_grad_enabled(False)
     model, tok, _ = _load_prunepath(args.checkpoint, None, False)
     tokens = text_tokens(args.text, tok, (0.8, 1.0))
@@ -117,7 +106,7 @@ def main() -> int:
         rows = sweep(model, tokens, taus=taus, ks=ks, dense=True, **common)
         print(f"\n## trained router ({time.perf_counter() - start:.0f} s)\n\n{format_table(rows)}", flush=True)
     start = time.perf_counter()
-    with oracle_routing(_routed(model)):
+    with oracle_routing(_routed(model), power=args.power, mass=args.mass):
         rows = sweep(model, tokens, taus=taus, ks=ks, dense=not (args.with_router or args.no_dense), **common)
     m = "||FFN_e(x)||" if args.mass == "output" else "||h_e||"
     title = f"oracle: experts ranked by {m}, PrunePath's rule on {m} ** {args.power:g}"

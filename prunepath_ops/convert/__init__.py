@@ -5,7 +5,7 @@ Import it explicitly (``import prunepath_ops.convert``); ``safetensors`` and ``t
 imported by the functions that need them.
 """
 
-from prunepath_ops.convert.baseline import expert_activation_mass, fit_router_lstsq
+from prunepath_ops.convert.baseline import expert_activation_mass, expert_activations, fit_router_lstsq
 from prunepath_ops.convert.calibrate import (
     Calibration,
     CalibrationError,
@@ -53,6 +53,7 @@ __all__ = [
     "default_find",
     "expert_activation_mass",
     "ffn_sparsity",
+    "expert_activations",
     "fit_router_lstsq",
     "guess_activation",
     "load_checkpoint",

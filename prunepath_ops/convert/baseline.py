@@ -13,11 +13,31 @@ from prunepath_ops.reference.sparse_ffn import activation
 
 
 @torch.no_grad()
-def expert_activation_mass(mlp: PrunePathMLP, x: Tensor, *, norm: str = "l2") -> Tensor:
-    """Each expert's activation mass on each token.
+def expert_activations(mlp: PrunePathMLP, x: Tensor) -> Tensor:
+    """``[N, E, S]`` float32: the S values each expert feeds into its down projection.
 
-    The activations are the S values that expert ``e`` feeds into its down
-    projection: ``act(x Wg_e^T) * (x Wu_e^T)`` (gated) or ``act(x Wi_e^T + bi_e)`` (plain).
+    ``act(x Wg_e^T) * (x Wu_e^T)`` (gated) or ``act(x Wi_e^T + bi_e)`` (plain), for
+    ``x [N, d]`` (the FFN's inputs), every expert, dense.
+
+    Examples
+    --------
+    >>> from prunepath_ops.models import LlamaMLP
+    >>> dense = LlamaMLP(8, 32)  # d = 8, F = 32
+    >>> expert_activations(PrunePathMLP.from_dense(dense, 16), torch.randn(5, 8)).shape
+    torch.Size([5, 2, 16])
+    """
+    E, S, d = mlp.w_down.shape
+    xf = x.reshape(-1, d).float()
+    w_in = mlp.w_in.float()  # [E, S or 2S, d]
+    z = torch.einsum("nd,esd->nes", xf, w_in)  # [N, E, S or 2S]
+    if mlp.gated:
+        return activation(z[..., :S], mlp.act) * z[..., S:]
+    return activation(z + mlp.b_in.float() if mlp.b_in is not None else z, mlp.act)
+
+
+@torch.no_grad()
+def expert_activation_mass(mlp: PrunePathMLP, x: Tensor, *, norm: str = "l2") -> Tensor:
+    """Each expert's activation mass on each token: a norm of :func:`expert_activations` over its S values.
 
     Parameters
     ----------
@@ -41,14 +61,7 @@ def expert_activation_mass(mlp: PrunePathMLP, x: Tensor, *, norm: str = "l2") ->
     """
     if norm not in ("l2", "l1"):
         raise ValueError(f"expert_activation_mass: norm must be 'l2' or 'l1'; got {norm!r}")
-    E, S, d = mlp.w_down.shape
-    xf = x.reshape(-1, d).float()
-    w_in = mlp.w_in.float()  # [E, S or 2S, d]
-    z = torch.einsum("nd,esd->nes", xf, w_in)  # [N, E, S or 2S]
-    if mlp.gated:
-        h = activation(z[..., :S], mlp.act) * z[..., S:]
-    else:
-        h = activation(z + mlp.b_in.float() if mlp.b_in is not None else z, mlp.act)
+    h = expert_activations(mlp, x)
     return h.norm(dim=-1) if norm == "l2" else h.abs().sum(-1)
 
 
