@@ -64,6 +64,7 @@ for part in "$@"; do
                   -k "test_gpu or edge_routings or tau_one or decode_chunked or both_oracles" > "$out/gpu_tests_ffn.log" 2>&1 ;;
     efftests) t ${EFFTESTS_TIMEOUT:-200} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider \
                 -k "expert_ffn or test_gpu" > "$out/gpu_tests_expert_ffn_cuda.log" 2>&1 ;;
+    efftrace) t 240 python3 bench/diag/expert_ffn_trace.py --out "$out" > "$out/expert_ffn_trace.log" 2>&1 ;;
     effsweep) t 200 python3 bench/diag/expert_ffn_cuda_sweep.py --out "$out" > "$out/expert_ffn_cuda_sweep.log" 2>&1 ;;
     ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
     toppvariants) t 300 python3 bench/topp_route_gpu.py --variants auto,warp,lean,rank,block --out "$out" \

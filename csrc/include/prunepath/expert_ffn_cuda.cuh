@@ -72,6 +72,10 @@ struct ExpertFfnCudaParams {
   int32_t blocks_per_token;   // P
   bool gated;
   FfnActivation act;
+  // Diagnostics only (bench/diag/expert_ffn_trace.py), nullptr otherwise: per block of kernel 1,
+  // kFfnTraceSlots %globaltimer stamps (see ExpertFfnTrace), then 4 per block of kernel 2 (entry, after the
+  // wait, end, %smid).
+  unsigned long long* trace;
 };
 
 constexpr int kFfnWarps = 8;         // per block of kernel 1
@@ -88,7 +92,31 @@ constexpr int kFfnReduceGroups = 32;  // partial groups per block of kernel 2
 constexpr int kFfnReduceCols = 8;     // column units per block of kernel 2  // per block of kernel 2
 constexpr int kFfnDefaultBlocksPerSm = 1;
 
+// Slots of ExpertFfnCudaParams::trace per block of kernel 1 (index (t * P + block) * kFfnTraceSlots),
+// followed by 4 per block of kernel 2 (index T * P * kFfnTraceSlots + (t * gridDim.x + block) * 4).
+enum ExpertFfnTrace : int {
+  kTraceSm = 0,         // %smid
+  kTraceEntry = 1,      // kernel entry
+  kTraceWaited = 2,     // after griddepcontrol.wait
+  kTraceTable = 3,      // neuron table built
+  kTraceFirstDone = 4,  // every warp's first-layer sums in shared memory
+  kTraceHDone = 5,      // h formed
+  kTraceWarpEnd = 6,    // + warp: that warp's last partial stored
+  kFfnTraceSlots = kTraceWarpEnd + kFfnWarps,
+};
+
 namespace detail {
+
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned sm_id() {
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
 
 // A unit of streaming: a 16-byte vector of kElems elements (kVec), or one element.
 template <typename T, bool kVec>
@@ -189,11 +217,18 @@ __global__ void __launch_bounds__(kFfnWarps * 32, 1) expert_ffn_partial_kernel(c
   const int64_t d = p.hidden;
   const int32_t* ids = p.expert_ids + t * K;
   const float* slot_gates = p.gates + t * K;
+  unsigned long long* trace = p.trace != nullptr ? p.trace + (t * P + pb) * kFfnTraceSlots : nullptr;
+  const auto stamp = [&](int slot) {
+    if (trace != nullptr && threadIdx.x == 0) trace[slot] = detail::global_timer_ns();
+  };
+  stamp(kTraceEntry);
 
   // Everything below reads the routing or x, the previous kernels' outputs. The
   // reduction may be scheduled now: its blocks wait for this grid to finish.
   detail::grid_dependency_wait();
   detail::grid_launch_dependents();
+  stamp(kTraceWaited);
+  if (trace != nullptr && threadIdx.x == 0) trace[kTraceSm] = detail::sm_id();
   const bool cached_slots = K <= kFfnSlotCache;
   if (cached_slots) {
     for (int i = threadIdx.x; i < K; i += blockDim.x) {
@@ -225,6 +260,7 @@ __global__ void __launch_bounds__(kFfnWarps * 32, 1) expert_ffn_partial_kernel(c
             : 0.f;
   }
   __syncthreads();
+  stamp(kTraceTable);
 
   // First layer. Row r of the block is neuron r / 2's gate (even r) or up row
   // (odd r) when gated, neuron r's row otherwise; warp `warp` owns units [u0, u1).
@@ -333,6 +369,7 @@ __global__ void __launch_bounds__(kFfnWarps * 32, 1) expert_ffn_partial_kernel(c
   }
 
   __syncthreads();  // every warp's first-layer sums are in s_sum
+  stamp(kTraceFirstDone);
 
   if (static_cast<int>(threadIdx.x) < nk) {
     const int k = threadIdx.x;
@@ -355,6 +392,7 @@ __global__ void __launch_bounds__(kFfnWarps * 32, 1) expert_ffn_partial_kernel(c
     s_h[k] = h;
   }
   __syncthreads();
+  stamp(kTraceHDone);
 
   float acc_down[kFfnColVecs][kElems] = {};
   for (int step = 0; step < down_steps; ++step) {
@@ -379,6 +417,7 @@ __global__ void __launch_bounds__(kFfnWarps * 32, 1) expert_ffn_partial_kernel(c
     }
   }
   detail::cp_async_wait<0>();
+  if (trace != nullptr && lane == 0) trace[kTraceWarpEnd + warp] = detail::global_timer_ns();
 }
 
 // Kernel 2: y[t, c] = round(sum_p partial[t, p, c] + b_out[c]). A block owns
@@ -400,8 +439,17 @@ __global__ void __launch_bounds__(kFfnReduceGroups* kFfnReduceCols)
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kFfnReduceCols * kC;
   const int64_t c = c0 + static_cast<int64_t>(unit) * kC;
 
+  unsigned long long* trace =
+      p.trace != nullptr
+          ? p.trace + (static_cast<int64_t>(p.tokens) * P * kFfnTraceSlots + (t * gridDim.x + blockIdx.x) * 4)
+          : nullptr;
+  if (trace != nullptr && threadIdx.x == 0) trace[0] = detail::global_timer_ns();
   detail::grid_dependency_wait();  // the partials are kernel 1's output
   detail::grid_launch_dependents();
+  if (trace != nullptr && threadIdx.x == 0) {
+    trace[1] = detail::global_timer_ns();
+    trace[3] = detail::sm_id();
+  }
   float acc[kC] = {};
   if (c < d) {
     const float* src = p.partial + t * P * d + c;
@@ -441,6 +489,7 @@ __global__ void __launch_bounds__(kFfnReduceGroups* kFfnReduceCols)
     if (p.b_out != nullptr) sum += detail::to_float(static_cast<const T*>(p.b_out)[c0 + col]);
     static_cast<T*>(p.y)[t * d + c0 + col] = detail::VecTraits<T>::round(sum);
   }
+  if (trace != nullptr && threadIdx.x == 0) trace[2] = detail::global_timer_ns();
 }
 
 namespace detail {
