@@ -64,6 +64,11 @@ for part in "$@"; do
                   -k "test_gpu or edge_routings or tau_one or decode_chunked or both_oracles" > "$out/gpu_tests_ffn.log" 2>&1 ;;
     efftests) t ${EFFTESTS_TIMEOUT:-200} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider \
                 -k "expert_ffn or test_gpu" > "$out/gpu_tests_expert_ffn_cuda.log" 2>&1 ;;
+    ncueffsrc) t 200 ncu --clock-control none -k "regex:expert_ffn_(partial|stream)" --launch-skip 2 --launch-count 1 --set full \
+                 --import-source yes -f -o "$out/eff_source" python3 bench/diag/decode_expert_ncu.py --which cuda \
+                 > "$out/ncu_eff_run.log" 2>&1
+               ncu -i "$out/eff_source.ncu-rep" --page source --csv --print-source sass | gzip > "$out/eff_source_sass.csv.gz"
+               ncu -i "$out/eff_source.ncu-rep" --page details > "$out/ncu_eff_details.txt"; rm -f "$out/eff_source.ncu-rep" ;;
     efftrace) t 240 python3 bench/diag/expert_ffn_trace.py --out "$out" > "$out/expert_ffn_trace.log" 2>&1 ;;
     effsweep) t 200 python3 bench/diag/expert_ffn_cuda_sweep.py --out "$out" > "$out/expert_ffn_cuda_sweep.log" 2>&1 ;;
     ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
