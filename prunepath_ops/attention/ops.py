@@ -12,6 +12,7 @@ from torch import Tensor
 
 from prunepath_ops._backend import check_backend
 from prunepath_ops._backend import resolve_backend as _resolve_backend
+from prunepath_ops._library import define_op
 from prunepath_ops.attention.cpu import kv_decode_attention_cpu
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -95,7 +96,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return _resolve_backend(_OP, backend, device)
 
 
-@torch.library.custom_op("prunepath::kv_decode_attention", mutates_args=("k_cache", "v_cache"))
 def kv_decode_attention_op(
     q: Tensor,
     k_cache: Tensor,
@@ -116,7 +116,13 @@ def kv_decode_attention_op(
     return kv_decode_attention_triton(*args)
 
 
-@kv_decode_attention_op.register_fake
 def _kv_decode_attention_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, backend):
     check_kv_decode_attention_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, backend)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+define_op(
+    "kv_decode_attention(Tensor q, Tensor(a1!) k_cache, Tensor(a2!) v_cache, Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, float? softmax_scale, str backend) -> Tensor",
+    kv_decode_attention_op,
+    _kv_decode_attention_fake,
+)

@@ -11,6 +11,7 @@ from torch import Tensor
 from prunepath_ops import _pdl
 from prunepath_ops import reference as R
 from prunepath_ops._backend import check_backend, resolve_backend
+from prunepath_ops._library import define_op
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -81,7 +82,6 @@ def check_decode_linear_args(x: Tensor, weight: Tensor, backend: str) -> None:
         raise ValueError(f"{op}: weight must be contiguous; got strides {weight.stride()}")
 
 
-@torch.library.custom_op("prunepath::add_rms_norm", mutates_args=())
 def add_rms_norm_op(
     x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -95,7 +95,6 @@ def add_rms_norm_op(
     return add_rms_norm_triton(x, residual, weight, eps)
 
 
-@add_rms_norm_op.register_fake
 def _add_rms_norm_fake(x, residual, weight, eps, backend):
     check_add_rms_norm_args(x, residual, weight, eps, backend)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
@@ -103,7 +102,13 @@ def _add_rms_norm_fake(x, residual, weight, eps, backend):
     )
 
 
-@torch.library.custom_op("prunepath::rope_qkv", mutates_args=())
+define_op(
+    "add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, str backend) -> (Tensor, Tensor)",
+    add_rms_norm_op,
+    _add_rms_norm_fake,
+)
+
+
 def rope_qkv_op(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, backend: str) -> Tensor:
     """RoPE of a fused q/k/v projection; see :func:`prunepath_ops.decode_step.rope_qkv`."""
     check_rope_qkv_args(qkv, cos, sin, n_heads, n_kv_heads, backend)
@@ -114,10 +119,16 @@ def rope_qkv_op(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads:
     return rope_qkv_triton(qkv, cos, sin, n_heads, n_kv_heads)
 
 
-@rope_qkv_op.register_fake
 def _rope_qkv_fake(qkv, cos, sin, n_heads, n_kv_heads, backend):
     check_rope_qkv_args(qkv, cos, sin, n_heads, n_kv_heads, backend)
     return qkv.new_empty(qkv.shape[0], n_heads + 2 * n_kv_heads, cos.shape[1])
+
+
+define_op(
+    "rope_qkv(Tensor qkv, Tensor cos, Tensor sin, SymInt n_heads, SymInt n_kv_heads, str backend) -> Tensor",
+    rope_qkv_op,
+    _rope_qkv_fake,
+)
 
 
 # Fixed once prunepath_ops._C is loaded (the package's __init__ loads it before any submodule), so
@@ -148,7 +159,6 @@ def resolve_decode_linear_backend(backend: str, device: torch.device) -> str:
     return resolve_backend("decode_linear", backend, device)
 
 
-@torch.library.custom_op("prunepath::decode_linear", mutates_args=())
 def decode_linear_op(x: Tensor, weight: Tensor, backend: str) -> Tensor:
     """``x W^T`` for a few rows; see :func:`prunepath_ops.decode_step.decode_linear`."""
     check_decode_linear_args(x, weight, backend)
@@ -162,7 +172,13 @@ def decode_linear_op(x: Tensor, weight: Tensor, backend: str) -> Tensor:
     return decode_linear_triton(x, weight)
 
 
-@decode_linear_op.register_fake
 def _decode_linear_fake(x, weight, backend):
     check_decode_linear_args(x, weight, backend)
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+define_op(
+    "decode_linear(Tensor x, Tensor weight, str backend) -> Tensor",
+    decode_linear_op,
+    _decode_linear_fake,
+)

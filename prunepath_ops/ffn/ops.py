@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from prunepath_ops import _pdl
+from prunepath_ops._library import define_op
 from prunepath_ops._registration import check_expert_ffn_args
 from prunepath_ops.ffn._env import DECODE_MAX_TOKENS
 from prunepath_ops.ffn._env import interpreting as _interpreting
@@ -72,7 +73,6 @@ def resolve_path(path: str, num_tokens: int) -> str:
     return path
 
 
-@torch.library.custom_op("prunepath::sparse_ffn", mutates_args=())
 def sparse_ffn_op(
     x: Tensor,
     expert_ids: Tensor,
@@ -111,7 +111,14 @@ def sparse_ffn_op(
     return sparse_ffn_prefill_triton(*args)
 
 
-@sparse_ffn_op.register_fake
 def _sparse_ffn_fake(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act, path, backend):
     check_sparse_ffn_args(x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act, path, backend)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+define_op(
+    "sparse_ffn(Tensor x, Tensor expert_ids, Tensor gates, Tensor num_active, Tensor w_in, Tensor? b_in, "
+    "Tensor w_down, Tensor? b_out, bool gated, str act, str path, str backend) -> Tensor",
+    sparse_ffn_op,
+    _sparse_ffn_fake,
+)

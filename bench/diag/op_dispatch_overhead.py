@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Host cost of calling an op implemented in Python: ``torch.library.custom_op`` against a kernel
+registered on the dispatcher (``prunepath_ops._library.define_op``), and what each
+``torch.ops.prunepath`` Python op adds on top of its own body.
+
+Two throwaway ops with the schema shape of ``kv_decode_attention`` (a mutated tensor, optional
+tensors, a float and a string) and a body that returns at once are timed both ways; then
+``kv_decode_attention`` (tiny CPU tensors) through ``torch.ops`` against its registered Python
+kernel called directly, and that kernel's CPU body. Interleaved rounds, minimum and median per
+call, one thread.
+
+    python bench/diag/op_dispatch_overhead.py --out bench/results    # CPU, ~20 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import prunepath_ops
+from prunepath_ops.attention.cpu import kv_decode_attention_cpu
+from prunepath_ops.attention.ops import kv_decode_attention_op
+
+
+def per_call_us(fn, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=500)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    lib = torch.library.Library("prunepath_dispatch_bench", "DEF")
+    lib.define("direct(Tensor q, Tensor(a!) k, Tensor? kn, float? s, str backend) -> Tensor")
+
+    def body(q, k, kn, s, backend):
+        return q.new_empty(0)
+
+    lib.impl("direct", body, "CPU")
+
+    @torch.library.custom_op("prunepath_dispatch_bench::decorated", mutates_args=("k",))
+    def decorated(
+        q: torch.Tensor, k: torch.Tensor, kn: torch.Tensor | None, s: float | None, backend: str
+    ) -> torch.Tensor:
+        return q.new_empty(0)
+
+    B, Hq, Hkv, D, S = 1, 4, 1, 16, 8
+    q = torch.randn(B, Hq, D)
+    k, v = torch.zeros(B, S, Hkv, D), torch.zeros(B, S, Hkv, D)
+    lens = torch.tensor([3], dtype=torch.int32)
+    ops = torch.ops.prunepath_dispatch_bench
+    cases = {
+        "empty op, torch.library.custom_op": lambda: ops.decorated(q, k, None, None, "auto"),
+        "empty op, registered on the dispatcher": lambda: ops.direct(q, k, None, None, "auto"),
+        "empty body called directly": lambda: body(q, k, None, None, "auto"),
+        "kv_decode_attention through torch.ops": lambda: torch.ops.prunepath.kv_decode_attention(
+            q, k, v, lens, None, None, None, "auto"
+        ),
+        "kv_decode_attention kernel called directly (checks + body)": lambda: kv_decode_attention_op(
+            q, k, v, lens, None, None, None, "auto"
+        ),
+        "kv_decode_attention CPU body alone": lambda: kv_decode_attention_cpu(q, k, v, lens, None, None, None),
+    }
+    times = {name: [] for name in cases}
+    for fn in cases.values():
+        per_call_us(fn, args.calls // 5)  # warm
+    for _ in range(args.rounds):
+        for name, fn in cases.items():
+            times[name].append(per_call_us(fn, args.calls))
+    lines = [
+        "# Host cost of a Python-implemented op call (CPU)",
+        "",
+        f"- command: `python bench/diag/op_dispatch_overhead.py` ({args.rounds} interleaved rounds of {args.calls} calls, one thread)",
+        f"- torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+        f"prunepath_ops {getattr(prunepath_ops, '__version__', '?')}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        "",
+        "| call | min us | median us |",
+        "|---|---:|---:|",
+    ]
+    for name, ts in times.items():
+        lines.append(f"| {name} | {min(ts):.1f} | {statistics.median(ts):.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "op_dispatch_overhead_cpu.md"), "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
