@@ -5,8 +5,9 @@ registered on the dispatcher (``prunepath_ops._library.define_op``), and what ea
 
 Two throwaway ops with the schema shape of ``kv_decode_attention`` (a mutated tensor, optional
 tensors, a float and a string) and a body that returns at once are timed both ways; then
-``kv_decode_attention`` (tiny CPU tensors) through ``torch.ops`` against its registered Python
-kernel called directly, and that kernel's CPU body. Interleaved rounds, minimum and median per
+``kv_decode_attention`` and ``sparse_ffn`` (tiny CPU tensors) through ``torch.ops`` against their
+registered Python kernels called directly, with the bodies alone (``kv_decode_attention``'s CPU
+composite; ``expert_ffn``, the C++ op that ``sparse_ffn`` calls on the CPU). Interleaved rounds, minimum and median per
 call, one thread.
 
     python bench/diag/op_dispatch_overhead.py --out bench/results    # CPU, ~20 s
@@ -25,6 +26,7 @@ import torch
 import prunepath_ops
 from prunepath_ops.attention.cpu import kv_decode_attention_cpu
 from prunepath_ops.attention.ops import kv_decode_attention_op
+from prunepath_ops.ffn.ops import sparse_ffn_op
 
 
 def per_call_us(fn, n: int) -> float:
@@ -61,6 +63,11 @@ def main(argv=None) -> int:
     k, v = torch.zeros(B, S, Hkv, D), torch.zeros(B, S, Hkv, D)
     lens = torch.tensor([3], dtype=torch.int32)
     ops = torch.ops.prunepath_dispatch_bench
+    d, F, S = 64, 128, 16
+    packed = prunepath_ops.pack_experts(torch.randn(F, d), torch.randn(d, F), S, w_up=torch.randn(F, d))
+    x = torch.randn(1, d)
+    route = prunepath_ops.topp_route(torch.randn(1, F // S), 0.5)
+    ffn_args = (x, *route, packed.w_in, packed.b_in, packed.w_down, packed.b_out, packed.gated, packed.act)
     cases = {
         "empty op, torch.library.custom_op": lambda: ops.decorated(q, k, None, None, "auto"),
         "empty op, registered on the dispatcher": lambda: ops.direct(q, k, None, None, "auto"),
@@ -72,6 +79,11 @@ def main(argv=None) -> int:
             q, k, v, lens, None, None, None, "auto"
         ),
         "kv_decode_attention CPU body alone": lambda: kv_decode_attention_cpu(q, k, v, lens, None, None, None),
+        "sparse_ffn through torch.ops (C++ CPU kernel inside)": lambda: torch.ops.prunepath.sparse_ffn(
+            *ffn_args, "auto", "auto"
+        ),
+        "sparse_ffn kernel called directly (checks + body)": lambda: sparse_ffn_op(*ffn_args, "auto", "auto"),
+        "expert_ffn (C++ op) through torch.ops": lambda: torch.ops.prunepath.expert_ffn(*ffn_args),
     }
     times = {name: [] for name in cases}
     for fn in cases.values():
