@@ -206,13 +206,19 @@ def header_lines(title: str, env: dict, args: argparse.Namespace) -> list[str]:
     ]
 
 
+def write_texts(out_dir: str | None, files: dict[str, str]) -> None:
+    """Write each ``files[name]`` to ``<out_dir>/<name>`` (a newline added where missing); no-op without ``out_dir``."""
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in files.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+
 def write_results(out_dir: str | None, name: str, report: str, payload: dict) -> None:
     """Write ``<out_dir>/<name>.md`` (the report) and ``<name>.json`` (``payload``); no-op without ``out_dir``."""
     if not out_dir:
         return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, name + ".json"), "w") as f:
-        json.dump(payload, f, indent=2)
-    with open(os.path.join(out_dir, name + ".md"), "w") as f:
-        f.write(report)
+    write_texts(out_dir, {name + ".json": json.dumps(payload, indent=2), name + ".md": report})
     print(f"wrote {os.path.join(out_dir, name)}.json and .md")

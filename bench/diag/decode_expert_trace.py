@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
-from common import capture  # noqa: E402
+from common import capture, write_texts  # noqa: E402
 from sparse_ffn_gpu import Weights, fixed_fraction_route  # noqa: E402
 
 from prunepath_ops.ffn.triton_ffn import sparse_ffn_decode_triton  # noqa: E402
@@ -103,12 +103,7 @@ def main(argv=None) -> int:
             )
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "decode_expert_trace.txt"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.out, "decode_expert_trace_programs.txt"), "w") as f:
-            f.write("\n".join(dump) + "\n")
+    write_texts(args.out, {"decode_expert_trace.txt": text, "decode_expert_trace_programs.txt": "\n".join(dump)})
     return 0
 
 

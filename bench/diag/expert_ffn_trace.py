@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
-from common import capture  # noqa: E402
+from common import capture, write_texts  # noqa: E402
 from sparse_ffn_gpu import Weights, fixed_fraction_route  # noqa: E402
 from torch.utils.cpp_extension import load_inline  # noqa: E402
 
@@ -171,12 +171,7 @@ def main(argv=None) -> int:
             lines.append("")
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "expert_ffn_trace.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.out, "expert_ffn_trace_blocks.txt"), "w") as f:
-            f.write("\n".join(dump) + "\n")
+    write_texts(args.out, {"expert_ffn_trace.md": text, "expert_ffn_trace_blocks.txt": "\n".join(dump)})
     return 0
 
 

@@ -19,14 +19,18 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import prunepath_ops
-from prunepath_ops.attention.cpu import kv_decode_attention_cpu
-from prunepath_ops.attention.ops import kv_decode_attention_op
-from prunepath_ops.ffn.ops import sparse_ffn_op
+import torch  # noqa: E402
+from common import write_texts  # noqa: E402
+
+import prunepath_ops  # noqa: E402
+from prunepath_ops.attention.cpu import kv_decode_attention_cpu  # noqa: E402
+from prunepath_ops.attention.ops import kv_decode_attention_op  # noqa: E402
+from prunepath_ops.ffn.ops import sparse_ffn_op  # noqa: E402
 
 
 def per_call_us(fn, n: int) -> float:
@@ -105,10 +109,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {min(ts):.1f} | {statistics.median(ts):.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "op_dispatch_overhead_cpu.md"), "w") as f:
-            f.write(text)
+    write_texts(args.out, {"op_dispatch_overhead_cpu.md": text})
     return 0
 
 
