@@ -26,6 +26,15 @@ if [[ "$(cat .prebuilt/hash 2>/dev/null)" == "$hash" && (-f .prebuilt/$so.gz || 
 else
   PRUNEPATH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=${MAX_JOBS:-16} \
     python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | grep -v -i "warning" || true
+  if [[ -f prunepath_ops/$so ]]; then
+    # Also into .prebuilt/ here, so that a second gpu_build.sh in the same device call (two
+    # gpu_call.sh runs in one command) reuses this build instead of repeating it (session 11 paid
+    # ~110 s for that once).
+    mkdir -p .prebuilt
+    cp prunepath_ops/"$so" .prebuilt/"$so"
+    rm -f .prebuilt/"$so".gz
+    echo "$hash" > .prebuilt/hash
+  fi
   if [[ -n ${OUT:-} && -f prunepath_ops/$so ]]; then
     # Compressed: the library outgrew the device tool's 16 MiB per returned file (session 6).
     gzip -c prunepath_ops/"$so" > "$OUT/prebuilt_$so.gz"
