@@ -513,7 +513,7 @@ def demo_full(args: argparse.Namespace) -> int:
         # Straight-through gates: with gate `one` the plain gates are constant, so only the entropy
         # and balance terms would reach the routers; 30 such steps left the least-squares routers
         # slightly worse, 30 straight-through steps (the task loss reaches them) much better:
-        # perplexity ~185 / ~123 / ~83 at s_FFN 0.45 (bench/results/quality/demo_router_training.md).
+        # perplexity ~194 / ~123 / ~83 at s_FFN 0.45 (bench/results/quality/demo_router_training.md).
         print(f"== train ({args.train_steps} steps, routers only, straight-through gates)")
         _step(["train", *common_np, *text, "--checkpoint", ckpt, "--steps", str(args.train_steps),
               "--seq-len", str(args.seq_len), "--batch-size", "2", "--straight-through"])  # fmt: skip
