@@ -512,8 +512,8 @@ def demo_full(args: argparse.Namespace) -> int:
 
         # Straight-through gates: with gate `one` the plain gates are constant, so only the entropy
         # and balance terms would reach the routers; 30 such steps left the least-squares routers
-        # slightly worse, 30 straight-through steps (the task loss reaches them) much better:
-        # perplexity ~194 / ~123 / ~83 at s_FFN 0.45 (bench/results/quality/demo_router_training.md).
+        # worse, 30 straight-through steps (the task loss reaches them) better
+        # (bench/results/quality/demo_router_training.md).
         print(f"== train ({args.train_steps} steps, routers only, straight-through gates)")
         _step(["train", *common_np, *text, "--checkpoint", ckpt, "--steps", str(args.train_steps),
               "--seq-len", str(args.seq_len), "--batch-size", "2", "--straight-through"])  # fmt: skip
@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-steps", type=int, default=30, help="router training steps (default 30)")
     g.add_argument("--seq-len", type=int, default=128, help="training sequence length (default 128)")
     g.add_argument("--eval-tokens", type=int, default=2560, help="evaluation tokens (default 2560)")
-    g.add_argument("--calib-tokens", type=int, default=2048, help="router-fit / Wanda tokens (default 2048)")
+    g.add_argument("--calib-tokens", type=int, default=4096, help="router-fit / Wanda tokens (default 4096)")
     g.add_argument("--sweep-taus", dest="sweep_taus", default="1.05,0.95,0.9,0.8", help="comma-separated taus")
     g.add_argument("--sample-tau", type=float, default=0.9, help="tau of the generated sample (default 0.9)")
     g.add_argument("--prompt", default="The capital of France is", help="prompt of the sample")
