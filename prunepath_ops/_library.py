@@ -6,8 +6,8 @@ directly, with a fake kernel for ``torch.compile``, rather than through
 eager call on the CI machine against ~5 us for a kernel registered on the dispatcher; for
 ``kv_decode_attention`` and ``sparse_ffn`` the change saved ~45-50 and ~15-25 us per call there
 (``bench/diag/op_dispatch_overhead.py``, ``bench/results/op_dispatch_overhead_cpu.md``), and a
-decode step run eagerly calls these ops several times per layer. vLLM registers its Python ops the same way for the same reason. What the
-decorator added that matters is kept: the schema states which arguments are mutated (``Tensor(a!)``)
+decode step run eagerly calls these ops several times per layer. vLLM registers its Python ops the
+same way for the same reason. What the decorator added that matters is kept: the schema states which arguments are mutated (``Tensor(a!)``)
 so that ``torch.compile`` functionalises them, and every op passes ``torch.library.opcheck``. None
 of these ops has a derivative: backpropagating through one warns that no autograd kernel exists
 (the training path uses differentiable PyTorch compositions instead, ``prunepath_ops.modules``).

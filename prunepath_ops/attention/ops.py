@@ -122,7 +122,8 @@ def _kv_decode_attention_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, 
 
 
 define_op(
-    "kv_decode_attention(Tensor q, Tensor(a1!) k_cache, Tensor(a2!) v_cache, Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, float? softmax_scale, str backend) -> Tensor",
+    "kv_decode_attention(Tensor q, Tensor(a1!) k_cache, Tensor(a2!) v_cache, Tensor cache_seqlens, "
+    "Tensor? k_new, Tensor? v_new, float? softmax_scale, str backend) -> Tensor",
     kv_decode_attention_op,
     _kv_decode_attention_fake,
 )
