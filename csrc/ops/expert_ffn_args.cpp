@@ -53,6 +53,8 @@ ExpertFfnShape check_expert_ffn_inputs(const at::Tensor& x, const at::Tensor& ex
   PRUNEPATH_CHECK_VALUE(
       K <= std::numeric_limits<int32_t>::max() && T * K <= std::numeric_limits<int32_t>::max(),
       "expert_ffn: T * K = ", T * K, " slots do not fit int32 indices");
+  PRUNEPATH_CHECK_VALUE(K * S <= std::numeric_limits<int32_t>::max(), "expert_ffn: K * S = ", K * S,
+                        " selected neurons per token do not fit int32 indices");
   PRUNEPATH_CHECK_VALUE(gates.sizes() == expert_ids.sizes() && gates.scalar_type() == at::kFloat,
                         "expert_ffn: gates must be float32 ", expert_ids.sizes(), "; got ",
                         gates.scalar_type(), " ", gates.sizes());

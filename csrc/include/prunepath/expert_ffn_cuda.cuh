@@ -45,6 +45,7 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -85,7 +86,9 @@ constexpr int kFfnRowVecs = 2;       // first-layer vectors per lane and row in 
 constexpr int kFfnDownBatch = 8;     // down-projection rows in flight per warp
 constexpr int kFfnColVecs = 2;       // down-projection column vectors per lane
 constexpr int kFfnSlotCache = 1024;  // slots preloaded to shared memory (K above: read in place)
-constexpr int kFfnStages = 3;        // steps of the per-warp shared-memory ring
+constexpr int kFfnSlotLoads = kFfnSlotCache / (kFfnWarps * 32);  // per thread, all in flight at once
+static_assert(kFfnSlotLoads * kFfnWarps * 32 == kFfnSlotCache, "every cached slot has a loading thread");
+constexpr int kFfnStages = 3;                              // steps of the per-warp shared-memory ring
 constexpr int kFfnStepUnits = kFfnRowBatch * kFfnRowVecs;  // units per lane and step (down: the same)
 static_assert(kFfnDownBatch * kFfnColVecs == kFfnStepUnits, "the two phases share the ring");
 constexpr int kFfnReduceGroups = 32;  // partial groups per block of kernel 2
@@ -229,26 +232,42 @@ __global__ void __launch_bounds__(kFfnWarps * 32, 1) expert_ffn_partial_kernel(c
   detail::grid_launch_dependents();
   stamp(kTraceWaited);
   if (trace != nullptr && threadIdx.x == 0) trace[kTraceSm] = detail::sm_id();
+  // The token's routing in one round trip: num_active and up to kFfnSlotLoads slots per thread are
+  // all loaded before any is used (a plain strided loop waits for each load before the next: two
+  // round trips at K = 448, each a DRAM miss when the weights streamed since evicted the routing).
   const bool cached_slots = K <= kFfnSlotCache;
+  int32_t n = p.num_active[t];
   if (cached_slots) {
-    for (int i = threadIdx.x; i < K; i += blockDim.x) {
-      s_ids[i] = ids[i];
-      s_slot_gates[i] = slot_gates[i];
+    int32_t slot_id[kFfnSlotLoads];
+    float slot_gate[kFfnSlotLoads];
+#pragma unroll
+    for (int i = 0; i < kFfnSlotLoads; ++i) {
+      const int s = static_cast<int>(threadIdx.x) + i * kFfnWarps * 32;
+      slot_id[i] = s < K ? ids[s] : -1;
+      slot_gate[i] = s < K ? slot_gates[s] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kFfnSlotLoads; ++i) {
+      const int s = static_cast<int>(threadIdx.x) + i * kFfnWarps * 32;
+      if (s < K) {
+        s_ids[s] = slot_id[i];
+        s_slot_gates[s] = slot_gate[i];
+      }
     }
   }
-  int32_t n = p.num_active[t];
   n = n < 0 ? 0 : (n > K ? K : n);
   __syncthreads();
 
-  // This block's neurons: [lo, hi) of the token's n * S selected neurons, in slot order.
-  const int64_t total = static_cast<int64_t>(n) * S;
-  const int64_t lo = total * pb / P;
-  const int nk = static_cast<int>(total * (pb + 1) / P - lo);  // <= kFfnMaxNeurons (launcher)
+  // This block's neurons: [lo, hi) of the token's n * S selected neurons, in slot order
+  // (n * S <= K * S < 2^31: the launcher checks it, so 32-bit division).
+  const int32_t total = n * S;
+  const int32_t lo = static_cast<int32_t>(static_cast<int64_t>(total) * pb / P);
+  const int nk = static_cast<int>(static_cast<int64_t>(total) * (pb + 1) / P - lo);  // <= kFfnMaxNeurons
   const int64_t rows_in = p.gated ? 2 * static_cast<int64_t>(S) : S;
   if (static_cast<int>(threadIdx.x) < nk) {
-    const int64_t g = lo + threadIdx.x;
-    const int32_t j = static_cast<int32_t>(g / S);
-    const int32_t jj = static_cast<int32_t>(g % S);
+    const int32_t g = lo + static_cast<int32_t>(threadIdx.x);
+    const int32_t j = g / S;
+    const int32_t jj = g - j * S;
     const int32_t e = cached_slots ? s_ids[j] : ids[j];
     const bool ok = e >= 0 && e < p.num_experts;
     s_in_row[threadIdx.x] = ok ? (e * rows_in + jj) * d : -1;
@@ -558,6 +577,7 @@ inline cudaError_t launch_expert_ffn_cuda(const ExpertFfnCudaParams& p, DecodeDT
                                           int max_blocks_per_sm, cudaStream_t stream) {
   if (p.tokens <= 0 || p.hidden <= 0) return cudaSuccess;
   if (p.tokens > 65535 || p.blocks_per_token <= 0 || p.width <= 0) return cudaErrorInvalidValue;
+  if (static_cast<int64_t>(p.k) * p.width > INT32_MAX) return cudaErrorInvalidValue;  // 32-bit neuron indices
   switch (dtype) {
     case DecodeDType::kFloat16:
       return detail::launch_expert_ffn_typed<__half>(p, vec, pdl, max_blocks_per_sm, stream);
