@@ -387,6 +387,11 @@ __global__ void __launch_bounds__(kFfnWarps * 32, 1) expert_ffn_partial_kernel(c
     }
   }
 
+  // The next down-projection step goes into the stage the last first-layer step freed now, not after
+  // the two barriers and h: the warps that finish their first layer early would otherwise keep only
+  // kFfnStages - 2 steps in flight while they wait (the trace shows ~1.5 us from the median warp's
+  // last first-layer step to h). The down loop below then issues from its second step on.
+  issue(steps + kFfnStages - 1);
   __syncthreads();  // every warp's first-layer sums are in s_sum
   stamp(kTraceFirstDone);
 
@@ -415,7 +420,7 @@ __global__ void __launch_bounds__(kFfnWarps * 32, 1) expert_ffn_partial_kernel(c
 
   float acc_down[kFfnColVecs][kElems] = {};
   for (int step = 0; step < down_steps; ++step) {
-    issue(steps + step + kFfnStages - 1);
+    if (step > 0) issue(steps + step + kFfnStages - 1);  // step 0's was issued before the barriers
     detail::cp_async_wait<kFfnStages - 1>();
     const int k0 = step % per_pass * kFfnDownBatch;
 #pragma unroll
