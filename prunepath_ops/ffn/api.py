@@ -38,11 +38,12 @@ def sparse_ffn(
         ``auto`` takes the decode kernels (weights read once for the batch, tuned
         for bandwidth) up to 16 tokens and the grouped-GEMM prefill kernels above.
     backend : {"auto", "cuda", "triton", "cpu", "torch", "reference"}
-        ``auto``: Triton on CUDA, ``cpu`` on the CPU. ``cuda`` is the CUDA kernel
+        ``auto``: on CUDA the ``cuda`` kernel for one token on the decode path
+        and Triton otherwise, ``cpu`` on the CPU. ``cuda`` is the CUDA kernel
         of ``torch.ops.prunepath.expert_ffn`` (its blocks split each token's
         selected neurons evenly over the SMs; for one token it beats the Triton
-        decode kernels up to ~35 % of the experts and ties with them at 30-50 %,
-        bench/results/expert_ffn_cuda_steps_h200.md; for a batch every token
+        decode kernels at low fractions and ties with them above,
+        bench/results/sparse_ffn_cuda_llama3_8b.md; for a batch every token
         reads its own experts). ``cpu`` is the C++ kernel (parallel over experts
         and output columns, fp32 accumulation, deterministic); ``torch`` the
         sparse PyTorch composite (CPU); ``triton`` on the CPU runs under
@@ -68,7 +69,7 @@ def sparse_ffn(
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     _ops.check_path_backend(path, backend, x2.shape[0])
-    chosen = _ops.resolve_backend(backend, x.device)
+    chosen = _ops.resolve_backend(backend, x.device, x2.shape[0], path)
     if chosen in ("cpu", "cuda"):
         # The C++/CUDA kernel op directly: one opaque node for torch.compile as well, without the
         # Python dispatch of prunepath::sparse_ffn (tens of microseconds, a lot at batch 1).

@@ -42,18 +42,24 @@ def check_path_backend(path: str, backend: str, num_tokens: int) -> None:
         raise ValueError(f"sparse_ffn: path='decode' handles T <= {DECODE_MAX_TOKENS} tokens; got {num_tokens}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: Triton on CUDA, the C++ kernel ``prunepath::expert_ffn`` on the CPU.
+def resolve_backend(backend: str, device: torch.device, num_tokens: int | None = None, path: str = "auto") -> str:
+    """``auto``: on CUDA the CUDA kernel of ``prunepath::expert_ffn`` for one token on the decode
+    path (when the extension has it), Triton otherwise; the C++ kernel of ``prunepath::expert_ffn``
+    on the CPU.
 
-    ``cuda`` is the CUDA kernel of ``prunepath::expert_ffn`` (opt-in: each token's selected neurons
-    split evenly over the SMs; for one token at Llama-3-8B's shape it beats the Triton decode kernels
-    up to ~35 % of the experts, 17.8 against 24.6 us at 10 %, and ties with them at 30-50 %,
-    bench/results/expert_ffn_cuda_steps_h200.md; for a batch every token reads its own experts).
-    ``triton`` on the CPU needs ``TRITON_INTERPRET=1`` (the tests use it there); ``torch`` (the
-    sparse PyTorch composite) and ``reference`` run anywhere.
+    ``cuda`` is the CUDA kernel of ``prunepath::expert_ffn``: each token's selected neurons split
+    evenly over the SMs, so for one token it beats the Triton decode kernels at low fractions and
+    ties with them above (Llama-3-8B shape, bf16, steady state, session 12: 17.1 / 33.3 / 49.2 /
+    91.6 us against Triton's 24.7 / 34.0 / 48.7 / 91.6 at 10 / 30 / 50 / 100 % of the experts,
+    bench/results/sparse_ffn_cuda_llama3_8b.md); for a batch every token reads its own experts, so
+    ``auto`` keeps Triton from two tokens on. ``triton`` on the CPU needs ``TRITON_INTERPRET=1``
+    (the tests use it there); ``torch`` (the sparse PyTorch composite) and ``reference`` run anywhere.
     """
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
+        if device.type != "cuda":
+            return "cpu"
+        one_token_decode = num_tokens == 1 and path in ("auto", "decode")
+        return "cuda" if one_token_decode and CUDA_KERNEL_BUILT else "triton"
     if backend == "triton" and device.type != "cuda" and not _interpreting():
         raise RuntimeError("sparse_ffn: backend='triton' on the CPU needs TRITON_INTERPRET=1")
     if backend == "cuda" and (device.type != "cuda" or not CUDA_KERNEL_BUILT):
@@ -93,7 +99,7 @@ def sparse_ffn_op(
     x, expert_ids, gates, num_active = (t.contiguous() for t in (x, expert_ids, gates, num_active))
     w_in, w_down = w_in.contiguous(), w_down.contiguous()
     args = (x, expert_ids, gates, num_active, w_in, b_in, w_down, b_out, gated, act)
-    chosen = resolve_backend(backend, x.device)
+    chosen = resolve_backend(backend, x.device, x.shape[0], path)
     if chosen == "reference":
         return sparse_ffn_reference(
             x, expert_ids, gates, num_active, w_in, w_down, b_in=b_in, b_out=b_out, gated=gated, act=act

@@ -17,8 +17,10 @@
 // bench/results/expert_ffn_cuda_steps_h200.md): 17.8 / 33.7 / 49.5 us at
 // 10 / 30 / 50 % of the experts against the Triton kernel's 25.3 / 33.8 / 48.7.
 // Streaming runs at about the copy peak; what remains is ~9 us per call of
-// fixed cost (setup, the phase switch, the reduction). sparse_ffn keeps Triton
-// as its default (a tie at 30 %) and takes this kernel with backend="cuda".
+// fixed cost (setup, the phase switch, the reduction). Session 12: 17.1 / 33.3 /
+// 49.2 / 91.6 us at 10 / 30 / 50 / 100 % against Triton's 24.7 / 34.0 / 48.7 /
+// 91.6 (bench/results/sparse_ffn_cuda_llama3_8b.md), so sparse_ffn's backend
+// "auto" takes this kernel for one token on the decode path.
 //
 // Kernel 1 (expert_ffn_partial_kernel, grid [P, T], one block of kFfnWarps
 // warps per SM by default): per block,
@@ -390,7 +392,9 @@ __global__ void __launch_bounds__(kFfnWarps * 32, 1) expert_ffn_partial_kernel(c
   // The next down-projection step goes into the stage the last first-layer step freed now, not after
   // the two barriers and h: the warps that finish their first layer early would otherwise keep only
   // kFfnStages - 2 steps in flight while they wait (the trace shows ~1.5 us from the median warp's
-  // last first-layer step to h). The down loop below then issues from its second step on.
+  // last first-layer step to h). The down loop below then issues from its second step on. Measured
+  // (session 12, same shape as above): 17.1 / 33.3 / 49.2 / 91.6 us against 17.6 / 33.3 / 49.4 / 91.1
+  // before, within run-to-run noise: the in-flight steps already covered the switch.
   issue(steps + kFfnStages - 1);
   __syncthreads();  // every warp's first-layer sums are in s_sum
   stamp(kTraceFirstDone);
