@@ -253,6 +253,24 @@ def test_leading_dims_and_errors():
         pp.pack_experts(torch.randn(30, 8), torch.randn(8, 30), 16)
 
 
+@pytest.mark.parametrize(
+    "device,T,path,built,expected",
+    [
+        ("cpu", 1, "auto", True, "cpu"),  # the C++ kernel on the CPU, whatever T
+        ("cuda", 1, "auto", True, "cuda"),  # one token: the CUDA kernel (measured faster or tied)
+        ("cuda", 1, "decode", True, "cuda"),  # the decode path forced: same
+        ("cuda", 1, "prefill", True, "triton"),  # the prefill path forced: Triton's grouped GEMM
+        ("cuda", 2, "auto", True, "triton"),  # a batch: the CUDA kernel would read each token's experts apart
+        ("cuda", 1, "auto", False, "triton"),  # a build without the CUDA kernels
+    ],
+)
+def test_auto_backend_choice(monkeypatch, device, T, path, built, expected):
+    from prunepath_ops.ffn import ops as ffn_ops
+
+    monkeypatch.setattr(ffn_ops, "CUDA_KERNEL_BUILT", built)
+    assert ffn_ops.resolve_backend("auto", torch.device(device), T, path) == expected
+
+
 def test_cpu_path_is_sparse_in_the_weights_it_reads():
     """Weights of unselected experts may be NaN: a sparse path never touches them."""
     w, _, packed = make_ffn(16, 64, 16)
