@@ -42,7 +42,7 @@ def check_path_backend(path: str, backend: str, num_tokens: int) -> None:
         raise ValueError(f"sparse_ffn: path='decode' handles T <= {DECODE_MAX_TOKENS} tokens; got {num_tokens}")
 
 
-def resolve_backend(backend: str, device: torch.device, num_tokens: int | None = None, path: str = "auto") -> str:
+def resolve_backend(backend: str, device: torch.device, num_tokens: int, path: str) -> str:
     """``auto``: on CUDA the CUDA kernel of ``prunepath::expert_ffn`` for one token on the decode
     path (when the extension has it), Triton otherwise; the C++ kernel of ``prunepath::expert_ffn``
     on the CPU.
@@ -58,7 +58,7 @@ def resolve_backend(backend: str, device: torch.device, num_tokens: int | None =
     if backend == "auto":
         if device.type != "cuda":
             return "cpu"
-        one_token_decode = num_tokens == 1 and path in ("auto", "decode")
+        one_token_decode = num_tokens == 1 and resolve_path(path, num_tokens) == "decode"
         return "cuda" if one_token_decode and CUDA_KERNEL_BUILT else "triton"
     if backend == "triton" and device.type != "cuda" and not _interpreting():
         raise RuntimeError("sparse_ffn: backend='triton' on the CPU needs TRITON_INTERPRET=1")
