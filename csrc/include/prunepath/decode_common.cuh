@@ -111,6 +111,23 @@ __device__ __forceinline__ void cp_async_16_or_zero(void* smem_dst, const void* 
                "r"(valid ? 16 : 0)
                : "memory");
 }
+// The same with an L2 cache policy (createpolicy), for weights read once per call:
+// evict_first keeps what the kernel and its neighbours reuse (the routing, x, the
+// partials) in L2 while hundreds of megabytes stream through it.
+__device__ __forceinline__ void cp_async_16_or_zero_policy(void* smem_dst, const void* src, bool valid,
+                                                           unsigned long long policy) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+               "l"(src), "r"(valid ? 16 : 0), "l"(policy)
+               : "memory");
+}
+// Not volatile: the policy is a pure value, so the compiler may compute it once
+// per thread instead of once per copy.
+__device__ __forceinline__ unsigned long long l2_evict_first_policy() {
+  unsigned long long policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits until at most N of this thread's committed cp.async groups are pending.
 template <int N>

@@ -49,6 +49,9 @@
 
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "prunepath/decode_common.cuh"
@@ -135,7 +138,7 @@ struct FfnUnit<T, true> {
   // *dst = unit u of `row` when `valid`, zeros otherwise (u is not read then),
   // asynchronously: cp.async, complete after cp_async_wait.
   __device__ static void copy_async(Unit* dst, const T* row, int64_t u, bool valid) {
-    cp_async_16_or_zero(dst, reinterpret_cast<const uint4*>(row) + u, valid);
+    cp_async_16_or_zero_policy(dst, reinterpret_cast<const uint4*>(row) + u, valid, l2_evict_first_policy());
   }
   // Unit u of `row` through L1 when `valid`, zeros otherwise.
   __device__ static Unit cached(const T* row, int64_t u, bool valid) {
@@ -525,12 +528,10 @@ namespace detail {
 // Dynamic shared memory of `kernel`: at least `at_least` bytes, and enough that
 // (max_blocks + 1) blocks do not fit on an SM when max_blocks > 0.
 template <typename Kernel>
-cudaError_t smem_to_cap_blocks(Kernel kernel, int max_blocks, int at_least, int* bytes) {
+cudaError_t smem_to_cap_blocks_uncached(Kernel kernel, int dev, int max_blocks, int at_least, int* bytes) {
   *bytes = at_least;
-  int dev = 0, per_sm = 0, reserved = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  int per_sm = 0, reserved = 0, optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
   if (err == cudaSuccess)
     err = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
@@ -543,6 +544,29 @@ cudaError_t smem_to_cap_blocks(Kernel kernel, int max_blocks, int at_least, int*
   *bytes = want > at_least ? (want > limit ? limit : want) : at_least;
   if (*bytes > 48 * 1024)
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, *bytes);
+  return err;
+}
+
+// The same, remembered per (kernel, device, max_blocks, at_least): the five
+// attribute queries and the attribute write cost host time on every call of the
+// one-token decode path, and their answers never change within a process.
+template <typename Kernel>
+cudaError_t smem_to_cap_blocks(Kernel kernel, int max_blocks, int at_least, int* bytes) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  using Key = std::tuple<const void*, int, int, int>;
+  static std::mutex mutex;
+  static std::map<Key, int> known;
+  const Key key{reinterpret_cast<const void*>(kernel), dev, max_blocks, at_least};
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(key);
+  if (it != known.end()) {
+    *bytes = it->second;
+    return cudaSuccess;
+  }
+  err = smem_to_cap_blocks_uncached(kernel, dev, max_blocks, at_least, bytes);
+  if (err == cudaSuccess) known.emplace(key, *bytes);
   return err;
 }
 
