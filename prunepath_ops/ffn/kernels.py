@@ -14,6 +14,13 @@ Prefill (many tokens), two kernels:
      Per-pair outputs (``[pairs, d]``, vLLM-style) would need ``T * n * d`` floats: 9 GB
      at T=4096 with 134 of 448 experts active, hence the dense-tile formulation.
 
+Dense tiles (routings where most tokens keep most experts, up to ``tau >= 1``): the grouped
+kernel gathers a token's row of x once per selected expert, so its L2 traffic grows with the
+pairs at N = 2S columns per gathered row. ``dense_tile_up_kernel`` computes a (TILE_M tokens,
+G experts) tile whose pairs are mostly selected as one plain GEMM tile of N = G * 2S columns
+(unselected cells written as zeros), and the grouped kernel skips the pairs of such tiles.
+``dense_tile_flags`` (launcher side) marks the tiles on the device, so nothing syncs.
+
 Down projection alternative (``down="mm"``): the up kernel multiplies h by the token's gate
 (``GATE_IN_H``) into a zero-filled ``H``, and ``y = H Wd`` is one cuBLAS GEMM. At prefill
 sizes with routings that are not clustered by token, every tile of tokens selects nearly
@@ -56,11 +63,66 @@ def grouped_up_kernel(
     sorted_pairs_ptr,  # [P_max] int32, t * K + j, -1 padded
     block_expert_ptr,  # [B_max] int32, -1 past the end
     expert_offsets_ptr,  # [E + 1] int32
+    tile_flags_ptr,  # [ceil(T / TILE_M), ceil(E / G)] int8, 1 = done by dense_tile_up_kernel; read if DENSE_TILES
     T,
     d,
     K,
     E,
     stride_x,
+    num_groups,  # ceil(E / G)
+    S: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    GATE_IN_H: tl.constexpr,
+    ONE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DENSE_TILES: tl.constexpr,
+    TILE_M: tl.constexpr,
+    G: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_blocks = tl.load(expert_offsets_ptr + E) // BLOCK_M
+    F = E * S
+    offs_m = tl.arange(0, BLOCK_M)
+    # A persistent loop: the grid is sized from the static bound, the work from the device count.
+    for b in range(pid, num_blocks, num_programs):
+        e = tl.load(block_expert_ptr + b).to(tl.int64)
+        pair = tl.load(sorted_pairs_ptr + b * BLOCK_M + offs_m)
+        valid = pair >= 0
+        tok = tl.where(valid, pair // K, 0).to(tl.int64)
+        if DENSE_TILES:
+            done = tl.load(tile_flags_ptr + (tok // TILE_M) * num_groups + e // G, mask=valid, other=0)
+            valid = valid & (done == 0)
+            if tl.max(valid.to(tl.int32), axis=0) > 0:  # a block wholly inside dense tiles costs nothing
+                _grouped_up_block(
+                    x_ptr, w_in_ptr, b_in_ptr, gates_ptr, h_ptr, pair, valid, tok, e, d, stride_x, F,
+                    S, GATED, HAS_BIAS, ACT, GATE_IN_H, ONE_DOT, BLOCK_M, BLOCK_K, DOT_PREC,
+                )  # fmt: skip
+        else:
+            _grouped_up_block(
+                x_ptr, w_in_ptr, b_in_ptr, gates_ptr, h_ptr, pair, valid, tok, e, d, stride_x, F,
+                S, GATED, HAS_BIAS, ACT, GATE_IN_H, ONE_DOT, BLOCK_M, BLOCK_K, DOT_PREC,
+            )  # fmt: skip
+
+
+@triton.jit
+def _grouped_up_block(
+    x_ptr,
+    w_in_ptr,
+    b_in_ptr,
+    gates_ptr,
+    h_ptr,
+    pair,
+    valid,
+    tok,
+    e,
+    d,
+    stride_x,
+    F,
     S: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -71,59 +133,170 @@ def grouped_up_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    num_blocks = tl.load(expert_offsets_ptr + E) // BLOCK_M
+    """One ``BLOCK_M``-pair block of expert ``e``: ``H[tok, e*S:(e+1)*S]`` for its valid rows."""
     rows_in = 2 * S if GATED else S
-    F = E * S
-    offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_s = tl.arange(0, S)
-    # A persistent loop: the grid is sized from the static bound, the work from the device count.
-    for b in range(pid, num_blocks, num_programs):
-        e = tl.load(block_expert_ptr + b).to(tl.int64)
-        pair = tl.load(sorted_pairs_ptr + b * BLOCK_M + offs_m)
-        valid = pair >= 0
-        tok = tl.where(valid, pair // K, 0).to(tl.int64)
-        w_base = w_in_ptr + e * rows_in * d
-        if GATED and ONE_DOT:
-            # Gate and up rows are adjacent in w_in: one N = 2S dot fills the tensor cores better
-            # than two N = S dots; the accumulator is split in registers afterwards.
-            offs_2s = tl.arange(0, 2 * S)
-            acc = tl.zeros((BLOCK_M, 2 * S), dtype=tl.float32)
-            for k0 in range(0, d, BLOCK_K):
-                kk = k0 + offs_k
-                k_ok = kk < d
-                xt = tl.load(
-                    x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0
-                )
-                w = tl.load(w_base + offs_2s[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)
-                acc = tl.dot(xt, w, acc, input_precision=DOT_PREC)
-            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, S)), (0, 2, 1)))
+    w_base = w_in_ptr + e * rows_in * d
+    if GATED and ONE_DOT:
+        # Gate and up rows are adjacent in w_in: one N = 2S dot fills the tensor cores better
+        # than two N = S dots; the accumulator is split in registers afterwards.
+        offs_2s = tl.arange(0, 2 * S)
+        acc = tl.zeros((BLOCK_M, 2 * S), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < d
+            xt = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + offs_2s[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(xt, w, acc, input_precision=DOT_PREC)
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, S)), (0, 2, 1)))
+    else:
+        acc_g = tl.zeros((BLOCK_M, S), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, S), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < d
+            xt = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            # Weights loaded as [BLOCK_K, S] so the dot needs no transpose.
+            wg = tl.load(w_base + offs_s[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)
+            acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
+            if GATED:
+                wu = tl.load(w_base + (S + offs_s[None, :]) * d + kk[:, None], mask=k_ok[:, None], other=0.0)
+                acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc_g += tl.load(b_in_ptr + e * S + offs_s).to(tl.float32)[None, :]
+    h = apply_act(acc_g, ACT)
+    if GATED:
+        h = h * acc_u
+    if GATE_IN_H:
+        h = h * tl.load(gates_ptr + pair, mask=valid, other=0.0)[:, None]
+    dst = h_ptr + tok[:, None] * F + e * S + offs_s[None, :]
+    tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def slot_map_kernel(
+    expert_ids_ptr,  # [T, K] int32
+    num_active_ptr,  # [T] int32
+    slot_map_ptr,  # [T, E] int32, zero-filled: 1 + the slot of (t, e), 0 = not selected
+    K,
+    E,
+    BLOCK_J: tl.constexpr,
+):
+    """Token ``t``'s active slots into its row of the slot map; ids outside ``[0, E)`` are skipped.
+
+    An atomic max, so a routing that breaks the contract (an expert twice among a token's active
+    slots) still gives the same map every run (the later slot).
+    """
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.minimum(tl.maximum(tl.load(num_active_ptr + t), 0), K)
+    for j0 in range(0, K, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        ok = j < n
+        e = tl.load(expert_ids_ptr + t * K + j, mask=ok, other=-1)
+        ok = ok & (e >= 0) & (e < E)
+        tl.atomic_max(slot_map_ptr + t * E + e, j + 1, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def dense_tile_flags_kernel(
+    slot_map_ptr,  # [T, E] int32
+    tile_flags_ptr,  # [ceil(T / TILE_M), ceil(E / G)] int8 out
+    T,
+    E,
+    num_groups,
+    need,  # selected cells from which a tile is dense
+    TILE_M: tl.constexpr,
+    G: tl.constexpr,
+):
+    """1 where tile (``pid_m``, ``pid_g``) has at least ``need`` selected (token, expert) cells."""
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
+    cols = pid_g * G + tl.arange(0, G)
+    ok = (rows < T)[:, None] & (cols < E)[None, :]
+    cells = tl.load(slot_map_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], mask=ok, other=0)
+    count = tl.sum(tl.sum((cells > 0).to(tl.int32), axis=1), axis=0)
+    tl.store(tile_flags_ptr + pid_m * num_groups + pid_g, (count >= need).to(tl.int8))
+
+
+@triton.jit
+def dense_tile_up_kernel(
+    x_ptr,  # [T, d]
+    w_in_ptr,  # [E, 2S or S, d]
+    b_in_ptr,  # [E, S] or a dummy
+    gates_ptr,  # [T, K] fp32, read when GATE_IN_H
+    slot_map_ptr,  # [T, E] int32: 1 + the slot of (t, e) among t's active slots, 0 = not selected
+    tile_flags_ptr,  # [ceil(T / BLOCK_M), ceil(E / G)] int8, 1 = this kernel's tile
+    h_ptr,  # [T, F] out, dtype of x
+    T,
+    d,
+    K,
+    E,
+    stride_x,
+    num_groups,  # ceil(E / G)
+    S: tl.constexpr,
+    G: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    GATE_IN_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Tile (token block ``pid_m``, experts ``[G pid_g, G pid_g + G)``) of H as one GEMM tile.
+
+    Runs only where ``tile_flags`` marks the tile; every cell of the tile is written: the selected
+    ones as the grouped kernel writes them, the others as zeros (their product is never formed).
+    """
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    if tl.load(tile_flags_ptr + pid_m * num_groups + pid_g) != 0:
+        F = E * S
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        rows64 = rows.to(tl.int64)
+        e0 = pid_g * G
+        # Column c of the tile is neuron c % S of expert e0 + c // S: its gate row (its only row
+        # in a plain FFN) and its up row in w_in. Two N = G S dots rather than one over the
+        # interleaved rows, so the epilogue needs no reshape (whose scratch would not fit beside
+        # the pipeline's shared memory).
+        offs_c = tl.arange(0, G * S)
+        expert = e0 + offs_c // S  # [G S]
+        c_ok = expert < E
+        if GATED:
+            w_row = expert.to(tl.int64) * (2 * S) + offs_c % S
         else:
-            acc_g = tl.zeros((BLOCK_M, S), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_M, S), dtype=tl.float32)
-            for k0 in range(0, d, BLOCK_K):
-                kk = k0 + offs_k
-                k_ok = kk < d
-                xt = tl.load(
-                    x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0
-                )
-                # Weights loaded as [BLOCK_K, S] so the dot needs no transpose.
-                wg = tl.load(w_base + offs_s[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)
-                acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
-                if GATED:
-                    wu = tl.load(w_base + (S + offs_s[None, :]) * d + kk[:, None], mask=k_ok[:, None], other=0.0)
-                    acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
+            w_row = expert.to(tl.int64) * S + offs_c % S
+        offs_k = tl.arange(0, BLOCK_K)
+        acc_g = tl.zeros((BLOCK_M, G * S), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, G * S), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < d
+            xt = tl.load(
+                x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            w_ok = c_ok[None, :] & k_ok[:, None]
+            wg = tl.load(w_in_ptr + w_row[None, :] * d + kk[:, None], mask=w_ok, other=0.0)
+            acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
+            if GATED:
+                wu = tl.load(w_in_ptr + (w_row + S)[None, :] * d + kk[:, None], mask=w_ok, other=0.0)
+                acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
         if HAS_BIAS:
-            acc_g += tl.load(b_in_ptr + e * S + offs_s).to(tl.float32)[None, :]
+            acc_g += tl.load(b_in_ptr + e0 * S + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         h = apply_act(acc_g, ACT)
         if GATED:
             h = h * acc_u
+        ok = row_ok[:, None] & c_ok[None, :]
+        slot = tl.load(slot_map_ptr + rows64[:, None] * E + expert[None, :], mask=ok, other=0)  # [M, G S]
+        sel = slot > 0
         if GATE_IN_H:
-            h = h * tl.load(gates_ptr + pair, mask=valid, other=0.0)[:, None]
-        dst = h_ptr + tok[:, None] * F + e * S + offs_s[None, :]
-        tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=valid[:, None])
+            h = h * tl.load(gates_ptr + rows64[:, None] * K + slot - 1, mask=ok & sel, other=0.0)
+        h = tl.where(sel, h, 0.0)
+        dst = h_ptr + rows64[:, None] * F + e0 * S + offs_c[None, :]
+        tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
