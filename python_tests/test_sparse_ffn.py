@@ -252,15 +252,18 @@ def test_prefill_down_variants(down, gated, bias):
 def test_prefill_dense_tiles(fraction, gated, bias, down, dtype):
     from prunepath_ops.ffn.triton_ffn import _dense_tile_config, dense_tile_flags, sparse_ffn_prefill_triton
 
-    # T, d, E not multiples of the tiles; E = 7 leaves the last expert group partial; padding
-    # slots poisoned with out-of-range ids and NaN gates.
-    d, F, S, T = 40, 112, 16, 37
+    # T, d, E not multiples of the tiles (T spans three token blocks: 16 rows interpreted, 128 on
+    # a GPU); E = 7 leaves the last expert group partial; padding slots poisoned with
+    # out-of-range ids and NaN gates.
+    d, F, S = 40, 112, 16
     E = F // S
+    tile_m, group = _dense_tile_config(4 if dtype == torch.float32 else 2, 2 * S if gated else S, not HAS_CUDA)[:2]
+    T = 2 * tile_m + 5
     act = "silu" if gated else "gelu"
     w, perm, packed = make_ffn(d, F, S, bias=bias, gated=gated, act=act, dtype=dtype, device=DEVICE)
     x = torch.randn(T, d, device=DEVICE).to(dtype)
-    # Flat logits for the first 16 tokens (they keep nearly every expert), peaked ones after.
-    scale = torch.where(torch.arange(T, device=DEVICE) < 16, 0.1, 4.0)[:, None]
+    # Flat logits in the first token block (its tokens keep nearly every expert), peaked ones after.
+    scale = torch.where(torch.arange(T, device=DEVICE) < tile_m, 0.1, 4.0)[:, None]
     route = poison_padding(pp.topp_route(torch.randn(T, E, device=DEVICE) * scale, 0.8), E, E)
     ref, mask_ref = oracles(x, w, perm, packed, route, S, act)
     args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, gated, act)
@@ -268,7 +271,6 @@ def test_prefill_dense_tiles(fraction, gated, bias, down, dtype):
     check(out, ref, dtype)
     check(out, mask_ref, dtype)
     # The flags against a direct count of the selected cells per (token block, expert group) tile.
-    tile_m, group = _dense_tile_config(x.element_size(), 2 * S if gated else S, not HAS_CUDA)[:2]
     slot_map, flags = dense_tile_flags(route[0], route[2], E, tile_m, group, min(fraction, 1.0))
     ids, _, n = route
     want_map = torch.zeros(T, E, dtype=torch.int32)

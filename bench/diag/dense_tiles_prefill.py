@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 from common import environment, header_lines, write_results  # noqa: E402
-from sparse_ffn_gpu import Weights, fixed_fraction_route  # noqa: E402
+from sparse_ffn_gpu import Weights, dense_fn, fixed_fraction_route  # noqa: E402
 
-from prunepath_ops import reference as R  # noqa: E402
+from prunepath_ops.ffn import triton_ffn  # noqa: E402
 from prunepath_ops.ffn.triton_ffn import sparse_ffn_prefill_triton  # noqa: E402
 
 
@@ -49,7 +49,8 @@ def main() -> int:
     def timed(fn) -> float:
         return 1e3 * do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
-    dense_us = timed(lambda: R.dense_ffn(x, w.wg, w.wu, w.wd))
+    dense = dense_fn(w)
+    dense_us = timed(lambda: dense(x))
     rows = []
     for frac in args.active:
         route = fixed_fraction_route(args.tokens, w.E, frac, dev, 0)
@@ -68,6 +69,30 @@ def main() -> int:
             row[f"err {th:g}"] = err
         rows.append(row)
         print(row, flush=True)
+    # Tiles of the dense-tile kernel at 100 % active (every tile dense): (TILE_M, G, BLOCK_K, stages, warps).
+    configs = [(128, 4, 64, 3, 8), (128, 4, 64, 4, 8), (128, 4, 32, 4, 8), (64, 4, 64, 4, 4), (128, 2, 64, 4, 4),
+               (64, 8, 64, 3, 8), (256, 2, 64, 3, 8)]  # fmt: skip
+    route = fixed_fraction_route(args.tokens, w.E, 1.0, dev, 0)
+    default_config = triton_ffn._dense_tile_config
+    base = None
+    config_rows = []
+    for cfg in configs:
+        triton_ffn._dense_tile_config = lambda elem, rows_in, interp, cfg=cfg: cfg
+        try:
+
+            def call(route=route):
+                return triton_ffn.sparse_ffn_prefill_triton(
+                    x, *route, p.w_in, p.b_in, p.w_down, p.b_out, True, "silu", dense_tile_fraction=0.75
+                )
+
+            out = call().float()
+            base = out if base is None else base
+            err = ((out - base).abs().max() / base.abs().max()).item()
+            config_rows.append((cfg, timed(call), err))
+        except Exception as exc:  # e.g. out of shared memory
+            config_rows.append((cfg, float("nan"), repr(exc)[:120]))
+        print(config_rows[-1], flush=True)
+    triton_ffn._dense_tile_config = default_config
     env = environment(args, "triton.testing.do_bench (L2 flushed, median)")
     lines = header_lines("Prefill FFN with dense tiles on NVIDIA H200", env, args)
     lines += [
@@ -85,9 +110,19 @@ def main() -> int:
         err = max(r[f"err {t:g}"] for t in args.thresholds)
         cells = " | ".join(f"{r[f'{t:g}']:.1f}" for t in args.thresholds)
         lines.append(f"| {r['active']:.0%} | {r['off']:.1f} | {cells} | {dense_us / best:.2f}x | {err:.1e} |")
+    lines += [
+        "",
+        "Dense-tile kernel tiles at 100 % active (every tile dense; err against the first row):",
+        "",
+        "| TILE_M | G | BLOCK_K | stages | warps | us | vs dense | err |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for cfg, us, err in config_rows:
+        lines.append("| " + " | ".join(str(v) for v in cfg) + f" | {us:.1f} | {dense_us / us:.2f}x | {err} |")
     report = "\n".join(lines) + "\n"
     print(report)
-    write_results(args.out, "dense_tiles_prefill", report, {"dense_us": dense_us, "rows": rows, "env": env})
+    payload = {"dense_us": dense_us, "rows": rows, "configs": [list(c) + [us, str(e)] for c, us, e in config_rows]}
+    write_results(args.out, "dense_tiles_prefill", report, {**payload, "env": env})
     return 0
 
 
