@@ -69,7 +69,7 @@ for part in "$@"; do
                  > "$out/ncu_eff_run.log" 2>&1
                ncu -i "$out/eff_source.ncu-rep" --page source --csv --print-source sass | gzip > "$out/eff_source_sass.csv.gz"
                ncu -i "$out/eff_source.ncu-rep" --page details > "$out/ncu_eff_details.txt"; rm -f "$out/eff_source.ncu-rep" ;;
-    densetiles) t ${DENSETILES_TIMEOUT:-240} python3 bench/diag/dense_tiles_prefill.py --out "$out" > "$out/dense_tiles_prefill.log" 2>&1 ;;
+    densegroups) t ${DENSEGROUPS_TIMEOUT:-240} python3 bench/diag/dense_groups_prefill.py --out "$out" > "$out/dense_groups_prefill.log" 2>&1 ;;
     efftrace) t 240 python3 bench/diag/expert_ffn_trace.py --out "$out" > "$out/expert_ffn_trace.log" 2>&1 ;;
     effsweep) t 200 python3 bench/diag/expert_ffn_cuda_sweep.py --out "$out" > "$out/expert_ffn_cuda_sweep.log" 2>&1 ;;
     ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;

@@ -6,7 +6,6 @@ CPU: the C++ kernel op ``prunepath::expert_ffn`` (backend "cpu"), the sparse PyT
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -240,50 +239,51 @@ def test_prefill_down_variants(down, gated, bias):
 @pytest.mark.parametrize(
     "fraction, gated, bias, down, dtype",
     [
-        (0.0, True, False, "mm", torch.float32),  # every tile with a selected cell is a dense tile
-        (0.5, True, False, "mm", torch.float32),  # dense and grouped tiles side by side
-        (0.5, False, True, "mm", torch.float32),  # plain FFN with biases: b_in inside a dense tile
+        (0.0, True, False, "mm", torch.float32),  # every group with a selected cell is dense
+        (0.5, True, False, "mm", torch.float32),  # dense and grouped experts side by side
+        (0.5, False, True, "mm", torch.float32),  # plain FFN with biases: b_in inside a dense group
         (0.5, True, False, "blocksparse", torch.float32),  # ungated H, unselected cells never read
         (0.5, True, False, "mm", torch.float16),
-        (1.0, True, False, "mm", torch.float32),  # only tiles with every cell selected
+        (1.0, True, False, "mm", torch.float32),  # only groups with every cell selected (none here)
         (2.0, True, False, "mm", torch.float32),  # turned off
     ],
 )
-def test_prefill_dense_tiles(fraction, gated, bias, down, dtype):
-    from prunepath_ops.ffn.triton_ffn import _dense_tile_config, dense_tile_flags, sparse_ffn_prefill_triton
+def test_prefill_dense_groups(fraction, gated, bias, down, dtype):
+    from prunepath_ops.ffn.triton_ffn import _dense_group_config, dense_group_flags, sparse_ffn_prefill_triton
 
-    # T, d, E not multiples of the tiles (T spans three token blocks: 16 rows interpreted, 128 on
-    # a GPU); E = 7 leaves the last expert group partial; padding slots poisoned with
+    # T, d not multiples of the tiles (T spans three token blocks); E = 20 leaves the last expert
+    # group partial (G = 8 on a GPU, 2 or 4 interpreted); padding slots poisoned with
     # out-of-range ids and NaN gates.
-    d, F, S = 40, 112, 16
+    d, F, S = 40, 320, 16
     E = F // S
-    tile_m, group = _dense_tile_config(4 if dtype == torch.float32 else 2, 2 * S if gated else S, not HAS_CUDA)[:2]
-    T = 2 * tile_m + 5
+    block_m, group = _dense_group_config(4 if dtype == torch.float32 else 2, 2 * S if gated else S, not HAS_CUDA)[:2]
+    T = 2 * block_m + 5
     act = "silu" if gated else "gelu"
     w, perm, packed = make_ffn(d, F, S, bias=bias, gated=gated, act=act, dtype=dtype, device=DEVICE)
     x = torch.randn(T, d, device=DEVICE).to(dtype)
-    # Flat logits in the first token block (its tokens keep nearly every expert), peaked ones after.
-    scale = torch.where(torch.arange(T, device=DEVICE) < tile_m, 0.1, 4.0)[:, None]
-    route = poison_padding(pp.topp_route(torch.randn(T, E, device=DEVICE) * scale, 0.8), E, E)
+    # Experts 0-7 favoured by every token: their groups are mostly selected, the others rarely.
+    logits = torch.randn(T, E, device=DEVICE) + 3.0 * (torch.arange(E, device=DEVICE) < 8)
+    route = poison_padding(pp.topp_route(logits, 0.8), E, E)
     ref, mask_ref = oracles(x, w, perm, packed, route, S, act)
     args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, gated, act)
-    out = sparse_ffn_prefill_triton(x, *route, *args, down=down, dense_tile_fraction=fraction)
+    out = sparse_ffn_prefill_triton(x, *route, *args, down=down, dense_group_fraction=fraction)
     check(out, ref, dtype)
     check(out, mask_ref, dtype)
-    # The flags against a direct count of the selected cells per (token block, expert group) tile.
-    slot_map, flags = dense_tile_flags(route[0], route[2], E, tile_m, group, min(fraction, 1.0))
+    # The flags against a direct count of the selected cells per expert group.
+    slot_map, flags = dense_group_flags(route[0], route[2], E, group, min(fraction, 1.0))
     ids, _, n = route
     want_map = torch.zeros(T, E, dtype=torch.int32)
     for t in range(T):
         for j in range(int(n[t])):
             want_map[t, int(ids[t, j])] = j + 1
     assert torch.equal(slot_map.cpu(), want_map)
-    sel = torch.nn.functional.pad(want_map > 0, (0, -E % group, 0, -T % tile_m))
-    counts = sel.view(-(-T // tile_m), tile_m, -(-E // group), group).sum((1, 3))
-    need = max(1, math.ceil(min(fraction, 1.0) * tile_m * group))
-    assert torch.equal(flags.cpu().bool(), counts >= need)
+    sel = torch.nn.functional.pad(want_map > 0, (0, -E % group))
+    counts = sel.view(T, -(-E // group), group).sum((0, 2))
+    width = torch.tensor([min(group, E - g * group) for g in range(counts.numel())])
+    want = (counts > 0) & (counts.float() >= min(fraction, 1.0) * (T * width).float())
+    assert torch.equal(flags.cpu().bool(), want)
     if fraction == 0.5:
-        assert 0 < int(flags.sum()) < flags.numel()  # the case really mixes both kinds of tiles
+        assert 0 < int(flags.sum()) < flags.numel()  # the case really mixes both kinds of groups
 
 
 def test_leading_dims_and_errors():

@@ -14,12 +14,15 @@ Prefill (many tokens), two kernels:
      Per-pair outputs (``[pairs, d]``, vLLM-style) would need ``T * n * d`` floats: 9 GB
      at T=4096 with 134 of 448 experts active, hence the dense-tile formulation.
 
-Dense tiles (routings where most tokens keep most experts, up to ``tau >= 1``): the grouped
-kernel gathers a token's row of x once per selected expert, so its L2 traffic grows with the
-pairs at N = 2S columns per gathered row. ``dense_tile_up_kernel`` computes a (TILE_M tokens,
-G experts) tile whose pairs are mostly selected as one plain GEMM tile of N = G * 2S columns
-(unselected cells written as zeros), and the grouped kernel skips the pairs of such tiles.
-``dense_tile_flags`` (launcher side) marks the tiles on the device, so nothing syncs.
+Dense expert groups (routings where most tokens keep most experts, up to ``tau >= 1``): the
+grouped kernel gathers a token's row of x once per selected expert, so its L2 traffic grows with
+the pairs at N = 2S columns per gathered row. ``dense_group_up_kernel`` computes a group of G
+experts that at least a given fraction of the (token, expert) cells selected as a plain GEMM
+over all tokens (N = 2 x G S columns per row of x, unselected cells written as zeros), and the
+grouped kernel skips those experts' blocks whole. ``dense_group_flags_kernel`` marks the groups
+on the device, so nothing syncs. A whole group rather than a (token block, group) tile: blocks
+of the grouped kernel span several token blocks, and a block computed for a few unmasked rows
+cost more than either kernel alone (bench/results/dense_groups_prefill.md).
 
 Down projection alternative (``down="mm"``): the up kernel multiplies h by the token's gate
 (``GATE_IN_H``) into a zero-filled ``H``, and ``y = H Wd`` is one cuBLAS GEMM. At prefill
@@ -63,13 +66,12 @@ def grouped_up_kernel(
     sorted_pairs_ptr,  # [P_max] int32, t * K + j, -1 padded
     block_expert_ptr,  # [B_max] int32, -1 past the end
     expert_offsets_ptr,  # [E + 1] int32
-    tile_flags_ptr,  # [ceil(T / TILE_M), ceil(E / G)] int8, 1 = done by dense_tile_up_kernel; read if DENSE_TILES
+    group_flags_ptr,  # [ceil(E / G)] int8, 1 = the group's experts done by dense_group_up_kernel; read if DENSE_GROUPS
     T,
     d,
     K,
     E,
     stride_x,
-    num_groups,  # ceil(E / G)
     S: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -79,8 +81,7 @@ def grouped_up_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    DENSE_TILES: tl.constexpr,
-    TILE_M: tl.constexpr,
+    DENSE_GROUPS: tl.constexpr,
     G: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -94,10 +95,8 @@ def grouped_up_kernel(
         pair = tl.load(sorted_pairs_ptr + b * BLOCK_M + offs_m)
         valid = pair >= 0
         tok = tl.where(valid, pair // K, 0).to(tl.int64)
-        if DENSE_TILES:
-            done = tl.load(tile_flags_ptr + (tok // TILE_M) * num_groups + e // G, mask=valid, other=0)
-            valid = valid & (done == 0)
-            if tl.max(valid.to(tl.int32), axis=0) > 0:  # a block wholly inside dense tiles costs nothing
+        if DENSE_GROUPS:
+            if tl.load(group_flags_ptr + e // G) == 0:  # else dense_group_up_kernel wrote these cells
                 _grouped_up_block(
                     x_ptr, w_in_ptr, b_in_ptr, gates_ptr, h_ptr, pair, valid, tok, e, d, stride_x, F,
                     S, GATED, HAS_BIAS, ACT, GATE_IN_H, ONE_DOT, BLOCK_M, BLOCK_K, DOT_PREC,
@@ -199,42 +198,45 @@ def slot_map_kernel(
 
 
 @triton.jit
-def dense_tile_flags_kernel(
+def dense_group_flags_kernel(
     slot_map_ptr,  # [T, E] int32
-    tile_flags_ptr,  # [ceil(T / TILE_M), ceil(E / G)] int8 out
+    group_flags_ptr,  # [ceil(E / G)] int8 out
     T,
     E,
-    num_groups,
-    need,  # selected cells from which a tile is dense
-    TILE_M: tl.constexpr,
+    fraction,  # fp32: dense from this fraction of the group's T x G cells selected
     G: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    """1 where tile (``pid_m``, ``pid_g``) has at least ``need`` selected (token, expert) cells."""
-    pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
-    cols = pid_g * G + tl.arange(0, G)
-    ok = (rows < T)[:, None] & (cols < E)[None, :]
-    cells = tl.load(slot_map_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], mask=ok, other=0)
-    count = tl.sum(tl.sum((cells > 0).to(tl.int32), axis=1), axis=0)
-    tl.store(tile_flags_ptr + pid_m * num_groups + pid_g, (count >= need).to(tl.int8))
+    """1 where expert group ``pid`` has at least ``fraction`` of its (token, expert) cells selected."""
+    pid = tl.program_id(0)
+    cols = pid * G + tl.arange(0, G)
+    col_ok = cols < E
+    count = tl.zeros((BLOCK_T, G), dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        ok = (rows < T)[:, None] & col_ok[None, :]
+        cells = tl.load(slot_map_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], mask=ok, other=0)
+        count += (cells > 0).to(tl.int32)
+    total = tl.sum(tl.sum(count, axis=1), axis=0)
+    width = tl.minimum(E - pid * G, G)
+    dense = (total > 0) & (total.to(tl.float32) >= fraction * (T * width).to(tl.float32))
+    tl.store(group_flags_ptr + pid, dense.to(tl.int8))
 
 
 @triton.jit
-def dense_tile_up_kernel(
+def dense_group_up_kernel(
     x_ptr,  # [T, d]
     w_in_ptr,  # [E, 2S or S, d]
     b_in_ptr,  # [E, S] or a dummy
     gates_ptr,  # [T, K] fp32, read when GATE_IN_H
     slot_map_ptr,  # [T, E] int32: 1 + the slot of (t, e) among t's active slots, 0 = not selected
-    tile_flags_ptr,  # [ceil(T / BLOCK_M), ceil(E / G)] int8, 1 = this kernel's tile
+    group_flags_ptr,  # [ceil(E / G)] int8, 1 = this kernel's group
     h_ptr,  # [T, F] out, dtype of x
     T,
     d,
     K,
     E,
     stride_x,
-    num_groups,  # ceil(E / G)
     S: tl.constexpr,
     G: tl.constexpr,
     GATED: tl.constexpr,
@@ -247,12 +249,13 @@ def dense_tile_up_kernel(
 ):
     """Tile (token block ``pid_m``, experts ``[G pid_g, G pid_g + G)``) of H as one GEMM tile.
 
-    Runs only where ``tile_flags`` marks the tile; every cell of the tile is written: the selected
-    ones as the grouped kernel writes them, the others as zeros (their product is never formed).
+    Runs only for the groups ``group_flags`` marks; every cell of the tile is written: the
+    selected ones as the grouped kernel writes them, the others as zeros (their product is
+    never formed).
     """
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
-    if tl.load(tile_flags_ptr + pid_m * num_groups + pid_g) != 0:
+    if tl.load(group_flags_ptr + pid_g) != 0:
         F = E * S
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < T

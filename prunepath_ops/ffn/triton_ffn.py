@@ -7,8 +7,6 @@ kernels read the amount of work from the device.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 from torch import Tensor
@@ -70,43 +68,44 @@ def _prefill_tiles(elem: int, w_rows: int, interp: bool) -> tuple[int, int, int,
     return 64, 64, 3, 4
 
 
-# A (DENSE_TILE_M tokens, G experts) tile of the up projection at least this full is computed as
-# one GEMM tile (kernels.dense_tile_up_kernel) instead of through the grouped kernel.
-DENSE_TILE_FRACTION = 0.75
-DENSE_TILE_M = 128
+# A group of G experts whose (token, expert) cells are at least this fraction selected is
+# computed by kernels.dense_group_up_kernel as a plain GEMM instead of by the grouped kernel.
+# From bench/results/dense_groups_prefill.md (H200, Llama-3-8B shape, T = 4096): the grouped
+# kernel is as fast or faster up to ~80 % active with random routings; dense groups win above.
+DENSE_GROUP_FRACTION = 0.9
 
 
-def _dense_tile_config(elem: int, rows_in: int, interp: bool) -> tuple[int, int, int, int, int]:
-    """``(TILE_M, G, BLOCK_K, num_stages, num_warps)`` of the dense-tile up kernel.
+def _dense_group_config(elem: int, rows_in: int, interp: bool) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, G, BLOCK_K, num_stages, num_warps)`` of the dense-group up kernel.
 
-    G experts per tile so that the tile has 256 weight rows (N = G * rows_in; at least one
-    expert): x is then read once per 256 columns instead of once per expert's 2S.
+    G experts per group so that a tile has 256 weight rows (two N = 128 dots for gated S = 32;
+    at least one expert): x is read once per 256 columns instead of once per expert's 2S. The
+    tiles are the fastest of bench/results/dense_groups_prefill.md's sweep at 100 % active.
     """
     if interp:
         return 16, max(1, 64 // rows_in), 16, 1, 4
     g = max(1, 256 // rows_in)
-    return DENSE_TILE_M, g, (64 if elem <= 2 else 32), 3, 8
+    return (128, g, 64, 4, 8) if elem <= 2 else (128, g, 32, 3, 8)
 
 
-def dense_tile_flags(
-    expert_ids: Tensor, num_active: Tensor, E: int, tile_m: int, group: int, fraction: float
+def dense_group_flags(
+    expert_ids: Tensor, num_active: Tensor, E: int, group: int, fraction: float
 ) -> tuple[Tensor, Tensor]:
-    """Mark the up projection's dense tiles on the device.
+    """Mark the up projection's dense expert groups on the device.
 
     Returns ``slot_map [T, E]`` int32 (1 + the slot of (t, e) among t's active slots, 0 where t did
-    not select e) and ``tile_flags [ceil(T / tile_m), ceil(E / group)]`` int8 (1 where the tile's
-    ``tile_m * group`` cells hold at least ``ceil(fraction * tile_m * group)`` selected ones).
+    not select e; ids outside ``[0, E)`` are ignored) and ``group_flags [ceil(E / group)]`` int8 (1
+    where at least ``fraction`` of the group's T x (experts in the group) cells are selected, and
+    at least one).
     """
     T, K = expert_ids.shape
     dev = expert_ids.device
     slot_map = torch.zeros(T, E, dtype=torch.int32, device=dev)
-    tiles = (triton.cdiv(T, tile_m), triton.cdiv(E, group))
-    flags = torch.empty(tiles, dtype=torch.int8, device=dev)
+    flags = torch.zeros(triton.cdiv(E, group), dtype=torch.int8, device=dev)
     if T == 0:
         return slot_map, flags
-    need = max(1, math.ceil(fraction * tile_m * group))
     kernels.slot_map_kernel[(T,)](expert_ids, num_active, slot_map, K, E, BLOCK_J=min(512, triton.next_power_of_2(K)))
-    kernels.dense_tile_flags_kernel[tiles](slot_map, flags, T, E, tiles[1], need, TILE_M=tile_m, G=group)
+    kernels.dense_group_flags_kernel[flags.shape](slot_map, flags, T, E, float(fraction), G=group, BLOCK_T=64)
     return slot_map, flags
 
 
@@ -128,7 +127,7 @@ def sparse_ffn_prefill_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     one_dot: bool = True,
-    dense_tile_fraction: float | None = None,
+    dense_group_fraction: float | None = None,
 ) -> Tensor:
     """Routed FFN for many tokens: grouped up/gate GEMM, then the down projection.
 
@@ -138,9 +137,9 @@ def sparse_ffn_prefill_triton(
     skips experts no token of a tile selected; wins for routings clustered by token).
     ``block_m``, ``block_k``, ``num_warps``, ``num_stages`` override the up kernel's tiles
     and ``one_dot=False`` computes gate and up with two N = S dots (benchmark sweeps).
-    ``dense_tile_fraction`` (default ``DENSE_TILE_FRACTION``; above 1 turns it off): the up
-    projection's (``DENSE_TILE_M`` tokens, G experts) tiles with at least this fraction of their
-    (token, expert) cells selected run as plain GEMM tiles (:func:`dense_tile_flags`).
+    ``dense_group_fraction`` (default ``DENSE_GROUP_FRACTION``; above 1 turns them off): groups
+    of G experts with at least this fraction of their (token, expert) cells selected run as a
+    plain GEMM over all tokens (:func:`dense_group_flags`, :func:`kernels.dense_group_up_kernel`).
     Active slots must hold distinct experts (``topp_route``'s contract; the grouped kernel would
     add a repeated expert twice, a dense tile once). Returns ``[T, d]`` in the dtype of ``x``.
     """
@@ -162,27 +161,26 @@ def sparse_ffn_prefill_triton(
     # kernel reads only selected cells.
     h = (torch.zeros if mm else torch.empty)(T, E * S, dtype=x.dtype, device=x.device)
     dummy = w_down
-    fraction = DENSE_TILE_FRACTION if dense_tile_fraction is None else dense_tile_fraction
+    fraction = DENSE_GROUP_FRACTION if dense_group_fraction is None else dense_group_fraction
     dense = fraction <= 1.0
-    tile_m, group, dbk, dstages, dwarps = _dense_tile_config(x.element_size(), 2 * S if gated else S, interp)
-    num_groups = triton.cdiv(E, group)
+    gbm, group, gbk, gstages, gwarps = _dense_group_config(x.element_size(), 2 * S if gated else S, interp)
     flags = dummy
     if dense:
-        slot_map, flags = dense_tile_flags(expert_ids, num_active, E, tile_m, group, fraction)
-        # Before the grouped kernel, which skips these tiles' pairs; the two write disjoint cells.
-        kernels.dense_tile_up_kernel[flags.shape](
+        slot_map, flags = dense_group_flags(expert_ids, num_active, E, group, fraction)
+        # The grouped kernel skips these groups' experts: the two kernels write disjoint cells.
+        kernels.dense_group_up_kernel[(triton.cdiv(T, gbm), flags.numel())](
             x, w_in, b_in if b_in is not None else dummy, gates, slot_map, flags, h, T, d, K, E, x.stride(0),
-            num_groups, S=S, G=group, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
-            GATE_IN_H=mm, BLOCK_M=tile_m, BLOCK_K=dbk, DOT_PREC=_dot_precision(x.dtype),
-            **({} if interp else {"num_warps": dwarps, "num_stages": dstages}),
+            S=S, G=group, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
+            GATE_IN_H=mm, BLOCK_M=gbm, BLOCK_K=gbk, DOT_PREC=_dot_precision(x.dtype),
+            **({} if interp else {"num_warps": gwarps, "num_stages": gstages}),
         )  # fmt: skip
     grid_up = (max(1, min(b_max, _num_sms(x.device) * 4)),)
     kernels.grouped_up_kernel[grid_up](
         x, w_in, b_in if b_in is not None else dummy, gates, h, sorted_pairs, block_expert, expert_offsets, flags,
-        T, d, K, E, x.stride(0), num_groups,
+        T, d, K, E, x.stride(0),
         S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=mm,
         ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=bk, DOT_PREC=_dot_precision(x.dtype),
-        DENSE_TILES=dense, TILE_M=tile_m, G=group,
+        DENSE_GROUPS=dense, G=group,
         **({} if interp else {"num_warps": warps, "num_stages": stages}),
     )  # fmt: skip
     if mm:

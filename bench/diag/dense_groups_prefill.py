@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""Prefill FFN with and without dense tiles, across routing densities (H200 diagnosis).
+"""Prefill FFN with and without dense expert groups, across routing densities (H200 diagnosis).
 
 For each fraction of active experts
-per token (random distinct experts, as bench/sparse_ffn_gpu.py) and each dense-tile threshold
+per token (random distinct experts, as bench/sparse_ffn_gpu.py) and each dense-group threshold
 (``off`` = grouped kernel only), one prefill call of ``sparse_ffn_prefill_triton`` at
 Llama-3-8B's shape (T = 4096, bf16) timed with triton.testing.do_bench (L2 flushed, median),
 plus the dense FFN of ``reference.dense_ffn`` in the same run. Every output is compared with the
 grouped-only output (the same up to the rounding of the accumulation order).
 
-    python3 bench/diag/dense_tiles_prefill.py --out /tmp/out    # on the H200, ~1-2 minutes
+    python3 bench/diag/dense_groups_prefill.py --out /tmp/out    # on the H200, ~1-2 minutes
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> int:
     ap.add_argument("--active", type=float, nargs="+", default=[0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 1.0])
     ap.add_argument("--warmup", type=float, default=25)
-    ap.add_argument("--rep", type=float, default=100)
+    ap.add_argument("--rep", type=float, default=200)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--timer", default="do_bench")
     ap.add_argument("--peak-tbps", type=float, default=4.24)
@@ -57,7 +57,7 @@ def main() -> int:
 
         def call(th, route=route):
             return sparse_ffn_prefill_triton(
-                x, *route, p.w_in, p.b_in, p.w_down, p.b_out, True, "silu", dense_tile_fraction=th
+                x, *route, p.w_in, p.b_in, p.w_down, p.b_out, True, "silu", dense_group_fraction=th
             )
 
         base = call(2.0).float()
@@ -69,20 +69,19 @@ def main() -> int:
             row[f"err {th:g}"] = err
         rows.append(row)
         print(row, flush=True)
-    # Tiles of the dense-tile kernel at 100 % active (every tile dense): (TILE_M, G, BLOCK_K, stages, warps).
-    configs = [(128, 4, 64, 3, 8), (128, 4, 64, 4, 8), (128, 4, 32, 4, 8), (64, 4, 64, 4, 4), (128, 2, 64, 4, 4),
-               (64, 8, 64, 3, 8), (256, 2, 64, 3, 8)]  # fmt: skip
+    # Tiles of the dense-group kernel at 100 % active (every group dense): (BLOCK_M, G, BLOCK_K, stages, warps).
+    configs = [(128, 4, 64, 4, 8), (128, 8, 64, 3, 8), (64, 8, 64, 4, 8), (128, 4, 128, 2, 8)]
     route = fixed_fraction_route(args.tokens, w.E, 1.0, dev, 0)
-    default_config = triton_ffn._dense_tile_config
+    default_config = triton_ffn._dense_group_config
     base = None
     config_rows = []
     for cfg in configs:
-        triton_ffn._dense_tile_config = lambda elem, rows_in, interp, cfg=cfg: cfg
+        triton_ffn._dense_group_config = lambda elem, rows_in, interp, cfg=cfg: cfg
         try:
 
             def call(route=route):
                 return triton_ffn.sparse_ffn_prefill_triton(
-                    x, *route, p.w_in, p.b_in, p.w_down, p.b_out, True, "silu", dense_tile_fraction=0.75
+                    x, *route, p.w_in, p.b_in, p.w_down, p.b_out, True, "silu", dense_group_fraction=0.75
                 )
 
             out = call().float()
@@ -92,14 +91,14 @@ def main() -> int:
         except Exception as exc:  # e.g. out of shared memory
             config_rows.append((cfg, float("nan"), repr(exc)[:120]))
         print(config_rows[-1], flush=True)
-    triton_ffn._dense_tile_config = default_config
+    triton_ffn._dense_group_config = default_config
     env = environment(args, "triton.testing.do_bench (L2 flushed, median)")
-    lines = header_lines("Prefill FFN with dense tiles on NVIDIA H200", env, args)
+    lines = header_lines("Prefill FFN with dense expert groups on NVIDIA H200", env, args)
     lines += [
         f"- Llama-3-8B FFN (d 4096, F 14336, S 32, E 448), bf16, T = {args.tokens}; routing: every token keeps "
         "exactly the given fraction of the experts (random distinct, bench/sparse_ffn_gpu.py)",
         f"- dense FFN (reference.dense_ffn, three F.linear) in the same run: {dense_us:.1f} us",
-        "- columns: us per prefill call with the dense-tile threshold (`off`: grouped kernel only); "
+        "- columns: us per prefill call with the dense-group threshold (`off`: grouped kernel only); "
         "err: max |out - out(off)| / max |out(off)|",
         "",
         "| active | off us | " + " | ".join(f"{t:g} us" for t in args.thresholds) + " | best vs dense | max err |",
@@ -112,9 +111,9 @@ def main() -> int:
         lines.append(f"| {r['active']:.0%} | {r['off']:.1f} | {cells} | {dense_us / best:.2f}x | {err:.1e} |")
     lines += [
         "",
-        "Dense-tile kernel tiles at 100 % active (every tile dense; err against the first row):",
+        "Dense-group kernel tiles at 100 % active (every group dense; err against the first row):",
         "",
-        "| TILE_M | G | BLOCK_K | stages | warps | us | vs dense | err |",
+        "| BLOCK_M | G | BLOCK_K | stages | warps | us | vs dense | err |",
         "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for cfg, us, err in config_rows:
@@ -122,7 +121,7 @@ def main() -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     payload = {"dense_us": dense_us, "rows": rows, "configs": [list(c) + [us, str(e)] for c, us, e in config_rows]}
-    write_results(args.out, "dense_tiles_prefill", report, {**payload, "env": env})
+    write_results(args.out, "dense_groups_prefill", report, {**payload, "env": env})
     return 0
 
 
