@@ -261,27 +261,29 @@ def test_prefill_dense_groups(fraction, gated, bias, down, dtype):
     act = "silu" if gated else "gelu"
     w, perm, packed = make_ffn(d, F, S, bias=bias, gated=gated, act=act, dtype=dtype, device=DEVICE)
     x = torch.randn(T, d, device=DEVICE).to(dtype)
-    # Experts 0-7 favoured by every token: their groups are mostly selected, the others rarely.
-    logits = torch.randn(T, E, device=DEVICE) + 3.0 * (torch.arange(E, device=DEVICE) < 8)
+    # The first group's experts favoured by every token: mostly selected, the others rarely.
+    logits = torch.randn(T, E, device=DEVICE) + 3.0 * (torch.arange(E, device=DEVICE) < group)
     route = poison_padding(pp.topp_route(logits, 0.8), E, E)
     ref, mask_ref = oracles(x, w, perm, packed, route, S, act)
     args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, gated, act)
     out = sparse_ffn_prefill_triton(x, *route, *args, down=down, dense_group_fraction=fraction)
     check(out, ref, dtype)
     check(out, mask_ref, dtype)
-    # The flags against a direct count of the selected cells per expert group.
-    slot_map, flags = dense_group_flags(route[0], route[2], E, group, min(fraction, 1.0))
+    # The flags against a direct count of the selected cells per expert group, the slot map
+    # against the routing (filled for the dense groups' experts only).
+    counts = R.align_experts(route[0], route[2], E, block_m)[3]
+    flags, slot_map = dense_group_flags(route[0], route[2], counts, group, min(fraction, 1.0))
     ids, _, n = route
-    want_map = torch.zeros(T, E, dtype=torch.int32)
+    cells = torch.zeros(T, E, dtype=torch.int32)
     for t in range(T):
         for j in range(int(n[t])):
-            want_map[t, int(ids[t, j])] = j + 1
-    assert torch.equal(slot_map.cpu(), want_map)
-    sel = torch.nn.functional.pad(want_map > 0, (0, -E % group))
-    counts = sel.view(T, -(-E // group), group).sum((0, 2))
-    width = torch.tensor([min(group, E - g * group) for g in range(counts.numel())])
-    want = (counts > 0) & (counts.float() >= min(fraction, 1.0) * (T * width).float())
+            cells[t, int(ids[t, j])] = j + 1
+    per_group = torch.nn.functional.pad(cells > 0, (0, -E % group)).view(T, -(-E // group), group).sum((0, 2))
+    width = torch.tensor([min(group, E - g * group) for g in range(per_group.numel())])
+    want = (per_group > 0) & (per_group.float() >= min(fraction, 1.0) * (T * width).float())
     assert torch.equal(flags.cpu().bool(), want)
+    dense_cols = want.repeat_interleave(group)[:E]
+    assert torch.equal(slot_map.cpu(), cells * dense_cols)
     if fraction == 0.5:
         assert 0 < int(flags.sum()) < flags.numel()  # the case really mixes both kinds of groups
 

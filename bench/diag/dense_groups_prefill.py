@@ -70,7 +70,7 @@ def main() -> int:
         rows.append(row)
         print(row, flush=True)
     # Tiles of the dense-group kernel at 100 % active (every group dense): (BLOCK_M, G, BLOCK_K, stages, warps).
-    configs = [(128, 4, 64, 4, 8), (128, 8, 64, 3, 8), (64, 8, 64, 4, 8), (128, 4, 128, 2, 8)]
+    configs = [(128, 4, 64, 4, 8), (128, 4, 64, 3, 8), (128, 4, 128, 2, 8)]
     route = fixed_fraction_route(args.tokens, w.E, 1.0, dev, 0)
     default_config = triton_ffn._dense_group_config
     base = None

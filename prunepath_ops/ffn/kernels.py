@@ -20,7 +20,7 @@ the pairs at N = 2S columns per gathered row. ``dense_group_up_kernel`` computes
 experts that at least a given fraction of the (token, expert) cells selected as a plain GEMM
 over all tokens (N = 2 x G S columns per row of x, unselected cells written as zeros), and the
 grouped kernel skips those experts' blocks whole. ``dense_group_flags_kernel`` marks the groups
-on the device, so nothing syncs. A whole group rather than a (token block, group) tile: blocks
+on the device from the alignment's per-expert counts, so nothing syncs. A whole group rather than a (token block, group) tile: blocks
 of the grouped kernel span several token blocks, and a block computed for a few unmasked rows
 cost more than either kernel alone (bench/results/dense_groups_prefill.md).
 
@@ -174,18 +174,42 @@ def _grouped_up_block(
 
 
 @triton.jit
+def dense_group_flags_kernel(
+    expert_counts_ptr,  # [E] int32 pairs per expert (align_experts)
+    group_flags_ptr,  # [num_groups] int8 out
+    T,
+    E,
+    num_groups,  # ceil(E / G)
+    fraction,  # fp32: dense from this fraction of the group's T x (experts in it) cells selected
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """1 where expert group g holds at least ``fraction`` of its cells (and one), else 0; one program."""
+    for g0 in range(0, num_groups, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        g_ok = g < num_groups
+        e = g[:, None] * G + tl.arange(0, G)[None, :]
+        total = tl.sum(tl.load(expert_counts_ptr + e, mask=g_ok[:, None] & (e < E), other=0), axis=1)
+        width = tl.minimum(E - g * G, G)
+        dense = (total > 0) & (total.to(tl.float32) >= fraction * (T * width).to(tl.float32))
+        tl.store(group_flags_ptr + g, dense.to(tl.int8), mask=g_ok)
+
+
+@triton.jit
 def slot_map_kernel(
     expert_ids_ptr,  # [T, K] int32
     num_active_ptr,  # [T] int32
-    slot_map_ptr,  # [T, E] int32, zero-filled: 1 + the slot of (t, e), 0 = not selected
+    group_flags_ptr,  # [ceil(E / G)] int8
+    slot_map_ptr,  # [T, E] int32, zero-filled: 1 + the slot of (t, e) for e in a dense group
     K,
     E,
+    G: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """Token ``t``'s active slots into its row of the slot map; ids outside ``[0, E)`` are skipped.
+    """Token ``t``'s active slots of experts in dense groups into its row of the slot map.
 
-    An atomic max, so a routing that breaks the contract (an expert twice among a token's active
-    slots) still gives the same map every run (the later slot).
+    Ids outside ``[0, E)`` are skipped. An atomic max, so a routing that breaks the contract (an
+    expert twice among a token's active slots) still gives the same map every run (the later slot).
     """
     t = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(num_active_ptr + t), 0), K)
@@ -194,33 +218,8 @@ def slot_map_kernel(
         ok = j < n
         e = tl.load(expert_ids_ptr + t * K + j, mask=ok, other=-1)
         ok = ok & (e >= 0) & (e < E)
+        ok = ok & (tl.load(group_flags_ptr + e // G, mask=ok, other=0) != 0)
         tl.atomic_max(slot_map_ptr + t * E + e, j + 1, mask=ok, sem="relaxed")
-
-
-@triton.jit
-def dense_group_flags_kernel(
-    slot_map_ptr,  # [T, E] int32
-    group_flags_ptr,  # [ceil(E / G)] int8 out
-    T,
-    E,
-    fraction,  # fp32: dense from this fraction of the group's T x G cells selected
-    G: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    """1 where expert group ``pid`` has at least ``fraction`` of its (token, expert) cells selected."""
-    pid = tl.program_id(0)
-    cols = pid * G + tl.arange(0, G)
-    col_ok = cols < E
-    count = tl.zeros((BLOCK_T, G), dtype=tl.int32)
-    for t0 in range(0, T, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)
-        ok = (rows < T)[:, None] & col_ok[None, :]
-        cells = tl.load(slot_map_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], mask=ok, other=0)
-        count += (cells > 0).to(tl.int32)
-    total = tl.sum(tl.sum(count, axis=1), axis=0)
-    width = tl.minimum(E - pid * G, G)
-    dense = (total > 0) & (total.to(tl.float32) >= fraction * (T * width).to(tl.float32))
-    tl.store(group_flags_ptr + pid, dense.to(tl.int8))
 
 
 @triton.jit
@@ -229,7 +228,7 @@ def dense_group_up_kernel(
     w_in_ptr,  # [E, 2S or S, d]
     b_in_ptr,  # [E, S] or a dummy
     gates_ptr,  # [T, K] fp32, read when GATE_IN_H
-    slot_map_ptr,  # [T, E] int32: 1 + the slot of (t, e) among t's active slots, 0 = not selected
+    slot_map_ptr,  # [T, E] int32: 1 + the slot of (t, e) among t's active slots, 0 = not selected (dense groups)
     group_flags_ptr,  # [ceil(E / G)] int8, 1 = this kernel's group
     h_ptr,  # [T, F] out, dtype of x
     T,

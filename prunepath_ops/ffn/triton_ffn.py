@@ -89,24 +89,29 @@ def _dense_group_config(elem: int, rows_in: int, interp: bool) -> tuple[int, int
 
 
 def dense_group_flags(
-    expert_ids: Tensor, num_active: Tensor, E: int, group: int, fraction: float
+    expert_ids: Tensor, num_active: Tensor, expert_counts: Tensor, group: int, fraction: float
 ) -> tuple[Tensor, Tensor]:
     """Mark the up projection's dense expert groups on the device.
 
-    Returns ``slot_map [T, E]`` int32 (1 + the slot of (t, e) among t's active slots, 0 where t did
-    not select e; ids outside ``[0, E)`` are ignored) and ``group_flags [ceil(E / group)]`` int8 (1
-    where at least ``fraction`` of the group's T x (experts in the group) cells are selected, and
-    at least one).
+    ``expert_counts [E]``: pairs per expert (``align_experts``). Returns ``group_flags
+    [ceil(E / group)]`` int8 (1 where at least ``fraction`` of the group's T x (experts in it)
+    cells are selected, and at least one) and ``slot_map [T, E]`` int32 (for experts of flagged
+    groups: 1 + the slot of (t, e) among t's active slots, 0 where t did not select e; 0 elsewhere).
     """
     T, K = expert_ids.shape
+    E = expert_counts.shape[0]
     dev = expert_ids.device
     slot_map = torch.zeros(T, E, dtype=torch.int32, device=dev)
     flags = torch.zeros(triton.cdiv(E, group), dtype=torch.int8, device=dev)
     if T == 0:
-        return slot_map, flags
-    kernels.slot_map_kernel[(T,)](expert_ids, num_active, slot_map, K, E, BLOCK_J=min(512, triton.next_power_of_2(K)))
-    kernels.dense_group_flags_kernel[flags.shape](slot_map, flags, T, E, float(fraction), G=group, BLOCK_T=64)
-    return slot_map, flags
+        return flags, slot_map
+    kernels.dense_group_flags_kernel[(1,)](
+        expert_counts, flags, T, E, flags.numel(), float(fraction), G=group, BLOCK_G=max(2, 256 // group)
+    )
+    kernels.slot_map_kernel[(T,)](
+        expert_ids, num_active, flags, slot_map, K, E, G=group, BLOCK_J=min(512, triton.next_power_of_2(K))
+    )
+    return flags, slot_map
 
 
 def sparse_ffn_prefill_triton(
@@ -154,7 +159,7 @@ def sparse_ffn_prefill_triton(
     interp = _interpreting()
     bm, bk, stages, warps = _prefill_tiles(x.element_size(), (2 * S if gated and one_dot else S), interp)
     bm, bk, stages, warps = block_m or bm, block_k or bk, num_stages or stages, num_warps or warps
-    sorted_pairs, block_expert, expert_offsets, _ = _align(expert_ids, num_active, E, bm)
+    sorted_pairs, block_expert, expert_offsets, expert_counts = _align(expert_ids, num_active, E, bm)
     _, b_max = align_bounds(T * K, E, bm)
     mm = down == "mm"
     # [T, F]: the GEMM reads every cell, so unselected cells must be zeros; the block-sparse
@@ -166,7 +171,7 @@ def sparse_ffn_prefill_triton(
     gbm, group, gbk, gstages, gwarps = _dense_group_config(x.element_size(), 2 * S if gated else S, interp)
     flags = dummy
     if dense:
-        slot_map, flags = dense_group_flags(expert_ids, num_active, E, group, fraction)
+        flags, slot_map = dense_group_flags(expert_ids, num_active, expert_counts, group, fraction)
         # The grouped kernel skips these groups' experts: the two kernels write disjoint cells.
         kernels.dense_group_up_kernel[(triton.cdiv(T, gbm), flags.numel())](
             x, w_in, b_in if b_in is not None else dummy, gates, slot_map, flags, h, T, d, K, E, x.stride(0),
