@@ -71,7 +71,7 @@ def _prefill_tiles(elem: int, w_rows: int, interp: bool) -> tuple[int, int, int,
 # A group of G experts whose (token, expert) cells are at least this fraction selected is
 # computed by kernels.dense_group_up_kernel as a plain GEMM instead of by the grouped kernel.
 # From bench/results/dense_groups_prefill.md (H200, Llama-3-8B shape, T = 4096): the grouped
-# kernel is as fast or faster up to ~80 % active with random routings; dense groups win above.
+# kernel is as fast or faster up to ~85 % active with random routings; dense groups win above.
 DENSE_GROUP_FRACTION = 0.9
 
 
@@ -146,7 +146,7 @@ def sparse_ffn_prefill_triton(
     of G experts with at least this fraction of their (token, expert) cells selected run as a
     plain GEMM over all tokens (:func:`dense_group_flags`, :func:`kernels.dense_group_up_kernel`).
     Active slots must hold distinct experts (``topp_route``'s contract; the grouped kernel would
-    add a repeated expert twice, a dense tile once). Returns ``[T, d]`` in the dtype of ``x``.
+    add a repeated expert twice, a dense group once). Returns ``[T, d]`` in the dtype of ``x``.
     """
     if down not in ("mm", "blocksparse"):
         raise ValueError(f"sparse_ffn: down must be 'mm' or 'blocksparse'; got {down!r}")
