@@ -69,6 +69,7 @@ for part in "$@"; do
                  > "$out/ncu_eff_run.log" 2>&1
                ncu -i "$out/eff_source.ncu-rep" --page source --csv --print-source sass | gzip > "$out/eff_source_sass.csv.gz"
                ncu -i "$out/eff_source.ncu-rep" --page details > "$out/ncu_eff_details.txt"; rm -f "$out/eff_source.ncu-rep" ;;
+    steptimeline) t ${STEPTIMELINE_TIMEOUT:-240} python3 bench/diag/decode_step_timeline.py --out "$out" > "$out/decode_step_timeline.log" 2>&1 ;;
     densegroups) t ${DENSEGROUPS_TIMEOUT:-240} python3 bench/diag/dense_groups_prefill.py --out "$out" > "$out/dense_groups_prefill.log" 2>&1 ;;
     efftrace) t 240 python3 bench/diag/expert_ffn_trace.py --out "$out" > "$out/expert_ffn_trace.log" 2>&1 ;;
     effsweep) t 200 python3 bench/diag/expert_ffn_cuda_sweep.py --out "$out" > "$out/expert_ffn_cuda_sweep.log" 2>&1 ;;
