@@ -30,6 +30,19 @@ TORCH_LIBRARY(prunepath, m) {
       "linear_topp_route(Tensor x, Tensor weight, float tau, Tensor? tau_per_token, int min_experts, "
       "int? max_experts, str gate, Tensor(a!)? tickets, bool pdl) -> (Tensor logits, Tensor expert_ids, "
       "Tensor gates, Tensor num_active)");
+  // linear_topp_route with the decode step's add_rms_norm in front, in one launch
+  // on CUDA: h = x + residual (h = x without one), y = norm_weight *
+  // rms_norm(h, eps) (in fp32, cast to the dtype before the weight multiply, as
+  // add_rms_norm), then linear_topp_route(y, weight, ...).
+  //   x, residual [T, d] contiguous, norm_weight [d] contiguous, all in one dtype;
+  //   eps finite >= 0; the rest as for linear_topp_route.
+  // Returns y and h [T, d] (new tensors in the dtype of x), then linear_topp_route's
+  // four outputs for y. On CUDA y may differ from add_rms_norm's in the last bit
+  // (the mean square is summed in another order); routing and logits are those of y.
+  m.def(
+      "norm_linear_topp_route(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight, "
+      "float tau, Tensor? tau_per_token, int min_experts, int? max_experts, str gate, Tensor(a!)? tickets, "
+      "bool pdl) -> (Tensor y, Tensor h, Tensor logits, Tensor expert_ids, Tensor gates, Tensor num_active)");
   // The few-token projection of a decode step (attention q/k/v and output):
   // y = x weight^T with no bias, one launch on CUDA, no split-K.
   //   x [B, K] fp32/fp16/bf16 (unit inner stride); weight [N, K] contiguous, the
@@ -73,6 +86,7 @@ TORCH_LIBRARY(prunepath, m) {
 TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
   m.impl("topp_route", &prunepath::topp_route_cpu);
   m.impl("linear_topp_route", &prunepath::linear_topp_route_cpu);
+  m.impl("norm_linear_topp_route", &prunepath::norm_linear_topp_route_cpu);
   m.impl("decode_gemv", &prunepath::decode_gemv_cpu);
   m.impl("align_experts", &prunepath::align_experts_cpu);
   m.impl("expert_ffn", &prunepath::expert_ffn_cpu);
@@ -82,6 +96,7 @@ TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
 TORCH_LIBRARY_IMPL(prunepath, CUDA, m) {
   m.impl("topp_route", &prunepath::topp_route_cuda);
   m.impl("linear_topp_route", &prunepath::linear_topp_route_cuda);
+  m.impl("norm_linear_topp_route", &prunepath::norm_linear_topp_route_cuda);
   m.impl("decode_gemv", &prunepath::decode_gemv_cuda);
   m.impl("align_experts", &prunepath::align_experts_cuda);
   m.impl("expert_ffn", &prunepath::expert_ffn_cuda);

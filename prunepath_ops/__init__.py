@@ -22,13 +22,14 @@ from prunepath_ops import (
 from prunepath_ops.attention import kv_decode_attention  # noqa: E402
 from prunepath_ops.ffn import Alignment, PackedExperts, align_experts, pack_experts, sparse_ffn  # noqa: E402
 from prunepath_ops.modules import PrunePathMLP  # noqa: E402
-from prunepath_ops.routing import Route, linear_topp_route, topp_route  # noqa: E402
+from prunepath_ops.routing import Route, linear_topp_route, norm_linear_topp_route, topp_route  # noqa: E402
 
 __version__ = "0.1.0"
 
 _OPS = (
     "topp_route",
     "linear_topp_route",
+    "norm_linear_topp_route",
     "decode_gemv",
     "align_experts",
 )  # C++ ops with CPU and CUDA kernels (expert_ffn too; backends() asks these)
@@ -67,6 +68,7 @@ __all__ = [
     "kv_decode_attention",
     "backends",
     "linear_topp_route",
+    "norm_linear_topp_route",
     "pack_experts",
     "reference",
     "sparse_ffn",

@@ -78,17 +78,10 @@ def _topp_route_fake(logits, tau, tau_per_token, min_experts, max_experts, gate)
 LINEAR_ROUTE_CUDA_MAX_EXPERTS = 1024  # kLinearRouteMaxExperts in csrc/include/prunepath/linear_topp_route.cuh
 
 
-def check_linear_topp_route_args(
-    x: Tensor,
-    weight: Tensor,
-    tau_per_token: Tensor | None,
-    min_experts: int,
-    max_experts: int | None,
-    gate: str,
-    tickets: Tensor | None,
-) -> int:
-    """The checks of ``prunepath::linear_topp_route``'s C++ glue, in the same order and words; returns K."""
-    op = "linear_topp_route"
+def check_linear_topp_route_inputs(
+    x: Tensor, weight: Tensor, tickets: Tensor | None, op: str = "linear_topp_route"
+) -> None:
+    """The tensor checks of ``prunepath::linear_topp_route``'s C++ glue (``check_linear_topp_route_inputs``)."""
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [T, d]; got shape {list(x.shape)}")
     if x.dtype not in _LOGIT_DTYPES:
@@ -113,13 +106,38 @@ def check_linear_topp_route_args(
             raise ValueError(
                 f"{op}: tickets must be a contiguous int32 vector of at least T = {T} zeros; got shape {list(tickets.shape)}"
             )
+
+
+def _linear_route_k(
+    x: Tensor,
+    weight: Tensor,
+    tau_per_token: Tensor | None,
+    min_experts: int,
+    max_experts: int | None,
+    gate: str,
+    op: str,
+) -> int:
     E = weight.shape[0]
     if x.device.type == "cuda" and not 1 <= E <= LINEAR_ROUTE_CUDA_MAX_EXPERTS:
         raise ValueError(
             f"{op}: the CUDA kernel handles 1 <= E <= {LINEAR_ROUTE_CUDA_MAX_EXPERTS}; got E = {E} "
             "(route F.linear's output with topp_route instead)"
         )
-    return check_routing_args(T, E, x.device, tau_per_token, min_experts, max_experts, gate)
+    return check_routing_args(x.shape[0], E, x.device, tau_per_token, min_experts, max_experts, gate)
+
+
+def check_linear_topp_route_args(
+    x: Tensor,
+    weight: Tensor,
+    tau_per_token: Tensor | None,
+    min_experts: int,
+    max_experts: int | None,
+    gate: str,
+    tickets: Tensor | None,
+) -> int:
+    """The checks of ``prunepath::linear_topp_route``'s C++ glue, in the same order and words; returns K."""
+    check_linear_topp_route_inputs(x, weight, tickets)
+    return _linear_route_k(x, weight, tau_per_token, min_experts, max_experts, gate, "linear_topp_route")
 
 
 @torch.library.register_fake("prunepath::linear_topp_route")
@@ -127,6 +145,64 @@ def _linear_topp_route_fake(x, weight, tau, tau_per_token, min_experts, max_expe
     K = check_linear_topp_route_args(x, weight, tau_per_token, min_experts, max_experts, gate, tickets)
     T, E = x.shape[0], weight.shape[0]
     return (
+        x.new_empty((T, E)),
+        x.new_empty((T, K), dtype=torch.int32),
+        x.new_empty((T, K), dtype=torch.float32),
+        x.new_empty((T,), dtype=torch.int32),
+    )
+
+
+def check_norm_linear_topp_route_args(
+    x: Tensor,
+    residual: Tensor | None,
+    norm_weight: Tensor,
+    eps: float,
+    weight: Tensor,
+    tau_per_token: Tensor | None,
+    min_experts: int,
+    max_experts: int | None,
+    gate: str,
+    tickets: Tensor | None,
+) -> int:
+    """The checks of ``prunepath::norm_linear_topp_route``'s C++ glue, in the same order and words; returns K."""
+    op = "norm_linear_topp_route"
+    check_linear_topp_route_inputs(x, weight, tickets)
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous; got strides {list(x.stride())}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual must have the shape of x ({list(x.shape)}); got {list(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{op}: residual must have the dtype of x ({x.dtype}); got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"{op}: residual is on {residual.device} but x is on {x.device}")
+        if not residual.is_contiguous():
+            raise ValueError(f"{op}: residual must be contiguous; got strides {list(residual.stride())}")
+    d = x.shape[1]
+    if norm_weight.dim() != 1 or norm_weight.shape[0] != d:
+        raise ValueError(f"{op}: norm_weight must be [d] with d = {d}; got shape {list(norm_weight.shape)}")
+    if norm_weight.dtype != x.dtype:
+        raise TypeError(f"{op}: norm_weight must have the dtype of x ({x.dtype}); got {norm_weight.dtype}")
+    if norm_weight.device != x.device:
+        raise ValueError(f"{op}: norm_weight is on {norm_weight.device} but x is on {x.device}")
+    if not norm_weight.is_contiguous():
+        raise ValueError(f"{op}: norm_weight must be contiguous")
+    if not (eps >= 0.0 and eps != float("inf")):  # NaN fails the first test
+        raise ValueError(f"{op}: eps must be finite and >= 0; got {eps}")
+    return _linear_route_k(x, weight, tau_per_token, min_experts, max_experts, gate, op)
+
+
+@torch.library.register_fake("prunepath::norm_linear_topp_route")
+def _norm_linear_topp_route_fake(
+    x, residual, norm_weight, eps, weight, tau, tau_per_token, min_experts, max_experts, gate, tickets, pdl
+):
+    K = check_norm_linear_topp_route_args(
+        x, residual, norm_weight, eps, weight, tau_per_token, min_experts, max_experts, gate, tickets
+    )
+    T, d, E = x.shape[0], x.shape[1], weight.shape[0]
+    return (
+        x.new_empty((T, d)),
+        x.new_empty((T, d)),
         x.new_empty((T, E)),
         x.new_empty((T, K), dtype=torch.int32),
         x.new_empty((T, K), dtype=torch.float32),

@@ -1,5 +1,7 @@
 #include "linear_topp_route_args.h"
 
+#include <cmath>
+
 #include "check.h"
 
 namespace prunepath {
@@ -31,6 +33,39 @@ void check_linear_topp_route_inputs(const at::Tensor& x, const at::Tensor& weigh
                           "linear_topp_route: tickets must be a contiguous int32 vector of at least T = ",
                           x.size(0), " zeros; got shape ", c.sizes());
   }
+}
+
+void check_norm_linear_topp_route_inputs(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                         const at::Tensor& norm_weight, double eps, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& tickets) {
+  check_linear_topp_route_inputs(x, weight, tickets);
+  PRUNEPATH_CHECK_VALUE(x.is_contiguous(), "norm_linear_topp_route: x must be contiguous; got strides ",
+                        x.strides());
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    PRUNEPATH_CHECK_VALUE(r.sizes() == x.sizes(),
+                          "norm_linear_topp_route: residual must have the shape of x (", x.sizes(), "); got ",
+                          r.sizes());
+    PRUNEPATH_CHECK_TYPE(r.scalar_type() == x.scalar_type(),
+                         "norm_linear_topp_route: residual must have the dtype of x (", x.scalar_type(),
+                         "); got ", r.scalar_type());
+    PRUNEPATH_CHECK_VALUE(r.device() == x.device(), "norm_linear_topp_route: residual is on ", r.device(),
+                          " but x is on ", x.device());
+    PRUNEPATH_CHECK_VALUE(r.is_contiguous(),
+                          "norm_linear_topp_route: residual must be contiguous; got strides ", r.strides());
+  }
+  PRUNEPATH_CHECK_VALUE(norm_weight.dim() == 1 && norm_weight.size(0) == x.size(1),
+                        "norm_linear_topp_route: norm_weight must be [d] with d = ", x.size(1),
+                        "; got shape ", norm_weight.sizes());
+  PRUNEPATH_CHECK_TYPE(norm_weight.scalar_type() == x.scalar_type(),
+                       "norm_linear_topp_route: norm_weight must have the dtype of x (", x.scalar_type(),
+                       "); got ", norm_weight.scalar_type());
+  PRUNEPATH_CHECK_VALUE(norm_weight.device() == x.device(), "norm_linear_topp_route: norm_weight is on ",
+                        norm_weight.device(), " but x is on ", x.device());
+  PRUNEPATH_CHECK_VALUE(norm_weight.is_contiguous(),
+                        "norm_linear_topp_route: norm_weight must be contiguous");
+  PRUNEPATH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0,
+                        "norm_linear_topp_route: eps must be finite and >= 0; got ", eps);
 }
 
 }  // namespace prunepath

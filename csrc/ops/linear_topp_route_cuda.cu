@@ -1,5 +1,5 @@
-// CUDA glue for linear_topp_route: checks, device guard, ticket scratch,
-// current stream, launch.
+// CUDA glue for linear_topp_route and norm_linear_topp_route: checks, device
+// guard, ticket scratch, current stream, launch.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -16,24 +16,38 @@
 
 namespace prunepath {
 
-LinearRouteOutputs linear_topp_route_cuda(const at::Tensor& x, const at::Tensor& weight, double tau,
-                                          const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
-                                          std::optional<int64_t> max_experts, c10::string_view gate,
-                                          const std::optional<at::Tensor>& tickets, bool pdl) {
-  PRUNEPATH_CHECK_VALUE(x.is_cuda(), "linear_topp_route_cuda: x must be a CUDA tensor; got ", x.device());
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  check_linear_topp_route_inputs(x, weight, tickets);
+namespace {
+
+struct RouteNormArgs {
+  const at::Tensor* residual = nullptr;  // or nullptr
+  const at::Tensor* norm_weight = nullptr;
+  double eps = 0.0;
+  at::Tensor* h = nullptr;
+  at::Tensor* y = nullptr;
+};
+
+// Both ops after their checks: allocates the routing outputs, launches. `x` is routed as it is,
+// or through the norm when `norm.norm_weight` is set (then norm.h and norm.y are allocated here).
+LinearRouteOutputs launch_route(const at::Tensor& x, const at::Tensor& weight, double tau,
+                                const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
+                                std::optional<int64_t> max_experts, c10::string_view gate,
+                                const std::optional<at::Tensor>& tickets, bool pdl, const RouteNormArgs& norm,
+                                const char* op) {
   const int64_t T = x.size(0);
   const int64_t E = weight.size(0);
   const int64_t d = x.size(1);
-  PRUNEPATH_CHECK_VALUE(E >= 1 && E <= kLinearRouteMaxExperts,
-                        "linear_topp_route: the CUDA kernel handles 1 <= E <= ", kLinearRouteMaxExperts,
-                        "; got E = ", E, " (route F.linear's output with topp_route instead)");
-  PRUNEPATH_CHECK_VALUE(d <= std::numeric_limits<int32_t>::max() && T * E < (int64_t{1} << 31),
-                        "linear_topp_route: T = ", T, ", d = ", d, " is too large for the CUDA kernel");
+  PRUNEPATH_CHECK_VALUE(E >= 1 && E <= kLinearRouteMaxExperts, op,
+                        ": the CUDA kernel handles 1 <= E <= ", kLinearRouteMaxExperts, "; got E = ", E,
+                        " (route F.linear's output with topp_route instead)");
+  PRUNEPATH_CHECK_VALUE(d <= std::numeric_limits<int32_t>::max() && T * E < (int64_t{1} << 31), op,
+                        ": T = ", T, ", d = ", d, " is too large for the CUDA kernel");
   at::Tensor logits = at::empty({T, E}, x.options());
   // Validates tau, min/max_experts and gate, and allocates the routing outputs.
   ToppRouteCall call = prepare_topp_route(logits, tau, tau_per_token, min_experts, max_experts, gate);
+  if (norm.norm_weight != nullptr) {
+    *norm.h = at::empty({T, d}, x.options());
+    *norm.y = at::empty({T, d}, x.options());
+  }
   if (T == 0) return {logits, call.expert_ids, call.gates, call.num_active};
   at::Tensor counters = tickets.has_value() ? *tickets : at::zeros({T}, x.options().dtype(at::kInt));
 
@@ -45,15 +59,62 @@ LinearRouteOutputs linear_topp_route_cuda(const at::Tensor& x, const at::Tensor&
   p.logits = logits.data_ptr();
   p.tickets = reinterpret_cast<uint32_t*>(counters.data_ptr<int32_t>());
   p.route = call.params;
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+  bool operands_aligned = aligned(p.x) && aligned(p.weight);
+  if (norm.norm_weight != nullptr) {
+    p.residual = norm.residual != nullptr ? norm.residual->data_ptr() : nullptr;
+    p.norm_weight = norm.norm_weight->data_ptr();
+    p.norm_eps = static_cast<float>(norm.eps);
+    p.h_out = norm.h->data_ptr();
+    p.y_out = norm.y->data_ptr();
+    operands_aligned =
+        operands_aligned && aligned(p.norm_weight) && (p.residual == nullptr || aligned(p.residual));
+  }
   LogitDType dtype = LogitDType::kFloat32;
   if (x.scalar_type() == at::kHalf) dtype = LogitDType::kFloat16;
   if (x.scalar_type() == at::kBFloat16) dtype = LogitDType::kBFloat16;
   const int64_t elems = 16 / static_cast<int64_t>(x.element_size());
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
-  const bool vec = d % elems == 0 && p.x_stride % elems == 0 && aligned(p.x) && aligned(p.weight);
+  const bool vec = d % elems == 0 && p.x_stride % elems == 0 && operands_aligned;
   const cudaError_t err = launch_linear_topp_route(p, dtype, vec, pdl, at::cuda::getCurrentCUDAStream());
-  PRUNEPATH_CHECK(err == cudaSuccess, "linear_topp_route: CUDA launch failed: ", cudaGetErrorString(err));
+  PRUNEPATH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {logits, call.expert_ids, call.gates, call.num_active};
+}
+
+}  // namespace
+
+LinearRouteOutputs linear_topp_route_cuda(const at::Tensor& x, const at::Tensor& weight, double tau,
+                                          const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
+                                          std::optional<int64_t> max_experts, c10::string_view gate,
+                                          const std::optional<at::Tensor>& tickets, bool pdl) {
+  PRUNEPATH_CHECK_VALUE(x.is_cuda(), "linear_topp_route_cuda: x must be a CUDA tensor; got ", x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  check_linear_topp_route_inputs(x, weight, tickets);
+  return launch_route(x, weight, tau, tau_per_token, min_experts, max_experts, gate, tickets, pdl,
+                      RouteNormArgs{}, "linear_topp_route");
+}
+
+NormRouteOutputs norm_linear_topp_route_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                             const at::Tensor& norm_weight, double eps,
+                                             const at::Tensor& weight, double tau,
+                                             const std::optional<at::Tensor>& tau_per_token,
+                                             int64_t min_experts, std::optional<int64_t> max_experts,
+                                             c10::string_view gate, const std::optional<at::Tensor>& tickets,
+                                             bool pdl) {
+  PRUNEPATH_CHECK_VALUE(x.is_cuda(), "norm_linear_topp_route_cuda: x must be a CUDA tensor; got ",
+                        x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  check_norm_linear_topp_route_inputs(x, residual, norm_weight, eps, weight, tickets);
+  at::Tensor h, y;
+  RouteNormArgs norm;
+  norm.residual = residual.has_value() ? &*residual : nullptr;
+  norm.norm_weight = &norm_weight;
+  norm.eps = eps;
+  norm.h = &h;
+  norm.y = &y;
+  auto [logits, expert_ids, gates, num_active] =
+      launch_route(x, weight, tau, tau_per_token, min_experts, max_experts, gate, tickets, pdl, norm,
+                   "norm_linear_topp_route");
+  return {y, h, logits, expert_ids, gates, num_active};
 }
 
 }  // namespace prunepath

@@ -35,6 +35,27 @@ LinearRouteOutputs linear_topp_route_cuda(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& tickets, bool pdl);
 #endif
 
+// (y, h, logits, expert_ids, gates, num_active)
+using NormRouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+NormRouteOutputs norm_linear_topp_route_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                            const at::Tensor& norm_weight, double eps,
+                                            const at::Tensor& weight, double tau,
+                                            const std::optional<at::Tensor>& tau_per_token,
+                                            int64_t min_experts, std::optional<int64_t> max_experts,
+                                            c10::string_view gate, const std::optional<at::Tensor>& tickets,
+                                            bool pdl);
+
+#ifdef PRUNEPATH_WITH_CUDA
+NormRouteOutputs norm_linear_topp_route_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                             const at::Tensor& norm_weight, double eps,
+                                             const at::Tensor& weight, double tau,
+                                             const std::optional<at::Tensor>& tau_per_token,
+                                             int64_t min_experts, std::optional<int64_t> max_experts,
+                                             c10::string_view gate, const std::optional<at::Tensor>& tickets,
+                                             bool pdl);
+#endif
+
 at::Tensor decode_gemv_cpu(const at::Tensor& x, const at::Tensor& weight, bool pdl);
 
 #ifdef PRUNEPATH_WITH_CUDA

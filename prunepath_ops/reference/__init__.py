@@ -10,6 +10,7 @@ from prunepath_ops.reference.decode_step import add_rms_norm, decode_linear, rop
 from prunepath_ops.reference.routing import (
     GATE_MODES,
     linear_topp_route,
+    norm_linear_topp_route,
     routing_probabilities,
     topp_gates,
     topp_route,
@@ -36,6 +37,7 @@ __all__ = [
     "linear_topp_route",
     "masked_dense_ffn",
     "neuron_mask",
+    "norm_linear_topp_route",
     "rope_qkv",
     "routing_probabilities",
     "sparse_ffn",

@@ -150,3 +150,29 @@ def linear_topp_route(
     """
     logits = torch.nn.functional.linear(x, weight)  # [T, E]
     return (logits, *topp_route(logits, tau, min_experts=min_experts, max_experts=max_experts, gate=gate))
+
+
+def norm_linear_topp_route(
+    x: Tensor,
+    residual: Tensor | None,
+    norm_weight: Tensor,
+    weight: Tensor,
+    tau: float | Tensor,
+    *,
+    eps: float = 1e-5,
+    min_experts: int = 1,
+    max_experts: int | None = None,
+    gate: str = "sigmoid",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reference of :func:`prunepath_ops.norm_linear_topp_route`: ``add_rms_norm``, then :func:`linear_topp_route`.
+
+    Returns
+    -------
+    y, h, logits, expert_ids, gates, num_active : Tensor
+        ``[T, d]``, ``[T, d]`` (dtype of ``x``), then :func:`linear_topp_route`'s four outputs for ``y``.
+    """
+    from prunepath_ops.reference.decode_step import add_rms_norm
+
+    y, h = add_rms_norm(x, residual, norm_weight, eps)
+    route = linear_topp_route(y, weight, tau, min_experts=min_experts, max_experts=max_experts, gate=gate)
+    return (y, h, *route)

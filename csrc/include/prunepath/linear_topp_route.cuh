@@ -15,6 +15,17 @@
 // With programmatic dependent launch the weight loads of the first slice are
 // issued before griddepcontrol.wait: they do not depend on the previous kernel,
 // which is still finishing the x this kernel reads.
+//
+// With a norm (LinearRouteParams::norm_weight set) the kernel also does the
+// decode step's add_rms_norm in front of the router: h = x + residual (rounded
+// to the dtype), y = norm_weight * (h * rsqrt(mean(h^2) + eps)) (the product
+// rounded to the dtype, then the weight multiply rounded), and routes y. Every
+// block sums h^2 over the token's row in the same fixed order (so every block
+// holds the same rsqrt bits) and forms y on the fly from x, residual and the
+// norm weight while it streams its router rows; the token's first block writes
+// h and y for the kernels after it. One launch less per layer than
+// add_rms_norm + linear_topp_route; y may differ from add_rms_norm's in the last
+// bit (another summation order of the mean square).
 #pragma once
 
 #include "prunepath/decode_common.cuh"
@@ -32,6 +43,12 @@ struct LinearRouteParams {
   int32_t rows_per_block;    // R, a power of two dividing the block's warp count
   int32_t blocks_per_token;  // G = ceil(E / R)
   ToppRouteParams route;     // num_tokens = T, logits_stride = E
+  // The norm in front (norm_weight != nullptr): x is the residual stream, rows x_stride apart.
+  const void* residual;     // [T, d] added to x, rows x_stride apart, or nullptr (h = x)
+  const void* norm_weight;  // [d], dtype of x, or nullptr: no norm, x is routed as it is
+  float norm_eps;
+  void* h_out;  // [T, d] contiguous: h, written by each token's first block (norm only)
+  void* y_out;  // [T, d] contiguous: y, the input the router saw (norm only)
 };
 
 // Largest E the fused router takes: the rank kernel routes a row with one block.
@@ -43,17 +60,73 @@ namespace detail {
 // weights outstanding (the whole slice at d = 4096, R = 4).
 constexpr int kRouteVecBatch = 4;
 
-// This warp's dot product of one weight row with x over vectors [begin, end).
-// kVec: 16-byte loads (d a multiple of the vector, both rows 16-byte aligned);
-// otherwise one element per lane and step.
-template <typename T, bool kVec>
-__device__ __forceinline__ float row_dot(const T* __restrict__ w_row, const T* __restrict__ x_row,
-                                         int64_t begin, int64_t end, int lane, bool active) {
+// The router's input row as it is: vectors and elements of x.
+template <typename T>
+struct PlainRow {
+  const T* x;
+  __device__ void after_wait() {}
+  __device__ uint4 vec(int64_t u) const { return reinterpret_cast<const uint4*>(x)[u]; }
+  __device__ float elem(int64_t k) const { return to_float(x[k]); }
+};
+
+// The router's input row through the norm: h = round(x + r), y = round(w * round(h * rstd)).
+// after_wait() computes rstd with the whole block (every thread must call it once).
+template <typename T, int NWARPS>
+struct NormedRow {
+  using Traits = VecTraits<T>;
+  const T* x;
+  const T* r;  // or nullptr
+  const T* w;
+  int64_t d;
+  float eps;
+  float* reduce_smem;  // [NWARPS]
+  float rstd;
+
+  __device__ float h(int64_t k) const {
+    return r == nullptr ? to_float(x[k]) : to_float(Traits::round(to_float(x[k]) + to_float(r[k])));
+  }
+  __device__ float y(float hk, int64_t k) const {
+    return to_float(Traits::round(to_float(w[k]) * to_float(Traits::round(hk * rstd))));
+  }
+  __device__ void after_wait() {
+    // Thread i sums h^2 over elements i, i + threads, ... in order; warps in order after.
+    float ss = 0.0f;
+    for (int64_t k = threadIdx.x; k < d; k += NWARPS * 32) {
+      const float hk = h(k);
+      ss = fmaf(hk, hk, ss);
+    }
+    ss = warp_sum_f32(ss);
+    if (threadIdx.x % 32 == 0) reduce_smem[threadIdx.x / 32] = ss;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NWARPS; ++i) total += reduce_smem[i];
+    rstd = rsqrtf(total / static_cast<float>(d) + eps);
+  }
+  __device__ uint4 vec(int64_t u) const {
+    uint4 out;
+    T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+    for (int i = 0; i < Traits::kElems; ++i) {
+      const int64_t k = u * Traits::kElems + i;
+      o[i] = Traits::round(y(h(k), k));
+    }
+    return out;
+  }
+  __device__ float elem(int64_t k) const { return y(h(k), k); }
+};
+
+// This warp's dot product of one weight row with the input row over vectors
+// [begin, end). kVec: 16-byte loads (d a multiple of the vector, both rows
+// 16-byte aligned); otherwise one element per lane and step. `src` gives the
+// input (the previous kernel's output: read after grid_dependency_wait).
+template <typename T, bool kVec, typename Src>
+__device__ __forceinline__ float row_dot(const T* __restrict__ w_row, Src& src, int64_t begin, int64_t end,
+                                         int lane, bool active) {
   using Traits = VecTraits<T>;
   float acc = 0.0f;
   if constexpr (kVec) {
     const uint4* w = reinterpret_cast<const uint4*>(w_row);
-    const uint4* xv = reinterpret_cast<const uint4*>(x_row);
     constexpr int64_t kStep = 32 * kRouteVecBatch;
     uint4 wb[kRouteVecBatch];
 #pragma unroll
@@ -62,13 +135,14 @@ __device__ __forceinline__ float row_dot(const T* __restrict__ w_row, const T* _
       wb[i] = active && v < end ? __ldg(w + v) : make_uint4(0u, 0u, 0u, 0u);
     }
     grid_dependency_wait();  // x is the previous kernel's output
+    src.after_wait();
     for (int64_t v0 = begin + lane; v0 < end; v0 += kStep) {
       uint4 xb[kRouteVecBatch];
       uint4 next[kRouteVecBatch];
 #pragma unroll
       for (int i = 0; i < kRouteVecBatch; ++i) {
         const int64_t v = v0 + 32 * i;
-        xb[i] = v < end ? xv[v] : make_uint4(0u, 0u, 0u, 0u);
+        xb[i] = v < end ? src.vec(v) : make_uint4(0u, 0u, 0u, 0u);
         next[i] = active && v + kStep < end ? __ldg(w + v + kStep) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
@@ -79,9 +153,10 @@ __device__ __forceinline__ float row_dot(const T* __restrict__ w_row, const T* _
     }
   } else {
     grid_dependency_wait();
+    src.after_wait();
     if (active) {
       for (int64_t k = begin + lane; k < end; k += 32) {
-        acc = fmaf(to_float(w_row[k]), to_float(x_row[k]), acc);
+        acc = fmaf(to_float(w_row[k]), src.elem(k), acc);
       }
     }
   }
@@ -90,11 +165,12 @@ __device__ __forceinline__ float row_dot(const T* __restrict__ w_row, const T* _
 
 }  // namespace detail
 
-template <int NWARPS, typename T, bool kVec>
+template <int NWARPS, typename T, bool kVec, bool kNorm>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
     linear_topp_route_kernel(const LinearRouteParams p, LogitDType dtype) {
   using Traits = detail::VecTraits<T>;
   __shared__ float partial_smem[NWARPS];
+  __shared__ float norm_smem[kNorm ? NWARPS : 1];
   __shared__ bool last_smem;
   const int tid = threadIdx.x;
   const int lane = tid % 32;
@@ -115,7 +191,30 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
   const int64_t end = begin + per_slice < units ? begin + per_slice : units;
   const T* w_row = static_cast<const T*>(p.weight) + static_cast<int64_t>(row < E ? row : 0) * p.hidden;
   const T* x_row = static_cast<const T*>(p.x) + t * p.x_stride;
-  const float dot = detail::row_dot<T, kVec>(w_row, x_row, begin, end, lane, row < E);
+  float dot;
+  if constexpr (kNorm) {
+    detail::NormedRow<T, NWARPS> src{
+        x_row,
+        p.residual == nullptr ? nullptr : static_cast<const T*>(p.residual) + t * p.x_stride,
+        static_cast<const T*>(p.norm_weight),
+        p.hidden,
+        p.norm_eps,
+        norm_smem,
+        0.0f};
+    dot = detail::row_dot<T, kVec>(w_row, src, begin, end, lane, row < E);
+    if (g == 0) {  // the token's first block writes h and y for the kernels after this one
+      T* h_out = static_cast<T*>(p.h_out) + t * p.hidden;
+      T* y_out = static_cast<T*>(p.y_out) + t * p.hidden;
+      for (int64_t k = tid; k < p.hidden; k += NWARPS * 32) {
+        const float hk = src.h(k);
+        h_out[k] = Traits::round(hk);
+        y_out[k] = Traits::round(src.y(hk, k));
+      }
+    }
+  } else {
+    detail::PlainRow<T> src{x_row};
+    dot = detail::row_dot<T, kVec>(w_row, src, begin, end, lane, row < E);
+  }
 
   if (lane == 0) partial_smem[warp] = dot;
   __syncthreads();
@@ -146,10 +245,16 @@ struct LinearRouteLaunch {
                             cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>(p.route.num_tokens * p.blocks_per_token));
     const dim3 block(NWARPS * 32);
-    return vec ? launch_maybe_pdl(linear_topp_route_kernel<NWARPS, T, true>, grid, block, stream, pdl, p,
-                                  dtype)
-               : launch_maybe_pdl(linear_topp_route_kernel<NWARPS, T, false>, grid, block, stream, pdl, p,
-                                  dtype);
+    if (p.norm_weight != nullptr) {
+      return vec ? launch_maybe_pdl(linear_topp_route_kernel<NWARPS, T, true, true>, grid, block, stream, pdl,
+                                    p, dtype)
+                 : launch_maybe_pdl(linear_topp_route_kernel<NWARPS, T, false, true>, grid, block, stream,
+                                    pdl, p, dtype);
+    }
+    return vec ? launch_maybe_pdl(linear_topp_route_kernel<NWARPS, T, true, false>, grid, block, stream, pdl,
+                                  p, dtype)
+               : launch_maybe_pdl(linear_topp_route_kernel<NWARPS, T, false, false>, grid, block, stream, pdl,
+                                  p, dtype);
   }
   static cudaError_t run(const LinearRouteParams& p, LogitDType dtype, bool vec, bool pdl,
                          cudaStream_t stream) {
@@ -180,9 +285,9 @@ inline int linear_route_rows_per_block(int32_t E, int sm_count) {
 }
 
 // Fills p.rows_per_block and p.blocks_per_token and launches. `vec`: d is a
-// multiple of 16 bytes of elements and x, its row stride and the weight are
-// 16-byte aligned. Returns cudaErrorInvalidValue for E outside
-// [1, kLinearRouteMaxExperts]; T = 0 launches nothing.
+// multiple of 16 bytes of elements and x, its row stride and the weight (and
+// with a norm: the residual and the norm weight) are 16-byte aligned. Returns cudaErrorInvalidValue for E
+// outside [1, kLinearRouteMaxExperts]; T = 0 launches nothing.
 inline cudaError_t launch_linear_topp_route(LinearRouteParams p, LogitDType dtype, bool vec, bool pdl,
                                             cudaStream_t stream) {
   const int32_t E = p.route.num_experts;
