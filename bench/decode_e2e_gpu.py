@@ -119,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the graphed PrunePath steps with PrunePathMLP.fused_router False (router GEMV + topp_route)",
     )
     ap.add_argument(
+        "--routernorm",
+        action="store_true",
+        help="also time the graphed PrunePath steps with Llama.fused_router_norm True (the FFN's RMSNorm "
+        "inside the router kernel, norm_linear_topp_route)",
+    )
+    ap.add_argument(
         "--cublasproj",
         action="store_true",
         help="also time the graphed kernel-attention steps with the attention projections through "
@@ -515,6 +521,11 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                                                             args, timer, None, extra, False))  # fmt: skip
                     rows.append(row)
                     _print_row(row)
+                if args.routernorm and False in args.modes:  # the FFN's norm inside the router kernel
+                    row, _, _ = with_attr([model], "fused_router_norm", True, lambda: run_config(
+                        name + "-routernorm", model, prompt, sparse_attn, True, args, timer, None, extra, False))  # fmt: skip
+                    rows.append(row)
+                    _print_row(row)
                 if args.routerop and False in args.modes:  # router GEMV + topp_route instead of linear_topp_route
                     row, _, _ = with_attr(mlps, "fused_router", False, lambda: run_config(
                         name + "-routerop", model, prompt, sparse_attn, True, args, timer, None, extra, False))  # fmt: skip
@@ -611,6 +622,10 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
             fused_row = by[r["config"].removesuffix("-routerop")]
             lines.append(f"- {fused_row['config']} / {r['config']} (fused router, linear_topp_route): "
                          f"{fused_row['decode_tok_s'] / r['decode_tok_s']:.2f}x")  # fmt: skip
+        if r["config"].endswith("-routernorm") and r["config"].removesuffix("-routernorm") in by:
+            base_row = by[r["config"].removesuffix("-routernorm")]
+            lines.append(f"- {r['config']} / {base_row['config']} (the FFN's norm inside the router kernel, "
+                         f"norm_linear_topp_route): {r['decode_tok_s'] / base_row['decode_tok_s']:.2f}x")  # fmt: skip
     for name in ("dense-graph-kernel", "dense-graph-kernel-compiled"):
         if "kernel_vs_sdpa_rel_err" in by.get(name, {}):
             lines.append(f"- kernel vs SDPA attention, one dense step's logits ({name}): rel err "

@@ -20,6 +20,10 @@ for part in "$@"; do
   start=$(date +%s)
   case "$part" in
     e2e) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --opbyop --routerop --cublasproj --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
+    e2enorm) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --routernorm --name decode_e2e_cuda_routernorm --out "$out" \
+               > "$out/decode_e2e_routernorm.log" 2>&1 ;;
+    normtests) t ${NORMTESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_norm_linear_topp_route.py python_tests/test_linear_topp_route.py \
+                 python_tests/test_decode.py -q -p no:cacheprovider > "$out/gpu_tests_norm_route.log" 2>&1 ;;
     steptests) t ${STEPTESTS_TIMEOUT:-200} python3 -m pytest python_tests/test_decode_step.py python_tests/test_decode.py \
                  python_tests/test_linear_topp_route.py -q \
                  -p no:cacheprovider -k "not test_gpu_cuda_graph_generate_equals_eager" > "$out/gpu_tests_decode_step.log" 2>&1 ;;

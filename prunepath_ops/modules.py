@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from prunepath_ops._registration import LINEAR_ROUTE_CUDA_MAX_EXPERTS
+from prunepath_ops.decode_step import add_rms_norm
 from prunepath_ops.ffn.api import sparse_ffn
 from prunepath_ops.ffn.packing import PackedExperts, pack_experts
 from prunepath_ops.reference.routing import GATE_MODES, topp_gates
 from prunepath_ops.reference.sparse_ffn import activation
-from prunepath_ops.routing import linear_topp_route, topp_route
+from prunepath_ops.routing import linear_topp_route, norm_linear_topp_route, topp_route
 
 # Up to this many tokens per call the CUDA forward routes with the fused linear_topp_route. Its
 # grid has one set of row blocks per token, so its time grows with T: on the H200 (Llama-3-8B
@@ -351,6 +352,33 @@ class PrunePathMLP(nn.Module):
         else:
             y = sparse_ffn(x2, route, self.packed, path=self.path, backend=self.backend)
         return y.view(x.shape)
+
+    def forward_after_norm(self, x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """This FFN of ``rms_norm(x + residual) * norm_weight``, and ``h = x + residual``.
+
+        ``x, residual [..., d]``, ``norm_weight [d]``; returns ``(ffn_out [..., d], h [..., d])``. Where
+        the fused router applies (:meth:`forward`'s decode case on CUDA) the norm runs inside the
+        router kernel (:func:`prunepath_ops.norm_linear_topp_route`, one launch less); otherwise
+        :func:`prunepath_ops.decode_step.add_rms_norm`, then :meth:`forward`.
+        """
+        d = x.shape[-1]
+        x2, r2 = x.reshape(-1, d), residual.reshape(-1, d)
+        if (
+            not self._use_differentiable(x2)
+            and self._use_fused_router(x2)
+            and x2.is_contiguous()
+            and r2.is_contiguous()
+            and norm_weight.dtype == x.dtype
+            and norm_weight.is_contiguous()
+        ):
+            y, h, _, route = norm_linear_topp_route(
+                x2, r2, norm_weight, self.router.weight, self.tau_tensor, eps=eps, min_experts=self.min_experts,
+                max_experts=self.max_experts, gate=self.gate, tickets=self.route_tickets,
+            )  # fmt: skip
+            out = sparse_ffn(y, route, self.packed, path=self.path, backend=self.backend)
+            return out.view(x.shape), h.view(x.shape)
+        y, h = add_rms_norm(x2, r2, norm_weight, eps)
+        return self(y).view(x.shape), h.view(x.shape)
 
     def extra_repr(self) -> str:
         E, S, d = self.w_down.shape

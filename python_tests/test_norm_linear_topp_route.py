@@ -180,3 +180,63 @@ def test_gpu_misaligned_rows_take_the_element_path():
     xs = buf[:, 1:]  # contiguous, but its data starts 2 bytes past an aligned address
     _, r2, nw2, w2 = _inputs(1, 64, 4096, torch.bfloat16, "cuda", seed=11)
     _check(xs, r2, nw2, w2, 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_mlp_forward_after_norm(device):
+    # PrunePathMLP.forward_after_norm = add_rms_norm, then the module; on CUDA at batch 1 through
+    # the fused op (one token: the fused router's case), elsewhere the composition itself.
+    from prunepath_ops.decode_step import add_rms_norm
+    from prunepath_ops.models import LlamaMLP
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dense = LlamaMLP(256, 1024).to(device, dtype)
+    mlp = prunepath_ops.PrunePathMLP.from_dense(dense, 32, tau=0.5, router_weight=torch.randn(32, 256) / 16)
+    mlp = mlp.to(device, dtype)
+    x, r = (torch.randn(1, 256, device=device, dtype=dtype) for _ in range(2))
+    nw = (0.5 + torch.rand(256, device=device)).to(dtype)
+    assert mlp._use_fused_router(x) == (device == "cuda")
+    out, h = mlp.forward_after_norm(x, r, nw, 1e-5)
+    y_ref, h_ref = add_rms_norm(x, r, nw, 1e-5)
+    assert torch.equal(h, h_ref)
+    if device == "cpu":
+        assert torch.equal(out, mlp(y_ref))
+    else:
+        y, _, _, route = prunepath_ops.norm_linear_topp_route(x, r, nw, mlp.router.weight, mlp.tau_tensor)
+        assert torch.equal(out, prunepath_ops.sparse_ffn(y, route, mlp.packed))  # the fused path was taken
+        assert_close(out.float(), mlp(y_ref).float(), dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_llama_decode_step_with_router_norm(device):
+    # Llama.fused_router_norm: the same decode step up to the norm's last bit (exactly on the CPU,
+    # where the FFN norm is add_rms_norm either way).
+    from prunepath_ops.models import LlamaConfig, to_prunepath
+    from prunepath_ops.testing import random_llama
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = LlamaConfig.tiny()
+    model = random_llama(cfg, dtype=dtype, device=device)
+    to_prunepath(model, expert_width=16, tau=0.8, gate="sigmoid")
+    gen = torch.Generator().manual_seed(0)
+    for m in model.ffns():
+        m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=gen))
+    model.to(device)
+    tokens = torch.randint(0, cfg.vocab, (1, 6), generator=torch.Generator().manual_seed(1)).to(device)
+    outs = {}
+    for fused in (False, True):
+        model.fused_router_norm = fused
+        model.setup_cache(1, 16)
+        model(tokens, 0)  # prefill: the same cache for both
+        outs[fused] = [
+            model.decode_step(tokens[:, t], torch.tensor([5 + t], dtype=torch.int32, device=device), attn="kernel")
+            for t in range(1, 4)
+        ]
+    for step, (a, b) in enumerate(zip(outs[False], outs[True], strict=True)):
+        if device == "cpu":
+            assert torch.equal(a, b), f"step {step}"
+        else:
+            assert_close(b.float(), a.float(), dtype=dtype, msg=f"step {step}")

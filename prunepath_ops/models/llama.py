@@ -363,16 +363,26 @@ class Block(nn.Module):
         return h + self.ffn(self.ffn_norm(h))
 
     def decode_fused(
-        self, h: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor, cache_seqlens: Tensor
+        self,
+        h: Tensor,
+        delta: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        cache_seqlens: Tensor,
+        router_norm: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """:meth:`decode` with each residual add fused into the next RMSNorm (:func:`add_rms_norm`).
 
         The layer's input is ``h + delta`` (``delta`` None: ``h``), the previous layer's add left
         pending; returns ``(h', delta')`` whose sum is the layer's output, so the add happens in the
-        next layer's first norm (or the final norm).
+        next layer's first norm (or the final norm). ``router_norm``: a :class:`PrunePathMLP` FFN
+        does the FFN's norm in its router kernel (:meth:`PrunePathMLP.forward_after_norm`).
         """
         y, h = add_rms_norm(h, delta, self.attn_norm.weight, self.attn_norm.eps)  # [B, d] x 2
         a = self.attn.decode_fused(y, cos, sin, cache_seqlens)
+        if router_norm and isinstance(self.ffn, PrunePathMLP):
+            out, h = self.ffn.forward_after_norm(h, a, self.ffn_norm.weight, self.ffn_norm.eps)
+            return h, out
         y, h = add_rms_norm(h, a, self.ffn_norm.weight, self.ffn_norm.eps)
         return h, self.ffn(y)
 
@@ -398,6 +408,11 @@ class Llama(nn.Module):
         With ``kernel`` attention, :meth:`decode_step` fuses each residual add into the next
         RMSNorm and the RoPE of q and k into one launch (:mod:`prunepath_ops.decode_step`; default
         True). False runs the same modules op by op, as the ``sdpa`` oracle does.
+    fused_router_norm : bool
+        With ``fused_decode``, each :class:`PrunePathMLP` FFN also takes its RMSNorm into its router
+        kernel at batch 1 on CUDA (:func:`prunepath_ops.norm_linear_topp_route`: one launch less per
+        layer; the norm's output may differ from :func:`add_rms_norm`'s in the last bit). Default
+        False until measured on a GPU (bench/results/next/README.md).
 
     Examples
     --------
@@ -417,6 +432,7 @@ class Llama(nn.Module):
         self.config = config
         self.decode_attn = decode_attn
         self.fused_decode = True
+        self.fused_router_norm = False
         self.embed = nn.Embedding(config.vocab, config.d)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d, config.norm_eps)
@@ -573,8 +589,9 @@ class Llama(nn.Module):
             # Three launches per layer for the elementwise work instead of ~16 (two residual adds
             # fused into the next norms, RoPE of q and k in one), the same numerics up to rounding.
             h, delta = x, None
+            router_norm = getattr(self, "fused_router_norm", False)  # older pickles lack it
             for layer in self.layers:
-                h, delta = layer.decode_fused(h, delta, cos, sin, cache_seqlens)
+                h, delta = layer.decode_fused(h, delta, cos, sin, cache_seqlens, router_norm)
             y, _ = add_rms_norm(h, delta, self.norm.weight, self.norm.eps)
             return self.lm_head(y)  # [B, V]
         for layer in self.layers:
