@@ -204,7 +204,10 @@ def test_mlp_forward_after_norm(device):
     if device == "cpu":
         assert torch.equal(out, mlp(y_ref))
     else:
-        y, _, _, route = prunepath_ops.norm_linear_topp_route(x, r, nw, mlp.router.weight, mlp.tau_tensor)
+        y, _, _, route = prunepath_ops.norm_linear_topp_route(
+            x, r, nw, mlp.router.weight, mlp.tau_tensor, min_experts=mlp.min_experts, max_experts=mlp.max_experts,
+            gate=mlp.gate,
+        )  # fmt: skip
         assert torch.equal(out, prunepath_ops.sparse_ffn(y, route, mlp.packed))  # the fused path was taken
         assert_close(out.float(), mlp(y_ref).float(), dtype=dtype)
 
