@@ -204,7 +204,7 @@ def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(eargs.seed + 2)
     prompt = torch.randint(0, cfg.vocab, (1, eargs.prompt), device="cuda", generator=gen)  # [B, T]
     pos = torch.full((1,), eargs.prompt, dtype=torch.int32, device="cuda")
-    results, lines = {}, []
+    results = {}
     with torch.no_grad():
         first = model(prompt, 0, last_only=True)[:, -1].argmax(dim=-1)  # [B]
         decoder = GraphedDecoder(model, "kernel")

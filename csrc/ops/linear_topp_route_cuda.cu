@@ -2,6 +2,7 @@
 // guard, ticket scratch, current stream, launch.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -18,20 +19,12 @@ namespace prunepath {
 
 namespace {
 
-struct RouteNormArgs {
-  const at::Tensor* residual = nullptr;  // or nullptr
-  const at::Tensor* norm_weight = nullptr;
-  double eps = 0.0;
-  at::Tensor* h = nullptr;
-  at::Tensor* y = nullptr;
-};
-
-// Both ops after their checks: allocates the routing outputs, launches. `x` is routed as it is,
-// or through the norm when `norm.norm_weight` is set (then norm.h and norm.y are allocated here).
+// Both ops after their checks: allocates the routing outputs, fills the rest of `p` and launches.
+// `p` arrives zeroed, or with the norm's fields set (norm_linear_topp_route).
 LinearRouteOutputs launch_route(const at::Tensor& x, const at::Tensor& weight, double tau,
                                 const std::optional<at::Tensor>& tau_per_token, int64_t min_experts,
                                 std::optional<int64_t> max_experts, c10::string_view gate,
-                                const std::optional<at::Tensor>& tickets, bool pdl, const RouteNormArgs& norm,
+                                const std::optional<at::Tensor>& tickets, bool pdl, LinearRouteParams p,
                                 const char* op) {
   const int64_t T = x.size(0);
   const int64_t E = weight.size(0);
@@ -44,14 +37,9 @@ LinearRouteOutputs launch_route(const at::Tensor& x, const at::Tensor& weight, d
   at::Tensor logits = at::empty({T, E}, x.options());
   // Validates tau, min/max_experts and gate, and allocates the routing outputs.
   ToppRouteCall call = prepare_topp_route(logits, tau, tau_per_token, min_experts, max_experts, gate);
-  if (norm.norm_weight != nullptr) {
-    *norm.h = at::empty({T, d}, x.options());
-    *norm.y = at::empty({T, d}, x.options());
-  }
   if (T == 0) return {logits, call.expert_ids, call.gates, call.num_active};
   at::Tensor counters = tickets.has_value() ? *tickets : at::zeros({T}, x.options().dtype(at::kInt));
 
-  LinearRouteParams p{};
   p.x = x.data_ptr();
   p.x_stride = T > 1 ? x.stride(0) : d;
   p.weight = weight.data_ptr();
@@ -60,21 +48,12 @@ LinearRouteOutputs launch_route(const at::Tensor& x, const at::Tensor& weight, d
   p.tickets = reinterpret_cast<uint32_t*>(counters.data_ptr<int32_t>());
   p.route = call.params;
   const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
-  bool operands_aligned = aligned(p.x) && aligned(p.weight);
-  if (norm.norm_weight != nullptr) {
-    p.residual = norm.residual != nullptr ? norm.residual->data_ptr() : nullptr;
-    p.norm_weight = norm.norm_weight->data_ptr();
-    p.norm_eps = static_cast<float>(norm.eps);
-    p.h_out = norm.h->data_ptr();
-    p.y_out = norm.y->data_ptr();
-    operands_aligned =
-        operands_aligned && aligned(p.norm_weight) && (p.residual == nullptr || aligned(p.residual));
-  }
   LogitDType dtype = LogitDType::kFloat32;
   if (x.scalar_type() == at::kHalf) dtype = LogitDType::kFloat16;
   if (x.scalar_type() == at::kBFloat16) dtype = LogitDType::kBFloat16;
   const int64_t elems = 16 / static_cast<int64_t>(x.element_size());
-  const bool vec = d % elems == 0 && p.x_stride % elems == 0 && operands_aligned;
+  // The norm's residual and weight are read an element at a time: only x and weight count here.
+  const bool vec = d % elems == 0 && p.x_stride % elems == 0 && aligned(p.x) && aligned(p.weight);
   const cudaError_t err = launch_linear_topp_route(p, dtype, vec, pdl, at::cuda::getCurrentCUDAStream());
   PRUNEPATH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {logits, call.expert_ids, call.gates, call.num_active};
@@ -90,7 +69,7 @@ LinearRouteOutputs linear_topp_route_cuda(const at::Tensor& x, const at::Tensor&
   const c10::cuda::CUDAGuard device_guard(x.device());
   check_linear_topp_route_inputs(x, weight, tickets);
   return launch_route(x, weight, tau, tau_per_token, min_experts, max_experts, gate, tickets, pdl,
-                      RouteNormArgs{}, "linear_topp_route");
+                      LinearRouteParams{}, "linear_topp_route");
 }
 
 NormRouteOutputs norm_linear_topp_route_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
@@ -104,15 +83,16 @@ NormRouteOutputs norm_linear_topp_route_cuda(const at::Tensor& x, const std::opt
                         x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   check_norm_linear_topp_route_inputs(x, residual, norm_weight, eps, weight, tickets);
-  at::Tensor h, y;
-  RouteNormArgs norm;
-  norm.residual = residual.has_value() ? &*residual : nullptr;
-  norm.norm_weight = &norm_weight;
-  norm.eps = eps;
-  norm.h = &h;
-  norm.y = &y;
+  at::Tensor h = at::empty_like(x);  // [T, d] contiguous, as x
+  at::Tensor y = at::empty_like(x);
+  LinearRouteParams p{};
+  p.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+  p.norm_weight = norm_weight.data_ptr();
+  p.norm_eps = static_cast<float>(eps);
+  p.h_out = h.data_ptr();
+  p.y_out = y.data_ptr();
   auto [logits, expert_ids, gates, num_active] =
-      launch_route(x, weight, tau, tau_per_token, min_experts, max_experts, gate, tickets, pdl, norm,
+      launch_route(x, weight, tau, tau_per_token, min_experts, max_experts, gate, tickets, pdl, p,
                    "norm_linear_topp_route");
   return {y, h, logits, expert_ids, gates, num_active};
 }
