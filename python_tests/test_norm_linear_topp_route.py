@@ -172,8 +172,9 @@ def test_gpu_bitwise_deterministic_and_blocks_agree(pdl):
 
 
 @CUDA_ONLY
-def test_gpu_misaligned_rows_take_the_element_path():
-    # Rows not 16-byte aligned (views one element in): the kernel's element loop, same results.
+def test_gpu_misaligned_rows():
+    # A norm weight starting 2 bytes past an aligned address (the norm reads its inputs an element
+    # at a time either way), then an x that does (the kernel's element loop): same results.
     x, r, nw, w = _inputs(1, 64, 129, torch.bfloat16, "cuda", seed=10)
     _check(x[:, 1:].contiguous(), r[:, 1:].contiguous(), nw[1:], w[:, 1:].contiguous(), 0.5)
     buf = torch.randn(1, 4097, device="cuda").bfloat16()
