@@ -130,6 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the graphed kernel-attention steps with the attention projections through "
         "cuBLAS (Attention.decode_gemv False) instead of decode_linear's CUDA kernel (the default at batch 1)",
     )
+    ap.add_argument(
+        "--attn-min-chunk",
+        type=int,
+        default=None,
+        help="diagnostic: fewest keys per split of kv_decode_attention's split plan "
+        "(prunepath_ops.attention.triton_attention.MIN_CHUNK) for this run",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
     ap.add_argument("--name", default=None, help="output file stem (default decode_e2e_<device>[_tiny])")
@@ -544,6 +551,14 @@ def _f(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _split_plan_text(args, cfg) -> str:
+    from prunepath_ops.attention import triton_attention
+
+    plan = triton_attention.launch_config(1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim, torch.device(args.device))
+    return (f"{plan['num_splits']} splits x {plan['chunk']} keys (MIN_CHUNK {triton_attention.MIN_CHUNK}, "
+            f"block_n {plan['block_n']})")  # fmt: skip
+
+
 def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
     ok = [r for r in rows if "error" not in r]
     by = {r["config"]: r for r in ok}
@@ -558,7 +573,7 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         f"prefill: {env['timer']}",
         "- kernel attention: "
         + (
-            "fused prunepath_ops.attention.kv_decode_attention"
+            "fused prunepath_ops.attention.kv_decode_attention, " + _split_plan_text(args, cfg)
             if fused
             else "NOT BUILT: reference fallback (not capturable); kernel configurations skipped on CUDA, "
             "PrunePath uses SDPA"
@@ -665,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.attn_min_chunk is not None:
+        from prunepath_ops.attention import triton_attention
+
+        triton_attention.MIN_CHUNK = args.attn_min_chunk
     timer_desc, timer = make_timer(args)
     env = environment(args, timer_desc)
     print(f"# decode e2e on {env.get('gpu') or env['cpu']} ({args.device}, {args.dtype})")

@@ -22,6 +22,13 @@ for part in "$@"; do
     e2e) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --opbyop --routerop --cublasproj --out "$out" > "$out/decode_e2e.log" 2>&1 ;;
     e2enorm) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --routernorm --name decode_e2e_cuda_routernorm --out "$out" \
                > "$out/decode_e2e_routernorm.log" 2>&1 ;;
+    e2echunks) for c in ${CHUNKS:-256 128 64}; do  # kv_decode_attention's MIN_CHUNK in the whole decode step
+                 t ${E2E_TIMEOUT:-150} python3 bench/decode_e2e_gpu.py --fractions 0.3 --attn-min-chunk "$c" \
+                   --name "decode_e2e_cuda_chunk$c" --out "$out" > "$out/decode_e2e_chunk$c.log" 2>&1; done ;;
+    normfile) t 120 python3 -m pytest python_tests/test_norm_linear_topp_route.py -q -p no:cacheprovider \
+                > "$out/gpu_tests_norm_file.log" 2>&1 ;;
+    routersplit) t 90 .prebuilt/router_split > "$out/router_split.md" 2>&1 ;;  # built here first: bench/diag/router_split.sh
+    kvcases) t 150 python3 bench/kv_attention_gpu.py --out "$out" > "$out/kv_attention.log" 2>&1 ;;
     normtests) t ${NORMTESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_norm_linear_topp_route.py python_tests/test_linear_topp_route.py \
                  python_tests/test_decode.py -q -p no:cacheprovider > "$out/gpu_tests_norm_route.log" 2>&1 ;;
     steptests) t ${STEPTESTS_TIMEOUT:-200} python3 -m pytest python_tests/test_decode_step.py python_tests/test_decode.py \
@@ -77,6 +84,8 @@ for part in "$@"; do
     densegroups) t ${DENSEGROUPS_TIMEOUT:-240} python3 bench/diag/dense_groups_prefill.py --out "$out" > "$out/dense_groups_prefill.log" 2>&1 ;;
     efftrace) t 240 python3 bench/diag/expert_ffn_trace.py --out "$out" > "$out/expert_ffn_trace.log" 2>&1 ;;
     effsweep) t 200 python3 bench/diag/expert_ffn_cuda_sweep.py --out "$out" > "$out/expert_ffn_cuda_sweep.log" 2>&1 ;;
+    densetests) t ${DENSETESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_sparse_ffn.py -k dense_group -q -p no:cacheprovider \
+                  > "$out/gpu_tests_dense_groups.log" 2>&1 ;;
     ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
     toppvariants) t 300 python3 bench/topp_route_gpu.py --variants auto,warp,lean,rank,block --out "$out" \
                     > "$out/topp_route_gpu.log" 2>&1 ;;

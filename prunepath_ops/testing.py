@@ -28,10 +28,14 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 TAU_BAND = 1e-6
 
 
-def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None, msg: str = "") -> None:
-    """``torch.testing.assert_close`` with this project's per-dtype tolerances."""
+def assert_close(
+    actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None, msg: str = "", *, equal_nan: bool = False
+) -> None:
+    """``torch.testing.assert_close`` with this project's per-dtype tolerances (NaN equal to NaN if ``equal_nan``)."""
     atol, rtol = TOLERANCES[dtype or expected.dtype]
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}" if msg else m)
+    torch.testing.assert_close(
+        actual, expected, atol=atol, rtol=rtol, equal_nan=equal_nan, msg=lambda m: f"{msg}\n{m}" if msg else m
+    )
 
 
 def random_logits(

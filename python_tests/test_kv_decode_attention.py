@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from prunepath_ops import reference as R
 from prunepath_ops.attention import kv_decode_attention
-from prunepath_ops.attention.triton_attention import SHORT_CACHE, split_plan
+from prunepath_ops.attention.triton_attention import MIN_CHUNK, SHORT_CACHE, split_plan
 from prunepath_ops.testing import assert_close
 
 HAS_CUDA = torch.cuda.is_available()
@@ -241,6 +241,7 @@ def test_cpu_composite_random_shapes(lens, group, Hkv, D, with_new, seed):
         (32, 8, 1280),  # the batch fills the GPU and the cache is short: one split
         (256, 8, 300),  # the batch alone fills the GPU
         (16, 8, 2048),  # 128 programs do not fill 132 SMs: split
+        (1, 8, 768),  # the end-to-end benchmark's short cache at batch 1: cut to one tile per split
     ],
 )
 def test_split_plan_fills_h200(B, Hkv, S_max):
@@ -249,9 +250,9 @@ def test_split_plan_fills_h200(B, Hkv, S_max):
     if B * Hkv >= 132 and S_max <= SHORT_CACHE:
         assert ns == 1
         return
-    assert chunk >= min(256, S_max) or ns == 1
+    assert chunk >= min(MIN_CHUNK, S_max) or ns == 1
     assert chunk <= 512  # a long sequence is spread over many programs
-    assert B * Hkv * ns >= min(264, B * Hkv * math.ceil(S_max / 256))
+    assert B * Hkv * ns >= min(264, B * Hkv * math.ceil(S_max / MIN_CHUNK))
 
 
 @settings(max_examples=200, deadline=None)

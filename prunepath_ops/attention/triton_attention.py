@@ -21,8 +21,12 @@ from prunepath_ops.ffn._env import interpreting as _interpreting
 
 #: Programs per SM the split count aims for when the batch alone does not fill the GPU.
 PROGRAMS_PER_SM = 2
-#: Fewest keys per split: below this the partial outputs and the combine cost more than they save.
-MIN_CHUNK = 256
+#: Fewest keys per split (one tile of 64): at batch 1 a short cache is cut until its programs fill
+#: the GPU, since each program's tiles are a chain of dependent loads. In the decode step of
+#: bench/decode_e2e_gpu.py (768 cache rows, 8 kv heads) 12 splits of 64 gave 351.8 tok/s at 30 %
+#: experts against 340.1 with 3 of 256 (and the dense step 213.4 against 210.0) in one session
+#: (bench/results/decode_e2e_cuda_chunk*.md); longer caches reach MAX_CHUNK or the fill target first.
+MIN_CHUNK = 64
 #: Most keys per split, whatever the batch: bounds the work of one program, so that a few long
 #: sequences in a batch of short ones are spread over many SMs instead of finishing last.
 MAX_CHUNK = 512
@@ -56,9 +60,9 @@ def split_plan(
     block_n: int,
     num_splits: int | None = None,
     *,
-    min_chunk: int = MIN_CHUNK,
-    max_chunk: int = MAX_CHUNK,
-    short_cache: int = SHORT_CACHE,
+    min_chunk: int | None = None,
+    max_chunk: int | None = None,
+    short_cache: int | None = None,
 ) -> tuple[int, int]:
     """``(NS, CHUNK)`` from static sizes: how the key axis ``[0, S_max)`` is cut between programs.
 
@@ -76,6 +80,10 @@ def split_plan(
     >>> split_plan(32, 8, 1280, 132, 64)  # the batch fills the GPU, the cache is short: no split
     (1, 1280)
     """
+    # The module constants are read at each call, so a benchmark can try other values.
+    min_chunk = MIN_CHUNK if min_chunk is None else min_chunk
+    max_chunk = MAX_CHUNK if max_chunk is None else max_chunk
+    short_cache = SHORT_CACHE if short_cache is None else short_cache
     if S_max <= 0:
         return 1, block_n
     if num_splits is None and B * Hkv >= sms and S_max <= short_cache:

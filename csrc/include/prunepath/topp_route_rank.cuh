@@ -12,8 +12,10 @@
 //    the order.
 // 3. The candidates are ranked by counting on exact keys (probability desc,
 //    index asc: no sort, no order check): candidate r compares its key against
-//    every other. Above kRankCountMax candidates (tau >= 1, long tails) a
-//    bitonic sort in shared memory is cheaper.
+//    every other, split over the P threads the block has for each candidate
+//    (a power of two; the partial counts summed with shuffles). Above
+//    kRankCountMax candidates (tau >= 1, long tails) a bitonic sort in shared
+//    memory is cheaper.
 // 4. Inclusive cumulative sum in sorted order in double (warp Kogge-Stone scans
 //    and a scan of the warp totals: a fixed shape, so the same bits every run),
 //    the first crossing, the clamps, gates, outputs.
@@ -27,15 +29,23 @@
 
 namespace prunepath {
 
-// Up to this many candidates are ranked by counting (C iterations on ceil(C/32)
-// warps); above, a bitonic sort of the next power of two (log^2 barriers).
+// Up to this many candidates are ranked by counting (C / P iterations with P
+// threads per candidate); above, a bitonic sort of the next power of two
+// (log^2 barriers).
 constexpr int kRankCountMax = 256;
 constexpr int kRankHistBins = 512;
+
+// Marks the end of each phase of topp_route_rank_row (1 softmax, 2 threshold,
+// 3 compaction, 4 rank, 5 cumulative sum, 6 outputs) for a timing probe
+// (bench/diag/router_split.cu); this default compiles to nothing.
+struct NoRankProbe {
+  __device__ static void mark(int) {}
+};
 
 // Routes token t with the whole block: NWARPS * 32 >= E threads, thread e
 // routes expert e. kBypassL1 reads the logits through L2 only: the fused router
 // (linear_topp_route.cuh) routes logits that other blocks of the same launch wrote.
-template <int NWARPS, bool kBypassL1 = false>
+template <int NWARPS, bool kBypassL1 = false, typename Probe = NoRankProbe>
 __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, const void* __restrict__ logits,
                                                     LogitDType dtype, int64_t t) {
   constexpr int N = NWARPS * 32;
@@ -83,6 +93,7 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
   }
   __syncthreads();
   const float total = total_smem;
+  Probe::mark(1);
   const float prob = w / total;
   const Key key = tid < E ? detail::ProbKey64::make(g, prob, tid, dtype) : 0ull;
 
@@ -131,6 +142,7 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
     all = chosen < 0;
     theta = all ? 0u : top - static_cast<unsigned>(chosen);
   }
+  Probe::mark(2);
 
   for (;;) {  // at most twice: the candidates, then (if they do not decide) every expert
     // 3. Compact the candidates in expert order.
@@ -150,17 +162,25 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
     if (take) key_smem[offset + __popc(ballot & ((1u << lane) - 1u))] = key;
     if (tid >= count) key_smem[tid] = 0ull;  // padding for the bitonic sort
     __syncthreads();
+    Probe::mark(3);
 
     // Rank: by counting, or a bitonic sort of the next power of two.
     const Key* sorted = key_smem;
     if (count <= kRankCountMax) {
-      if (tid < count) {
-        const Key mine = key_smem[tid];
-        int rank = 0;
+      // Threads c P .. c P + P - 1 (one aligned group of lanes) rank candidate
+      // c: thread c P + i counts the keys i, i + P, ... above it.
+      int P = 1;
+      while (P < 32 && 2 * P * count <= N) P <<= 1;
+      const int c = tid / P;
+      const int part = tid % P;
+      const Key mine = c < count ? key_smem[c] : 0ull;
+      int rank = 0;
+      if (c < count) {
 #pragma unroll 8
-        for (int j = 0; j < count; ++j) rank += key_smem[j] > mine ? 1 : 0;
-        ranked_smem[rank] = mine;
+        for (int j = part; j < count; j += P) rank += key_smem[j] > mine ? 1 : 0;
       }
+      for (int o = 1; o < P; o <<= 1) rank += __shfl_xor_sync(detail::kFullMask, rank, o);
+      if (c < count && part == 0) ranked_smem[rank] = mine;
       sorted = ranked_smem;
     } else {
       int m = 1;
@@ -183,6 +203,7 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
       }
     }
     __syncthreads();
+    Probe::mark(4);
 
     // 4. Inclusive cumulative sum in sorted order (position r = tid), in double.
     const Key mine = tid < count ? sorted[tid] : 0ull;
@@ -205,6 +226,7 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
     const int first = static_cast<int>(__reduce_min_sync(
         detail::kFullMask, static_cast<unsigned>(lane < NWARPS ? warp_first_smem[lane] : E)));
     const int n = clamp_active(first, tau, E, p.min_experts, p.k);
+    Probe::mark(5);
     if (!all && (first >= count || n > count)) {  // the candidates do not decide the row
       all = true;
       continue;  // the barrier at the top of the loop orders the reuse of shared memory
@@ -226,6 +248,7 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
                : 0.0f;
     }
     if (tid == 0) p.num_active[t] = n;
+    Probe::mark(6);
     return;
   }
 }
