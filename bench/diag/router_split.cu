@@ -181,6 +181,12 @@ int main() {
     q.weight = w + static_cast<size_t>(i % copies) * E * d;
     return q;
   };
+  cudaDeviceProp prop;
+  int driver = 0;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  CHECK(cudaDriverGetVersion(&driver));
+  std::printf("# %s, CUDA driver API %d, runtime %d (compiled with nvcc %d.%d)\n", prop.name, driver,
+              CUDART_VERSION, __CUDACC_VER_MAJOR__, __CUDACC_VER_MINOR__);
   std::printf("# router split: E = %d, d = %d, bf16, %d blocks x %d threads (%d rows each), %d SMs\n", E, d,
               p.blocks_per_token, kWarps * 32, p.rows_per_block, sms);
   std::printf(

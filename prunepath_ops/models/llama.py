@@ -412,7 +412,8 @@ class Llama(nn.Module):
         With ``fused_decode``, each :class:`PrunePathMLP` FFN also takes its RMSNorm into its router
         kernel at batch 1 on CUDA (:func:`prunepath_ops.norm_linear_topp_route`: one launch less per
         layer; the norm's output may differ from :func:`add_rms_norm`'s in the last bit). Default
-        False until measured on a GPU (bench/results/next/README.md).
+        False: measured slower on the H200 (0.96x tokens/s at 30 % experts at Llama-3-8B's shape,
+        bench/results/decode_e2e_cuda_routernorm.md), since every router block recomputes the norm.
 
     Examples
     --------
