@@ -63,6 +63,8 @@ for part in "$@"; do
              --name sparse_ffn_cuda_llama3_8b --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
     tests) t ${TESTS_TIMEOUT:-580} python3 -X faulthandler -m pytest python_tests -q -p no:cacheprovider --durations=25 \
              > "$out/gpu_tests.log" 2>&1 ;;
+    testsnotopp) t ${TESTS_TIMEOUT:-480} python3 -X faulthandler -m pytest python_tests -q -p no:cacheprovider --durations=25 \
+                   --ignore=python_tests/test_topp_route.py > "$out/gpu_tests_notopp.log" 2>&1 ;;  # with topptests: the suite in two calls
     routertests) t ${ROUTERTESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_linear_topp_route.py python_tests/test_topp_route.py \
                    -q -p no:cacheprovider > "$out/gpu_tests_router.log" 2>&1 ;;
     routerbench) t 120 python3 bench/router_decode_gpu.py --out "$out" > "$out/router_decode.log" 2>&1 ;;

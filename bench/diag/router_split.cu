@@ -89,11 +89,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   topp_route_rank_row<kWarps, true, ClockProbe>(p, logits, LogitDType::kBFloat16, 0);
 }
 
+// kCountMax: the rank's cut-over from counting to the bitonic sort (kRankCountMax in production).
+template <int kCountMax = kRankCountMax>
 __global__ void __launch_bounds__(kWarps * 32, 1)
     rank_only_kernel(const ToppRouteParams p, const void* logits) {
   detail::grid_dependency_wait();
   detail::grid_launch_dependents();
-  topp_route_rank_row<kWarps, true>(p, logits, LogitDType::kBFloat16, blockIdx.x);
+  topp_route_rank_row<kWarps, true, NoRankProbe, kCountMax>(p, logits, LogitDType::kBFloat16, blockIdx.x);
 }
 
 __global__ void empty_kernel(int* sink) {
@@ -224,8 +226,21 @@ int main() {
                                            stream, true, with_weights(i), LogitDType::kBFloat16);
          }));
     show("rank only (1 block, logits in L2)", tau, time_graph([&](int) {
-           return detail::launch_maybe_pdl(rank_only_kernel, dim3(1), block, stream, true, p.route,
+           return detail::launch_maybe_pdl(rank_only_kernel<>, dim3(1), block, stream, true, p.route,
                                            static_cast<const void*>(logits));
+         }));
+  }
+  // Counting up to every expert instead of the bitonic sort above kRankCountMax candidates (the
+  // logits the last fused call left; tau 1 ranks all 448).
+  for (float tau : {0.9f, 0.95f, 1.0f}) {
+    p.route.tau = tau;
+    show("rank only, bitonic above 256 candidates", tau, time_graph([&](int) {
+           return detail::launch_maybe_pdl(rank_only_kernel<>, dim3(1), block, stream, true, p.route,
+                                           static_cast<const void*>(logits));
+         }));
+    show("rank only, counting up to 512", tau, time_graph([&](int) {
+           return detail::launch_maybe_pdl(rank_only_kernel<kWarps * 32>, dim3(1), block, stream, true,
+                                           p.route, static_cast<const void*>(logits));
          }));
   }
   // Phases of one rank at each tau, from the logits the last fused call left.

@@ -45,7 +45,9 @@ struct NoRankProbe {
 // Routes token t with the whole block: NWARPS * 32 >= E threads, thread e
 // routes expert e. kBypassL1 reads the logits through L2 only: the fused router
 // (linear_topp_route.cuh) routes logits that other blocks of the same launch wrote.
-template <int NWARPS, bool kBypassL1 = false, typename Probe = NoRankProbe>
+// kCountMax: most candidates ranked by counting, the rest by the bitonic sort
+// (a parameter so that bench/diag/router_split.cu can time other cut-overs).
+template <int NWARPS, bool kBypassL1 = false, typename Probe = NoRankProbe, int kCountMax = kRankCountMax>
 __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, const void* __restrict__ logits,
                                                     LogitDType dtype, int64_t t) {
   constexpr int N = NWARPS * 32;
@@ -166,7 +168,7 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
 
     // Rank: by counting, or a bitonic sort of the next power of two.
     const Key* sorted = key_smem;
-    if (count <= kRankCountMax) {
+    if (count <= kCountMax) {
       // Threads c P .. c P + P - 1 (one aligned group of lanes) rank candidate
       // c: thread c P + i counts the keys i, i + P, ... above it.
       int P = 1;
