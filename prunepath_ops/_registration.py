@@ -140,16 +140,21 @@ def check_linear_topp_route_args(
     return _linear_route_k(x, weight, tau_per_token, min_experts, max_experts, gate, "linear_topp_route")
 
 
-@torch.library.register_fake("prunepath::linear_topp_route")
-def _linear_topp_route_fake(x, weight, tau, tau_per_token, min_experts, max_experts, gate, tickets, pdl):
-    K = check_linear_topp_route_args(x, weight, tau_per_token, min_experts, max_experts, gate, tickets)
-    T, E = x.shape[0], weight.shape[0]
+def _linear_route_fake_outputs(x: Tensor, E: int, K: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Empty ``logits [T, E]`` (dtype of x), ``expert_ids [T, K]``, ``gates [T, K]``, ``num_active [T]``."""
+    T = x.shape[0]
     return (
         x.new_empty((T, E)),
         x.new_empty((T, K), dtype=torch.int32),
         x.new_empty((T, K), dtype=torch.float32),
         x.new_empty((T,), dtype=torch.int32),
     )
+
+
+@torch.library.register_fake("prunepath::linear_topp_route")
+def _linear_topp_route_fake(x, weight, tau, tau_per_token, min_experts, max_experts, gate, tickets, pdl):
+    K = check_linear_topp_route_args(x, weight, tau_per_token, min_experts, max_experts, gate, tickets)
+    return _linear_route_fake_outputs(x, weight.shape[0], K)
 
 
 def check_norm_linear_topp_route_args(
@@ -199,15 +204,7 @@ def _norm_linear_topp_route_fake(
     K = check_norm_linear_topp_route_args(
         x, residual, norm_weight, eps, weight, tau_per_token, min_experts, max_experts, gate, tickets
     )
-    T, d, E = x.shape[0], x.shape[1], weight.shape[0]
-    return (
-        x.new_empty((T, d)),
-        x.new_empty((T, d)),
-        x.new_empty((T, E)),
-        x.new_empty((T, K), dtype=torch.int32),
-        x.new_empty((T, K), dtype=torch.float32),
-        x.new_empty((T,), dtype=torch.int32),
-    )
+    return (x.new_empty(x.shape), x.new_empty(x.shape), *_linear_route_fake_outputs(x, weight.shape[0], K))  # y, h
 
 
 def check_decode_gemv_args(x: Tensor, weight: Tensor) -> None:
