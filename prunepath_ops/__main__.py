@@ -112,8 +112,32 @@ class _ByteTokenizer:
         return byte_detokenize(ids)
 
 
-def _load_dense(model_path: str | None, fast: bool):
+def _device(args: argparse.Namespace) -> torch.device:
+    """``--device``: ``auto`` (the default) is the first CUDA GPU when torch sees one, else the CPU."""
+    name = getattr(args, "device", None) or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"bad --device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"bad --device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _load_dense(model_path: str | None, fast: bool, device: torch.device | str = "cpu"):
     """``(model, tokenizer, source)`` for the dense model: tiny random with --fast, else a GGUF file or an HF dir."""
+    model, tok, source = _load_dense_cpu(model_path, fast)
+    return model.to(device), tok, source
+
+
+def _load_dense_cpu(model_path: str | None, fast: bool):
     if fast or model_path == FAST_SOURCE:
         return _fast_model(), _ByteTokenizer(), FAST_SOURCE
     from prunepath_ops.models import default_model_path, from_gguf, from_hf, load_tokenizer
@@ -135,7 +159,7 @@ def _load_dense(model_path: str | None, fast: bool):
         raise CLIError(f"cannot load model {path}: {type(e).__name__}: {msg[:300]}") from None
 
 
-def _load_prunepath(checkpoint: str, model_path: str | None, fast: bool):
+def _load_prunepath(checkpoint: str, model_path: str | None, fast: bool, device: torch.device | str = "cpu"):
     """``(model, tokenizer, meta)``: the dense source model with the checkpoint's PrunePath FFNs applied."""
     from prunepath_ops.convert import CheckpointError, apply_checkpoint, load_checkpoint
 
@@ -146,12 +170,12 @@ def _load_prunepath(checkpoint: str, model_path: str | None, fast: bool):
     except (FileNotFoundError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     source = model_path or loaded.config.get("source_model")
-    model, tok, _ = _load_dense(source, fast or source == FAST_SOURCE)
+    model, tok, _ = _load_dense_cpu(source, fast or source == FAST_SOURCE)
     try:
         apply_checkpoint(model, loaded)
     except (AttributeError, ValueError, KeyError) as e:
         raise CLIError(f"checkpoint {checkpoint} does not fit model {source}: {e}") from None
-    return model.eval(), tok, loaded
+    return model.to(device).eval(), tok, loaded
 
 
 def _text_path(args) -> str | None:
@@ -176,10 +200,12 @@ def _tokens(args, tok, split: tuple[float, float]) -> torch.Tensor:
     return text_tokens(path, tok, split)
 
 
-def _save(model, out: str, meta_config: dict, permutations=None) -> None:
-    from prunepath_ops.convert import save_checkpoint
+def _save(model, out: str, meta_config: dict, permutations=None, *, with_backbone: bool = False) -> None:
+    """Write the checkpoint; ``with_backbone``: also the non-FFN parameters (fine-tuned, or loaded so)."""
+    from prunepath_ops.convert import backbone_parameters, save_checkpoint
 
-    save_checkpoint(out, model, meta_config, permutations)
+    backbone = backbone_parameters(model) if with_backbone else None
+    save_checkpoint(out, model, meta_config, permutations, backbone=backbone)
 
 
 def _routed(model) -> list:
@@ -197,7 +223,7 @@ def convert(args: argparse.Namespace) -> int:
     from prunepath_ops.convert import convert_model, fit_router_lstsq
     from prunepath_ops.models import LlamaMLP
 
-    model, tok, source = _load_dense(args.model, args.fast)
+    model, tok, source = _load_dense(args.model, args.fast, _device(args))
     S = args.expert_width or (16 if source == FAST_SOURCE else 32)
     if model.config.ffn % S:
         raise CLIError(f"--expert-width {S} does not divide the FFN width {model.config.ffn}")
@@ -236,7 +262,7 @@ def _ffn_inputs(model, tokens: torch.Tensor, window: int | None = None) -> list[
         for s in range(0, len(tokens), window):
             chunk = tokens[s : s + window]
             if len(chunk):
-                model(chunk[None])
+                model(chunk[None].to(next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
@@ -252,7 +278,7 @@ def train(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise CLIError(f"training is not available in this build (prunepath_ops.train: {e})") from None
     _check_tau(args.tau_min, "--tau-min")
-    model, tok, loaded = _load_prunepath(args.checkpoint, args.model, args.fast)
+    model, tok, loaded = _load_prunepath(args.checkpoint, args.model, args.fast, _device(args))
     if args.gate != "keep":
         for m in _routed(model):
             m.gate = args.gate
@@ -266,19 +292,32 @@ def train(args: argparse.Namespace) -> int:
     seq_len = min(args.seq_len, model.config.max_seq_len)
     if not (args.eta >= 0 and args.lam >= 0):  # also rejects NaN
         raise CLIError(f"--eta and --lam must be non-negative numbers; got {args.eta} and {args.lam}")
+    if not 0.0 <= args.distill <= 1.0:
+        raise CLIError(f"--distill must be in [0, 1]; got {args.distill}")
+    if args.grad_accum < 1:
+        raise CLIError(f"--grad-accum must be >= 1; got {args.grad_accum}")
     cfg = TrainConfig(
-        steps=args.steps, seq_len=seq_len, batch_size=args.batch_size, lr_router=args.lr_router,
-        train_backbone=args.train_backbone, tau_min=args.tau_min, seed=args.seed, progress=not args.no_progress,
-        eta=args.eta, lam=args.lam,
+        steps=args.steps, seq_len=seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr_router=args.lr_router, lr_backbone=args.lr_backbone, train_backbone=args.train_backbone,
+        tau_min=args.tau_min, seed=args.seed, progress=not args.no_progress, eta=args.eta, lam=args.lam,
+        distill=args.distill, tau_sampling=args.tau_sampling,
     )  # fmt: skip
     start = time.perf_counter()
     stats = train_routers(model, tokens, cfg)
     out = args.out or args.checkpoint
     _save(model, out, {**_ckpt_config(loaded), "trained_steps": args.steps, "tau_min": args.tau_min},
-          loaded.permutations)  # fmt: skip
+          loaded.permutations, with_backbone=args.train_backbone or loaded.backbone is not None)  # fmt: skip
+    if stats is not None:  # the per-step losses, tau and s_FFN, for plots and post-mortems
+        import json
+
+        with open(os.path.join(out, "train_history.json"), "w") as f:
+            json.dump(stats.as_dict(), f)
     print(f"trained {args.steps} steps in {time.perf_counter() - start:.1f} s -> {out}")
-    if stats is not None:
-        print(f"  stats: {_short(stats)}")
+    if stats is not None and stats.last is not None:
+        r = stats.last
+        print(f"  last step: ce {r.ce:.4f}" + (f", kl {r.kl:.4f}" if args.distill else "")
+              + f", tau {r.tau:.3f}, s_FFN {r.sparsity:.3f}; {stats.seconds_per_step:.3f} s/step,"
+              f" {stats.tokens_per_step} tokens/step; history in {out}/train_history.json")  # fmt: skip
     return 0
 
 
@@ -317,19 +356,14 @@ def _expert_bounds_args(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _short(obj) -> str:
-    text = repr(obj)
-    return text if len(text) < 300 else text[:297] + "..."
-
-
 # -- calibrate ---------------------------------------------------------------------------------
 def calibrate(args: argparse.Namespace) -> int:
     from prunepath_ops.convert import CalibrationError, calibrate_tau, calibrate_tau_per_layer, make_measure_fn
 
     if not (math.isfinite(args.target) and 0.0 <= args.target < 1.0):
         raise CLIError(f"impossible target sparsity {args.target}: it must be in [0, 1)")
-    model, tok, loaded = _load_prunepath(args.checkpoint, args.model, args.fast)
-    tokens = _tokens(args, tok, (0.0, 0.8))[: args.tokens]
+    model, tok, loaded = _load_prunepath(args.checkpoint, args.model, args.fast, _device(args))
+    tokens = _tokens(args, tok, (0.0, 0.8))[: args.tokens].to(next(model.parameters()).device)
     window = min(512, model.config.max_seq_len)
     chunks = [tokens[s : s + window] for s in range(0, len(tokens) - 1, window) if len(tokens[s : s + window]) > 1]
     mods = _routed(model)
@@ -353,7 +387,8 @@ def calibrate(args: argparse.Namespace) -> int:
     for m, t in zip(mods, taus, strict=True):
         m.tau = t
     out = args.out or args.checkpoint
-    _save(model, out, {**_ckpt_config(loaded), "calibrated_target": args.target}, loaded.permutations)
+    _save(model, out, {**_ckpt_config(loaded), "calibrated_target": args.target}, loaded.permutations,
+          with_backbone=loaded.backbone is not None)  # fmt: skip
     shown = f"tau = {taus[0]:.4f}" if not args.per_layer else f"taus {min(taus):.4f} .. {max(taus):.4f}"
     print(f"target s_FFN {args.target:.3f}: {shown}, measured s_FFN {achieved:.3f} on {len(tokens)} tokens -> {out}")
     return 0
@@ -373,9 +408,9 @@ def evaluate(args: argparse.Namespace) -> int:
         if not 0.0 <= f < 1.0:
             raise CLIError(f"bad static fraction {f}: it must be in [0, 1)")
     if args.checkpoint:
-        model, tok, _ = _load_prunepath(args.checkpoint, args.model, args.fast)
+        model, tok, _ = _load_prunepath(args.checkpoint, args.model, args.fast, _device(args))
     else:
-        model, tok, _ = _load_dense(args.model, args.fast)
+        model, tok, _ = _load_dense(args.model, args.fast, _device(args))
         taus = []
     fast = getattr(model.config, "vocab", 0) == 128 and args.fast
     window = args.window or (FAST_WINDOW if fast else 512)
@@ -419,16 +454,17 @@ def generate_cmd(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if args.checkpoint:
-        model, tok, _ = _load_prunepath(args.checkpoint, args.model, args.fast)
+        model, tok, _ = _load_prunepath(args.checkpoint, args.model, args.fast, _device(args))
         set_tau(model, tau)
     else:
-        model, tok, _ = _load_dense(args.model, args.fast)
-    prompt = encode(tok, args.prompt)
+        model, tok, _ = _load_dense(args.model, args.fast, _device(args))
+    device = next(model.parameters()).device
+    prompt = encode(tok, args.prompt).to(device)
     if len(prompt) == 0:
         raise CLIError("the prompt is empty")
     if len(prompt) + args.max_new_tokens > model.config.max_seq_len:
         raise CLIError(f"prompt + --max-new-tokens exceed the model's context {model.config.max_seq_len}")
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     mods = _routed(model)
     from prunepath_ops.convert import ffn_sparsity, record_num_active
 
@@ -548,6 +584,11 @@ def _model_args(p: argparse.ArgumentParser, checkpoint: str | None = None) -> No
         "--text", help="text file (default ../shared/data/wikitext-2/valid.txt, or one found on the machine)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs: auto (a CUDA GPU when there is one, else cpu), cpu, cuda[:N]",
+    )
     if checkpoint == "required":
         p.add_argument("--checkpoint", required=True, help="PrunePath checkpoint directory (from `prunepath convert`)")
     elif checkpoint == "optional":
@@ -609,9 +650,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
     p.add_argument("--lr-router", type=float, default=1e-3, help="router learning rate (default 1e-3)")
+    p.add_argument("--lr-backbone", type=float, default=1e-4, help="backbone learning rate (default 1e-4)")
     p.add_argument("--tau-min", type=float, default=0.5, help="final tau of the schedule (default 0.5)")
-    p.add_argument("--train-backbone", action="store_true", help="also fine-tune the backbone")
+    p.add_argument(
+        "--tau-sampling",
+        choices=("linear", "uniform"),
+        default="linear",
+        help="after the warm-up: linear schedule down to --tau-min (default), or tau drawn from [tau-min, 1] per step",
+    )
+    p.add_argument(
+        "--train-backbone", action="store_true", help="also fine-tune the backbone (saved with the checkpoint)"
+    )
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight alpha of KL(dense teacher || model) in the task loss, (1 - alpha) CE + alpha KL (default 0)",
+    )
     p.add_argument(
         "--straight-through",
         action="store_true",

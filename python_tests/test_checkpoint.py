@@ -70,6 +70,46 @@ def test_round_trip(tmp_path, gated):
         assert torch.equal(fresh(x), model(x))
 
 
+class Model(nn.Module):
+    """Blocks behind a scaled input: a parameter outside the FFNs (a stand-in for attention and norms)."""
+
+    def __init__(self, gated, seed=0):
+        super().__init__()
+        self.blocks = make_model(gated, seed)
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        return self.blocks(x * self.scale)
+
+
+def test_backbone_round_trip_and_errors(tmp_path):
+    from prunepath_ops.convert import backbone_parameters
+
+    model = Model(gated=True)
+    perms = convert_model(model, 16, seed=0, progress=False)
+    assert list(backbone_parameters(model)) == ["scale"]  # nothing inside a PrunePathMLP
+    with torch.no_grad():
+        model.scale.mul_(1.5)  # "fine-tuned"
+    save_checkpoint(tmp_path, model, {"source_model": "toy"}, perms, backbone=backbone_parameters(model))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.config["backbone"] == ["scale"] and torch.equal(loaded.backbone["scale"], model.scale)
+    fresh = apply_checkpoint(Model(gated=True), loaded)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    # Without a backbone the field is None and the model's own parameters stay.
+    save_checkpoint(tmp_path / "plain", model, {}, perms)
+    assert load_checkpoint(tmp_path / "plain").backbone is None
+    # A model without the saved parameter, or with another shape: a clear error, nothing replaced.
+    with pytest.raises(ValueError, match="no parameter 'scale'"):
+        apply_checkpoint(make_model(True), loaded)
+    other = Model(gated=True)
+    other.scale = nn.Parameter(torch.ones(8))
+    with pytest.raises(ValueError, match="backbone parameter 'scale' is \\[16\\]"):
+        apply_checkpoint(other, loaded)
+    assert not any(isinstance(m, pp.PrunePathMLP) for m in other.modules())
+
+
 def test_dict_of_modules_and_dtype(tmp_path):
     # Edge: a name -> module dict without permutations, loaded as bf16.
     torch.manual_seed(0)

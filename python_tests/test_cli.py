@@ -134,6 +134,58 @@ def test_train_under_expert_bounds_saves_them(ckpt, tmp_path, capsys):
     assert "bad --max-experts" in _error_line(capsys)
 
 
+def test_train_backbone_is_saved_and_restored(ckpt, tmp_path, capsys):
+    # --train-backbone moves attention, norms and embeddings too: the checkpoint must carry them,
+    # or the evaluated model would pair fine-tuned FFNs with the source model's attention.
+    pytest.importorskip("prunepath_ops.train")
+    import torch
+
+    from prunepath_ops.__main__ import _load_prunepath
+    from prunepath_ops.convert import backbone_parameters, load_checkpoint
+
+    out = str(tmp_path / "bb")
+    argv = ["train", "--fast", "--no-progress", "--device", "cpu", "--checkpoint", ckpt, "--steps", "2",
+            "--seq-len", "32", "--batch-size", "1", "--train-backbone", "--lr-backbone", "1e-2",
+            "--distill", "0.5", "--tau-sampling", "uniform", "--grad-accum", "2", "--out", out]  # fmt: skip
+    assert main(argv) == 0
+    saved = load_checkpoint(out).backbone
+    assert saved and "embed.weight" in saved and not any(".ffn." in n for n in saved)
+    source, _, _ = _load_prunepath(ckpt, None, True)
+    trained, _, _ = _load_prunepath(out, None, True)
+    before, after = backbone_parameters(source), backbone_parameters(trained)
+    assert set(after) == set(saved)
+    assert all(torch.equal(after[n], saved[n]) for n in saved)
+    assert any(not torch.equal(before[n], after[n]) for n in saved)  # it trained, and it came back
+    # Training again from that checkpoint keeps its backbone even without --train-backbone.
+    again = str(tmp_path / "again")
+    assert main(["train", "--fast", "--no-progress", "--checkpoint", out, "--steps", "1", "--seq-len", "16",
+                 "--batch-size", "1", "--out", again]) == 0  # fmt: skip
+    assert all(torch.equal(load_checkpoint(again).backbone[n], saved[n]) for n in saved)
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--distill", "2"], "--distill must be in [0, 1]"),  # a weight, not a temperature
+        (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+        (["--device", "tpu"], "bad --device"),  # neither cpu nor cuda
+        (["--device", "banana"], "bad --device"),  # not a device string
+    ],
+)
+def test_train_bad_options(ckpt, capsys, argv, match):
+    assert main(["train", "--fast", "--no-progress", "--checkpoint", ckpt, "--steps", "1", *argv]) == 1
+    assert match in _error_line(capsys)
+
+
+def test_device_cuda_without_gpu(ckpt, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["generate", "--fast", "--device", "cuda", "--max-new-tokens", "2"]) == 1
+    assert "sees no CUDA GPU" in _error_line(capsys)
+
+
 def test_train_rejects_negative_loss_weights(ckpt, capsys):
     argv = ["train", "--fast", "--no-progress", "--checkpoint", ckpt, "--steps", "1", "--eta", "-1"]
     assert main(argv) == 1

@@ -238,6 +238,37 @@ def test_routers_only_freezes_backbone_and_follows_tau():
     assert not model.training  # eval mode restored
 
 
+def test_distillation_from_the_dense_teacher():
+    # KL(teacher || model) is 0 at the start of a dense (tau >= 1, gate one) run: the teacher is the
+    # model itself with every expert; with tau < 1 the sparse model differs and the KL is positive.
+    tokens = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(8))
+    model = _tiny_model(seed=3)
+    for m in prunepath_mlps(model):
+        m.gate = "one"
+    cfg = TrainConfig(steps=4, seq_len=12, batch_size=2, warmup_frac=0.5, tau_min=0.3, distill=0.5, progress=False)
+    stats = train_routers(model, tokens, cfg)
+    kl = stats.column("kl")
+    assert kl[0] == pytest.approx(0.0, abs=1e-5)  # warm-up: every expert, gates 1 = the teacher
+    assert kl[-1] > 1e-4  # tau 0.3: the routed model departs from the teacher
+    r = stats.history[-1]
+    assert r.loss == pytest.approx(0.5 * r.ce + 0.5 * r.kl + cfg.eta * r.ent + cfg.lam * r.bal, rel=1e-6)
+    with pytest.raises(ValueError, match="distill"):
+        TrainConfig(steps=1, distill=1.5)
+
+
+def test_uniform_tau_sampling_is_seeded_and_in_range():
+    tokens = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(9))
+    cfg = TrainConfig(steps=12, seq_len=8, batch_size=1, warmup_frac=0.25, tau_min=0.4, tau_sampling="uniform",
+                      progress=False)  # fmt: skip
+    taus = [train_routers(_tiny_model(seed=4), tokens, cfg).column("tau") for _ in range(2)]
+    assert taus[0] == taus[1]
+    assert taus[0][:3] == [1.05] * 3  # warm-up
+    rest = taus[0][3:]
+    assert all(0.4 <= t <= 1.0 for t in rest) and len(set(rest)) == len(rest)  # drawn, not a schedule
+    with pytest.raises(ValueError, match="tau_sampling"):
+        TrainConfig(steps=1, tau_sampling="cosine")
+
+
 def test_callback_stops_early():
     model = _tiny_model()
     stats = train_routers(model, torch.randint(0, 128, (200,)), TrainConfig(steps=10, seq_len=8, batch_size=1,

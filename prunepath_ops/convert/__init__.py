@@ -19,6 +19,7 @@ from prunepath_ops.convert.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
     apply_checkpoint,
+    backbone_parameters,
     load_checkpoint,
     save_checkpoint,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "RouterLosses",
     "TauSchedule",
     "apply_checkpoint",
+    "backbone_parameters",
     "balanced_assign",
     "balanced_kmeans",
     "calibrate_tau",

@@ -5,10 +5,13 @@ Layout of a checkpoint directory:
 - ``prunepath.safetensors``: for layer ``i`` (model order) ``layers.{i}.w_in``
   (packed, permuted), ``layers.{i}.w_down``, ``layers.{i}.router``, and where
   present ``layers.{i}.b_in``, ``layers.{i}.b_out``, ``layers.{i}.permutation``.
+  When the rest of the model was fine-tuned too (``prunepath train --train-backbone``), its
+  parameters are saved as ``backbone.{parameter name}`` (names as in ``model.named_parameters()``).
 - ``prunepath_config.json``: format name and version, source model, FFN family,
   default gate and tau, and per layer its module name, E, S, d, activation,
-  tau, gate and expert bounds; the caller's own ``config`` dict is kept under
-  ``"config"``.
+  tau, gate and expert bounds; the names of the saved backbone parameters (``"backbone"``, a
+  list, empty when the source model's own weights are used); the caller's own ``config`` dict is
+  kept under ``"config"``.
 
 ``safetensors`` is imported inside the functions so that ``import prunepath_ops`` never needs it.
 """
@@ -48,11 +51,36 @@ class LoadedCheckpoint(NamedTuple):
         ``{module_name: [F] int64}`` for the layers saved with one.
     config : dict
         The whole JSON config (format fields, ``layers``, and the caller's ``config``).
+    backbone : dict or None
+        ``{parameter_name: tensor}`` of the fine-tuned non-FFN parameters, or None when the
+        checkpoint uses the source model's own.
     """
 
     modules: dict[str, PrunePathMLP]
     permutations: dict[str, Tensor]
     config: dict
+    backbone: dict[str, Tensor] | None = None
+
+
+def backbone_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter of ``model`` outside its :class:`PrunePathMLP` s (attention, norms, embeddings, head).
+
+    Tied parameters appear once (``named_parameters`` deduplicates), under their first name.
+
+    Examples
+    --------
+    >>> from prunepath_ops.models import Llama, LlamaConfig
+    >>> model = Llama(LlamaConfig.tiny())
+    >>> names = backbone_parameters(model)
+    >>> "embed.weight" in names, any(".mlp." in n for n in names)
+    (True, False)
+    """
+    inside = {n for n, m in model.named_modules() if isinstance(m, PrunePathMLP)}
+    return {
+        n: p.detach()
+        for n, p in model.named_parameters()
+        if not any(n == m or n.startswith(m + ".") for m in inside if m)
+    }
 
 
 def _named_mlps(model_or_modules) -> list[tuple[str, PrunePathMLP]]:
@@ -70,6 +98,8 @@ def save_checkpoint(
     model_or_modules: nn.Module | Mapping[str, PrunePathMLP],
     config: dict | None = None,
     permutations: Mapping[str, Tensor] | None = None,
+    *,
+    backbone: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Write every :class:`PrunePathMLP` of a model (or a name -> module dict) to ``path_dir``.
 
@@ -86,6 +116,9 @@ def save_checkpoint(
         top-level fields (default: read from the first module).
     permutations : dict, optional
         ``{name: [F] permutation}``, e.g. what :func:`convert_model` returns.
+    backbone : dict, optional
+        ``{parameter_name: tensor}`` of a fine-tuned backbone (:func:`backbone_parameters`),
+        restored by :func:`apply_checkpoint`; default: none (the source model's weights are used).
 
     Examples
     --------
@@ -126,6 +159,9 @@ def save_checkpoint(
                 "tau": m.tau, "gate": m.gate, "min_experts": m.min_experts, "max_experts": m.max_experts,
             }
         )  # fmt: skip
+    backbone = dict(backbone or {})
+    for name, t in backbone.items():
+        tensors[f"backbone.{name}"] = t.detach()
     first = named[0][1]
     meta = {
         "format": FORMAT,
@@ -135,6 +171,7 @@ def save_checkpoint(
         "gate": config.get("gate", first.gate),
         "tau": config.get("tau", first.tau),
         "layers": layers,
+        "backbone": sorted(backbone),
         "config": config,
     }
     os.makedirs(path_dir, exist_ok=True)
@@ -214,17 +251,29 @@ def load_checkpoint(
         perm = get(f"{key}.permutation", False)
         if perm is not None:
             permutations[layer["name"]] = perm
-    return LoadedCheckpoint(modules, permutations, meta)
+    backbone = {name: get(f"backbone.{name}") for name in meta.get("backbone", [])}
+    return LoadedCheckpoint(modules, permutations, meta, backbone or None)
 
 
 def apply_checkpoint(model: nn.Module, loaded: LoadedCheckpoint) -> nn.Module:
     """Put the loaded modules into ``model`` (in place) at their saved names; returns ``model``.
 
     The model must have a module at every saved name (e.g. the dense source
-    model, whose ``mlp`` modules are replaced).
+    model, whose ``mlp`` modules are replaced), and a parameter of the same shape at every saved
+    backbone name (copied in place, so tied parameters stay tied).
     """
+    params = dict(model.named_parameters()) if loaded.backbone else {}
+    for name, t in (loaded.backbone or {}).items():
+        if name not in params:
+            raise ValueError(f"apply_checkpoint: the model has no parameter {name!r} (saved backbone)")
+        if params[name].shape != t.shape:
+            raise ValueError(f"apply_checkpoint: backbone parameter {name!r} is {list(t.shape)} in the checkpoint, "
+                             f"{list(params[name].shape)} in the model")  # fmt: skip
     for name, module in loaded.modules.items():
         if not name:
             raise ValueError("apply_checkpoint: a module saved without a name cannot be placed in a model")
         _set_submodule(model, name, module)
+    with torch.no_grad():
+        for name, t in (loaded.backbone or {}).items():
+            params[name].copy_(t)
     return model

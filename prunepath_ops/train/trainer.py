@@ -16,6 +16,7 @@ V vocab, T = B * L tokens, E experts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +66,17 @@ class TrainConfig:
         Clip the global gradient norm (routers and backbone together); None or <= 0: no clipping.
     weight_decay : float
         AdamW weight decay (both groups). Default 0.
+    distill : float
+        alpha in ``[0, 1]``: the task loss becomes ``(1 - alpha) * CE + alpha * KL(teacher || model)``
+        over the next-token distributions, the teacher being a frozen copy of the model as it is
+        when training starts with every expert active and gates 1 (for a fresh conversion: the
+        dense source model). Default 0 (plain CE, the paper's recipe). Distillation gives every
+        token a full target distribution instead of one label, which matters when the training text
+        is small and the backbone is fine-tuned.
+    tau_sampling : {"linear", "uniform"}
+        After the warm-up, ``"linear"`` follows :meth:`tau_schedule` down to ``tau_min``;
+        ``"uniform"`` draws each step's ``tau`` uniformly from ``[tau_min, 1]`` (seeded), so that one
+        checkpoint is trained for the whole range of sparsities it will be used at.
     """
 
     steps: int
@@ -84,8 +96,14 @@ class TrainConfig:
     log_every: int = 10
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
+    distill: float = 0.0
+    tau_sampling: str = "linear"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"TrainConfig: distill must be in [0, 1]; got {self.distill}")
+        if self.tau_sampling not in ("linear", "uniform"):
+            raise ValueError(f"TrainConfig: tau_sampling must be 'linear' or 'uniform'; got {self.tau_sampling!r}")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1; got {getattr(self, name)}")
@@ -109,7 +127,7 @@ class StepRecord:
     """What one optimiser step saw (losses averaged over its micro-batches; the aux losses over layers)."""
 
     step: int
-    loss: float  # ce + eta * ent + lam * bal + gamma * gate
+    loss: float  # (1 - distill) * ce + distill * kl + eta * ent + lam * bal + gamma * gate
     ce: float
     ent: float
     bal: float
@@ -117,6 +135,7 @@ class StepRecord:
     tau: float
     sparsity: float  # s_FFN = 1 - mean over tokens and layers of num_active / E
     grad_norm: float  # before clipping
+    kl: float = 0.0  # KL(teacher || model) per token, with TrainConfig.distill > 0
 
 
 @dataclass
@@ -225,6 +244,22 @@ def _backbone_tensors(model: nn.Module, mlps: Sequence[PrunePathMLP]) -> list[Te
     return out
 
 
+def dense_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` with every expert active and gates 1 (:attr:`TrainConfig.distill`).
+
+    Its :class:`PrunePathMLP` s run the masked dense path, so a teacher forward costs one dense
+    forward. For a fresh conversion (permutation identity) it computes the dense source model.
+    """
+    teacher = copy.deepcopy(model)
+    for m in prunepath_mlps(teacher):
+        m.tau, m.gate, m.min_experts, m.max_experts = 1.05, "one", 1, None
+        m.straight_through = False
+        m.differentiable = True
+    for t in teacher.parameters():
+        t.requires_grad_(False)
+    return teacher.eval()
+
+
 def sample_windows(tokens: Tensor, count: int, length: int, generator: torch.Generator) -> Tensor:
     """``count`` random contiguous windows ``[count, length]`` of a 1-D token stream (uniform start offsets)."""
     n = tokens.numel()
@@ -297,6 +332,7 @@ def train_routers(
     flags = [(t, t.requires_grad) for t in routers + backbone]
     modes = [(m, m.training) for m in model.modules()]
     stats = TrainStats(cfg, tokens_per_step=A * B * L)
+    teacher = dense_teacher(model) if cfg.distill > 0 else None  # before the hooks: a copy would carry them
     try:
         for t in routers:
             t.requires_grad_(True)
@@ -317,30 +353,40 @@ def train_routers(
         ):
             for step in range(cfg.steps):
                 tau = schedule(step)
+                if cfg.tau_sampling == "uniform" and step >= cfg.warmup_steps:
+                    tau = cfg.tau_min + (1.0 - cfg.tau_min) * float(torch.rand((), generator=generator))
                 for m in mlps:
                     m.tau = tau
                 windows = sample_windows(tokens, A * B, L + 1, generator)  # [A*B, L+1]
                 optimizer.zero_grad(set_to_none=True)
-                sums = torch.zeros(5, dtype=torch.float64)  # ce, ent, bal, gate, sparsity
+                sums = torch.zeros(6, dtype=torch.float64)  # ce, ent, bal, gate, sparsity, kl
                 for a in range(A):
                     batch = windows[a * B : (a + 1) * B].to(device)  # [B, L+1]
                     for r in records:
                         r.clear()
                     logits = model(batch[:, :-1])  # [B, L, V]
-                    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+                    flat = logits.float().reshape(-1, logits.shape[-1])  # [T, V]
+                    ce = F.cross_entropy(flat, batch[:, 1:].reshape(-1))
                     ent, bal, gate, sparsity = _router_terms(mlps, records, tau)
-                    loss = ce + cfg.eta * ent + cfg.lam * bal + cfg.gamma * gate
+                    kl = torch.zeros((), device=ce.device)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target = F.log_softmax(teacher(batch[:, :-1]).float().reshape(flat.shape), dim=-1)
+                        kl = F.kl_div(F.log_softmax(flat, dim=-1), target, log_target=True, reduction="batchmean")
+                    task = (1.0 - cfg.distill) * ce + cfg.distill * kl
+                    loss = task + cfg.eta * ent + cfg.lam * bal + cfg.gamma * gate
                     (loss / A).backward()
-                    parts = torch.stack([ce.detach(), ent.detach(), bal.detach(), gate.detach(), sparsity])
+                    parts = torch.stack([ce.detach(), ent.detach(), bal.detach(), gate.detach(), sparsity, kl.detach()])
                     sums += parts.double().cpu()
                 for r in records:
                     r.clear()  # release the graphs' tensors
                 grad_norm = _clip(trained, cfg.max_grad_norm)
                 optimizer.step()
-                ce_, ent_, bal_, gate_, sp_ = (sums / A).tolist()
+                ce_, ent_, bal_, gate_, sp_, kl_ = (sums / A).tolist()
+                task_ = (1.0 - cfg.distill) * ce_ + cfg.distill * kl_
                 record = StepRecord(
-                    step=step, loss=ce_ + cfg.eta * ent_ + cfg.lam * bal_ + cfg.gamma * gate_, ce=ce_, ent=ent_,
-                    bal=bal_, gate=gate_, tau=tau, sparsity=sp_, grad_norm=grad_norm,
+                    step=step, loss=task_ + cfg.eta * ent_ + cfg.lam * bal_ + cfg.gamma * gate_, ce=ce_, ent=ent_,
+                    bal=bal_, gate=gate_, tau=tau, sparsity=sp_, grad_norm=grad_norm, kl=kl_,
                 )  # fmt: skip
                 stats.history.append(record)
                 stats.seconds = time.perf_counter() - start
@@ -438,7 +484,9 @@ def _clip(tensors: Sequence[Tensor], max_norm: float | None) -> float:
 
 
 def _format(r: StepRecord, gamma: float) -> str:
-    text = f"loss={r.loss:.4f} ce={r.ce:.4f} ent={r.ent:.3f} bal={r.bal:.3f}"
+    text = (
+        f"loss={r.loss:.4f} ce={r.ce:.4f}" + (f" kl={r.kl:.4f}" if r.kl else "") + f" ent={r.ent:.3f} bal={r.bal:.3f}"
+    )
     if gamma:
         text += f" gate={r.gate:.3f}"
     return text + f" tau={r.tau:.3f} s_ffn={r.sparsity:.3f}"
