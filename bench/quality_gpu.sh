@@ -4,11 +4,17 @@
 # last 20 % of wikitext-2's valid.txt, and bring the tables and plots back.
 #
 # The model (98 MB) is larger than what one device call carries (64 MiB), so it travels in two
-# halves (`split -n 2 -d` of the .gguf, see bench/results/quality/README.md):
-#   call 1: carry [".qa"]            bash bench/gpu_call.sh stashmodel ...   (half 1 -> /tmp/prunepath_model)
-#   call 2: carry [".qb", ".whl"]    bash bench/quality_gpu.sh RECIPE...      (the machine must still be warm)
-# .qb holds the second half, its sha256 (of the whole file) and valid.txt; .whl the gguf wheel (not
-# installed there). RECIPE names are below; each trains from the same converted checkpoint.
+# halves. Prepare them here (.qa, .qb and .whl are git-ignored):
+#   m=$(python -c 'from prunepath_ops.models import default_model_path as p; print(p())')
+#   mkdir -p .qa .qb && split -n 2 -d "$m" /tmp/gguf_part_ && mv /tmp/gguf_part_00 .qa/ && mv /tmp/gguf_part_01 .qb/
+#   sha256sum "$m" | cut -c1-64 > .qb/sha256 && cp ../shared/data/wikitext-2/valid.txt .qb/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl gguf==0.19.0      # gguf is not installed there
+# then, on a machine that stays warm between the two calls (the device releases it after 30 s idle):
+#   call 1: carry [".qa", ...]        bash bench/gpu_call.sh stashmodel ...   (half 1 -> /tmp/prunepath_model)
+#   call 2: carry [".qb", ".whl"]     bash bench/quality_gpu.sh RECIPE...
+# Later calls on the same machine find the joined model, the converted checkpoint and the build.
+# RECIPE names are below; each trains from the same converted checkpoint. Results: $OUT/results.tgz.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/prunepath-quality}
@@ -35,7 +41,9 @@ echo "sources: $(git rev-parse --short HEAD 2>/dev/null) (device copy; see the r
 text=.qb/valid.txt
 work=/tmp/prunepath_quality
 mkdir -p "$work"
-pp() { python3 -m prunepath_ops "$@" --model "$model" --text "$text" --no-progress --device cuda; }
+# `timeout` runs programs, not shell functions: pp is an array, the common options come last.
+pp=(python3 -m prunepath_ops)
+opts=(--model "$model" --text "$text" --no-progress --device cuda)
 timed() { local s=$1 name=$2; shift 2; local t0; t0=$(date +%s); log "start $name: $*"
   timeout "$s" "$@" > "$out/$name.log" 2>&1; local rc=$?; log "end $name rc=$rc in $(( $(date +%s) - t0 )) s"; pack; return $rc; }
 
@@ -46,17 +54,17 @@ STEPS=${STEPS:-400}
 common_train=(--gate one --straight-through --train-backbone --steps "$STEPS" --seq-len 512 --batch-size 8)
 
 evaluate() {  # evaluate NAME CHECKPOINT
-  timed "${EVAL_TIMEOUT:-200}" "eval_$1" pp eval --checkpoint "$2" --taus "$EVAL_TAUS" --ks "$EVAL_KS" \
-    --static-fractions "$EVAL_STATIC" --batch-size 16 --out-dir "$work/eval_$1"
+  timed "${EVAL_TIMEOUT:-200}" "eval_$1" "${pp[@]}" eval --checkpoint "$2" --taus "$EVAL_TAUS" --ks "$EVAL_KS" \
+    --static-fractions "$EVAL_STATIC" --batch-size 16 --out-dir "$work/eval_$1" "${opts[@]}"
   for f in sweep.md sweep.csv sweep.png; do cp "$work/eval_$1/$f" "$out/$1_$f" 2>/dev/null; done
   pack
 }
 
 if [[ ! -f $work/ckpt/prunepath_config.json ]]; then
-  timed 240 convert pp convert --out "$work/ckpt" || exit 1
+  timed 240 convert "${pp[@]}" convert --out "$work/ckpt" "${opts[@]}" || exit 1
 fi
 if [[ ! -f $out/dense_sweep.md ]]; then
-  timed 120 eval_dense pp eval --static-fractions "" --batch-size 16 --out-dir "$work/eval_dense"
+  timed 120 eval_dense "${pp[@]}" eval --static-fractions "" --batch-size 16 --out-dir "$work/eval_dense" "${opts[@]}"
   cp "$work/eval_dense/sweep.md" "$out/dense_sweep.md" 2>/dev/null
 fi
 for recipe in "$@"; do
@@ -71,8 +79,8 @@ for recipe in "$@"; do
     kd05lin) extra=(--distill 0.5 --tau-min 0.6 --lr-backbone 5e-5) ;;
     *) log "unknown recipe $recipe"; continue ;;
   esac
-  timed "${TRAIN_TIMEOUT:-240}" "train_$recipe" pp train --checkpoint "$work/ckpt" --out "$work/ckpt_$recipe" \
-    "${common_train[@]}" "${extra[@]}" || continue
+  timed "${TRAIN_TIMEOUT:-240}" "train_$recipe" "${pp[@]}" train --checkpoint "$work/ckpt" --out "$work/ckpt_$recipe" \
+    "${common_train[@]}" "${extra[@]}" "${opts[@]}" || continue
   tail -2 "$out/train_$recipe.log" | cut -c1-400 | tee -a "$out/quality_gpu.log"
   evaluate "$recipe" "$work/ckpt_$recipe"
 done

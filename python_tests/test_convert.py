@@ -99,6 +99,27 @@ def test_check_detects_corrupted_weights():
         check_identity(mlp, converted)
 
 
+def test_identity_tolerance_knows_tf32(monkeypatch):
+    # fp32 matmuls on TF32 tensor cores miss the fp32 tolerance (2.6e-4 measured on an H200):
+    # the check widens it only where TF32 can run, CUDA with torch's flags or cuBLAS's override.
+    from prunepath_ops.convert.convert import _tf32_matmuls
+
+    monkeypatch.delenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", raising=False)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        assert not _tf32_matmuls(torch.device("cpu")) and not _tf32_matmuls(torch.device("cuda"))
+        torch.set_float32_matmul_precision("high")
+        assert _tf32_matmuls(torch.device("cuda")) and not _tf32_matmuls(torch.device("cpu"))
+        torch.set_float32_matmul_precision("highest")
+        monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+        assert _tf32_matmuls(torch.device("cuda")) and not _tf32_matmuls(torch.device("cpu"))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+
+
 def test_bf16_module():
     # Edge: bf16 weights; the check uses the looser bf16 tolerance and the output keeps the dtype.
     torch.manual_seed(0)
