@@ -250,6 +250,57 @@ def test_patch_hf_llama_keeps_logits_and_generate():
     torch.testing.assert_close(hf(tokens, use_cache=False).logits, dense, atol=ATOL, rtol=1e-5)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("tie", [True, False])  # tied embeddings: transformers lists the embedding once
+def test_patch_hf_llama_from_checkpoint_equals_our_model(tmp_path, tie):
+    # The "backend" path with a trained checkpoint: a transformers model patched from the
+    # checkpoint computes what the package's own model with the same checkpoint computes,
+    # fine-tuned backbone included.
+    from prunepath_ops.convert import (
+        apply_checkpoint,
+        backbone_parameters,
+        convert_model,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from prunepath_ops.models import LlamaMLP, patch_hf_llama_from_checkpoint
+
+    cfg = LlamaConfig.tiny(tie_embeddings=tie)
+    hf, ours = _hf_twin(cfg, seed=3)
+    perms = convert_model(ours, 32, 0, find=lambda n, m: isinstance(m, LlamaMLP), progress=False)
+    g = torch.Generator().manual_seed(4)
+    for m in ours.ffns():
+        m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g))
+        m.tau, m.gate = 0.6, "sigmoid"
+    ours.layers[0].attn.q_proj.weight.mul_(1.1)  # "fine-tuned" backbone
+    ours.norm.weight.add_(0.05)
+    ours.embed.weight.mul_(0.9)
+    save_checkpoint(tmp_path, ours, {"source_model": "twin"}, perms, backbone=backbone_parameters(ours))
+    tokens = torch.randint(0, cfg.vocab, (2, 9), generator=g)
+    expected = ours(tokens)
+    assert not torch.allclose(hf(tokens, use_cache=False).logits, expected, atol=1e-2)  # the checkpoint matters
+    mlps = patch_hf_llama_from_checkpoint(hf, tmp_path)
+    assert len(mlps) == cfg.n_layers and all(m.tau == 0.6 and m.gate == "sigmoid" for m in mlps)
+    torch.testing.assert_close(hf(tokens, use_cache=False).logits, expected, atol=ATOL, rtol=1e-5)
+    # The same checkpoint applied to our own fresh twin: the same logits again.
+    _, fresh = _hf_twin(cfg, seed=3)
+    torch.testing.assert_close(apply_checkpoint(fresh, load_checkpoint(tmp_path))(tokens), expected, atol=ATOL, rtol=0)
+
+
+def test_patch_hf_llama_from_checkpoint_rejects_another_model(tmp_path):
+    from prunepath_ops.convert import convert_model, save_checkpoint
+    from prunepath_ops.models import LlamaMLP, patch_hf_llama_from_checkpoint
+
+    _, ours = _hf_twin(LlamaConfig.tiny(n_layers=3), seed=5)
+    perms = convert_model(ours, 32, 0, find=lambda n, m: isinstance(m, LlamaMLP), progress=False)
+    save_checkpoint(tmp_path, ours, {}, perms)
+    hf, _ = _hf_twin(LlamaConfig.tiny(n_layers=2), seed=5)
+    before = [type(layer.mlp) for layer in hf.model.layers]
+    with pytest.raises(ValueError, match="not an FFN of this 2-layer model"):
+        patch_hf_llama_from_checkpoint(hf, tmp_path)
+    assert [type(layer.mlp) for layer in hf.model.layers] == before  # nothing replaced
+
+
 # -- GGUF -----------------------------------------------------------------------------------
 def _write_gguf(model: Llama, path) -> None:
     """A llama.cpp-style F32 GGUF of ``model`` (Q/K rows permuted as convert_hf_to_gguf.py does)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from prunepath_ops.models.decode import GraphedDecoder
 from prunepath_ops.models.generate import generate, sample
-from prunepath_ops.models.hf_patch import patch_hf_llama, unpatch_hf_llama
+from prunepath_ops.models.hf_patch import patch_hf_llama, patch_hf_llama_from_checkpoint, unpatch_hf_llama
 from prunepath_ops.models.llama import (
     Llama,
     LlamaConfig,
@@ -48,6 +48,7 @@ __all__ = [
     "generate",
     "load_tokenizer",
     "patch_hf_llama",
+    "patch_hf_llama_from_checkpoint",
     "prunepath_to_dense",
     "sample",
     "set_tau",

@@ -9,6 +9,7 @@ Legend: F FFN width, S expert width.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -67,6 +68,79 @@ def patch_hf_llama(
     for i, layer in enumerate(layers):
         if not isinstance(layer.mlp, PrunePathMLP):
             layer.mlp = PrunePathMLP.from_dense(layer.mlp, expert_width, perms[i], tau=tau, gate=gate, **kwargs)
+        new.append(layer.mlp)
+    return new
+
+
+def patch_hf_llama_from_checkpoint(hf_model: nn.Module, checkpoint) -> list[PrunePathMLP]:
+    """Put a PrunePath checkpoint into a loaded ``transformers`` Llama, in place: FFNs and backbone.
+
+    The same model as :func:`prunepath_ops.convert.apply_checkpoint` gives the package's own
+    :class:`~prunepath_ops.models.Llama` for that checkpoint: each ``model.layers[i].mlp`` becomes
+    the checkpoint's :class:`PrunePathMLP` for layer ``i`` (its permuted experts, router, ``tau``,
+    gate and expert bounds), and a fine-tuned backbone (``prunepath train --train-backbone``) is
+    copied over the Hugging Face parameters it names. The modules take ``hf_model``'s device and
+    dtype.
+
+    Parameters
+    ----------
+    hf_model : transformers.LlamaForCausalLM
+        The checkpoint's source model (same shapes), loaded by ``transformers``.
+    checkpoint : str, os.PathLike or LoadedCheckpoint
+        A directory written by ``prunepath convert`` / ``train`` / ``calibrate``, or what
+        :func:`prunepath_ops.convert.load_checkpoint` returned for one.
+
+    Returns
+    -------
+    list of PrunePathMLP
+        The new modules in layer order.
+
+    Raises
+    ------
+    ValueError
+        The checkpoint does not fit the model (layer count, names, shapes); nothing is changed then.
+
+    Examples
+    --------
+    >>> mlps = patch_hf_llama_from_checkpoint(hf_model, "smollm2_prunepath/")  # doctest: +SKIP
+    >>> for m in mlps:  # doctest: +SKIP
+    ...     m.tau = 0.8
+    >>> out = hf_model.generate(**inputs, max_new_tokens=20)  # doctest: +SKIP
+    """
+    import torch
+
+    from prunepath_ops.convert.checkpoint import LoadedCheckpoint, load_checkpoint
+    from prunepath_ops.models.loading import internal_to_hf_name
+
+    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    layers = _decoder_layers(hf_model)
+    by_layer: dict[int, PrunePathMLP] = {}
+    for name, module in loaded.modules.items():
+        m = re.fullmatch(r"layers\.(\d+)\.ffn", name)
+        if m is None or not int(m.group(1)) < len(layers):
+            raise ValueError(f"patch_hf_llama_from_checkpoint: checkpoint module {name!r} is not an FFN of this "
+                             f"{len(layers)}-layer model")  # fmt: skip
+        by_layer[int(m.group(1))] = module
+    if sorted(by_layer) != list(range(len(layers))):
+        raise ValueError(f"patch_hf_llama_from_checkpoint: the checkpoint has FFNs for layers {sorted(by_layer)}, "
+                         f"the model {len(layers)} layers")  # fmt: skip
+    params = dict(hf_model.named_parameters())
+    backbone = {}
+    for name, t in (loaded.backbone or {}).items():
+        hf_name = internal_to_hf_name(name)
+        if hf_name not in params and hf_name == "lm_head.weight":
+            hf_name = "model.embed_tokens.weight"  # tied: transformers lists the embedding once
+        if hf_name not in params or params[hf_name].shape != t.shape:
+            raise ValueError(f"patch_hf_llama_from_checkpoint: backbone parameter {name!r} has no counterpart "
+                             f"of shape {list(t.shape)} in the model ({hf_name})")  # fmt: skip
+        backbone[hf_name] = t
+    ref = next(iter(params.values()))
+    with torch.no_grad():
+        for hf_name, t in backbone.items():
+            params[hf_name].copy_(t)
+    new = []
+    for i, layer in enumerate(layers):
+        layer.mlp = by_layer[i].to(device=ref.device, dtype=ref.dtype)
         new.append(layer.mlp)
     return new
 

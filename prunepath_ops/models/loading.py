@@ -109,6 +109,18 @@ def hf_to_internal_name(name: str) -> str | None:
     return _HF_TOP_NAMES.get(name)
 
 
+def internal_to_hf_name(name: str) -> str | None:
+    """The Hugging Face ``LlamaForCausalLM`` parameter name of one of ours (None: no counterpart)."""
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m:
+        hf = {v: k for k, v in _HF_LAYER_NAMES.items()}.get(m.group(2))
+        return None if hf is None else f"model.layers.{m.group(1)}.{hf}"
+    hf = {v: k for k, v in _HF_TOP_NAMES.items()}.get(name)
+    if hf is None:
+        return None
+    return hf if hf == "lm_head.weight" else f"model.{hf}"
+
+
 def _load_into(model: Llama, weights: dict[str, Tensor], source: str) -> Llama:
     expected = dict(model.named_parameters())  # a tied lm_head appears once, as embed.weight
     if model.config.tie_embeddings:
