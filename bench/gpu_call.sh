@@ -27,6 +27,7 @@ for part in "$@"; do
                    --name "decode_e2e_cuda_chunk$c" --out "$out" > "$out/decode_e2e_chunk$c.log" 2>&1; done ;;
     normfile) t 120 python3 -m pytest python_tests/test_norm_linear_topp_route.py -q -p no:cacheprovider \
                 > "$out/gpu_tests_norm_file.log" 2>&1 ;;
+    convert) t ${CONVERT_TIMEOUT:-300} python3 bench/convert_gpu.py --out "$out" > "$out/convert_gpu.log" 2>&1 ;;  # issue 5: k-means at 7B/70B shapes
     stashmodel) mkdir -p /tmp/prunepath_model && cp .qa/gguf_part_00 /tmp/prunepath_model/ ;;  # half 1: bench/quality_gpu.sh
     routersplit) t 90 .prebuilt/router_split > "$out/router_split.md" 2>&1 ;;  # built here first: bench/diag/router_split.sh
     kvcases) t 150 python3 bench/kv_attention_gpu.py --out "$out" > "$out/kv_attention.log" 2>&1 ;;
