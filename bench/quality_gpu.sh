@@ -51,7 +51,8 @@ EVAL_TAUS=${EVAL_TAUS:-0.95,0.9,0.85,0.8,0.75,0.7,0.65,0.6,0.5}
 EVAL_KS=${EVAL_KS:-34,24,14,10}
 EVAL_STATIC=${EVAL_STATIC:-0.3,0.5,0.7,0.8}
 STEPS=${STEPS:-400}
-common_train=(--gate one --straight-through --train-backbone --steps "$STEPS" --seq-len 512 --batch-size 8)
+SEED=${SEED:-0}  # the training windows' sampler (and uniform tau draws)
+common_train=(--gate one --straight-through --train-backbone --steps "$STEPS" --seq-len 512 --batch-size 8 --seed "$SEED")
 
 evaluate() {  # evaluate NAME CHECKPOINT
   timed "${EVAL_TIMEOUT:-200}" "eval_$1" "${pp[@]}" eval --checkpoint "$2" --taus "$EVAL_TAUS" --ks "$EVAL_KS" \
