@@ -290,6 +290,17 @@ def train(args: argparse.Namespace) -> int:
             m.straight_through = True  # training only: not saved, values unchanged
     tokens = _tokens(args, tok, (0.0, 0.8))
     seq_len = min(args.seq_len, model.config.max_seq_len)
+    val = None
+    if args.eval_every < 0:
+        raise CLIError(f"--eval-every must be >= 0; got {args.eval_every}")
+    if args.eval_every:
+        if not 0.0 < args.val_fraction < 1.0:
+            raise CLIError(f"--val-fraction must be in (0, 1); got {args.val_fraction}")
+        n_val = int(len(tokens) * args.val_fraction)
+        if n_val < seq_len + 1 or len(tokens) - n_val < seq_len + 1:
+            raise CLIError(f"--val-fraction {args.val_fraction} leaves too few tokens for --seq-len {seq_len} "
+                           f"({len(tokens)} training tokens in all)")  # fmt: skip
+        tokens, val = tokens[:-n_val], tokens[-n_val:]  # the tail of the training split, never the eval text
     if not (args.eta >= 0 and args.lam >= 0):  # also rejects NaN
         raise CLIError(f"--eta and --lam must be non-negative numbers; got {args.eta} and {args.lam}")
     if not 0.0 <= args.distill <= 1.0:
@@ -300,10 +311,10 @@ def train(args: argparse.Namespace) -> int:
         steps=args.steps, seq_len=seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr_router=args.lr_router, lr_backbone=args.lr_backbone, train_backbone=args.train_backbone,
         tau_min=args.tau_min, seed=args.seed, progress=not args.no_progress, eta=args.eta, lam=args.lam,
-        distill=args.distill, tau_sampling=args.tau_sampling,
+        distill=args.distill, tau_sampling=args.tau_sampling, eval_every=args.eval_every,
     )  # fmt: skip
     start = time.perf_counter()
-    stats = train_routers(model, tokens, cfg)
+    stats = train_routers(model, tokens, cfg, val_tokens=val)
     out = args.out or args.checkpoint
     _save(model, out, {**_ckpt_config(loaded), "trained_steps": args.steps, "tau_min": args.tau_min},
           loaded.permutations, with_backbone=args.train_backbone or loaded.backbone is not None)  # fmt: skip
@@ -318,6 +329,10 @@ def train(args: argparse.Namespace) -> int:
         print(f"  last step: ce {r.ce:.4f}" + (f", kl {r.kl:.4f}" if args.distill else "")
               + f", tau {r.tau:.3f}, s_FFN {r.sparsity:.3f}; {stats.seconds_per_step:.3f} s/step,"
               f" {stats.tokens_per_step} tokens/step; history in {out}/train_history.json")  # fmt: skip
+        if stats.best_step is not None:
+            best = min(ce for _, ce in stats.validation)
+            print(f"  validation: best mean CE {best:.4f} after {stats.best_step} steps (restored; "
+                  f"{len(stats.validation)} validations on {len(val)} held-out tokens)")  # fmt: skip
     return 0
 
 
@@ -662,6 +677,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--train-backbone", action="store_true", help="also fine-tune the backbone (saved with the checkpoint)"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="validate every N steps on the tail of the training text and keep the best weights (default 0: off)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="with --eval-every: fraction of the training tokens held out for validation (default 0.1)",
     )
     p.add_argument(
         "--distill",

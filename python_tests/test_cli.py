@@ -146,8 +146,15 @@ def test_train_backbone_is_saved_and_restored(ckpt, tmp_path, capsys):
     out = str(tmp_path / "bb")
     argv = ["train", "--fast", "--no-progress", "--device", "cpu", "--checkpoint", ckpt, "--steps", "2",
             "--seq-len", "32", "--batch-size", "1", "--train-backbone", "--lr-backbone", "1e-2",
-            "--distill", "0.5", "--tau-sampling", "uniform", "--grad-accum", "2", "--out", out]  # fmt: skip
+            "--distill", "0.5", "--tau-sampling", "uniform", "--grad-accum", "2", "--eval-every", "1",
+            "--val-fraction", "0.2", "--out", out]  # fmt: skip
     assert main(argv) == 0
+    assert "validation: best mean CE" in capsys.readouterr().out
+    import json
+
+    with open(os.path.join(out, "train_history.json")) as f:
+        history = json.load(f)
+    assert [v[0] for v in history["validation"]] == [1, 2] and history["best_step"] in (1, 2)
     saved = load_checkpoint(out).backbone
     assert saved and "embed.weight" in saved and not any(".ffn." in n for n in saved)
     source, _, _ = _load_prunepath(ckpt, None, True)
@@ -168,6 +175,8 @@ def test_train_backbone_is_saved_and_restored(ckpt, tmp_path, capsys):
     [
         (["--distill", "2"], "--distill must be in [0, 1]"),  # a weight, not a temperature
         (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+        (["--eval-every", "1", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
+        (["--eval-every", "-1"], "--eval-every must be >= 0"),
         (["--device", "tpu"], "bad --device"),  # neither cpu nor cuda
         (["--device", "banana"], "bad --device"),  # not a device string
     ],

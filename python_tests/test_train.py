@@ -269,6 +269,26 @@ def test_uniform_tau_sampling_is_seeded_and_in_range():
         TrainConfig(steps=1, tau_sampling="cosine")
 
 
+def test_validation_restores_the_best_step():
+    # eval_every: the validation CE is measured every 2 steps and the best weights come back at the
+    # end; they equal a plain run stopped at that step (validation draws nothing from the sampler).
+    tokens = torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(10))
+    val = _pattern_stream(200, period=7, seed=3)
+    common = dict(steps=6, seq_len=12, batch_size=2, warmup_frac=0.0, tau_min=0.4, train_backbone=True,
+                  lr_backbone=5e-2, lr_router=5e-2, progress=False)  # fmt: skip
+    model = _tiny_model(seed=5)
+    stats = train_routers(model, tokens, TrainConfig(eval_every=2, val_windows=4, **common), val_tokens=val)
+    assert [s for s, _ in stats.validation] == [2, 4, 6]
+    assert stats.best_step == min(stats.validation, key=lambda v: v[1])[0]
+    plain = _tiny_model(seed=5)
+    train_routers(plain, tokens, TrainConfig(**common), callback=lambda r: r.step + 1 == stats.best_step)
+    for a, b in zip(model.state_dict().values(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all(m.tau == pytest.approx(0.4) for m in prunepath_mlps(model))  # tau as training left it
+    with pytest.raises(ValueError, match="val_taus"):
+        TrainConfig(steps=1, val_taus=(2.0,))
+
+
 def test_callback_stops_early():
     model = _tiny_model()
     stats = train_routers(model, torch.randint(0, 128, (200,)), TrainConfig(steps=10, seq_len=8, batch_size=1,

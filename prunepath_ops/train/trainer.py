@@ -77,6 +77,16 @@ class TrainConfig:
         After the warm-up, ``"linear"`` follows :meth:`tau_schedule` down to ``tau_min``;
         ``"uniform"`` draws each step's ``tau`` uniformly from ``[tau_min, 1]`` (seeded), so that one
         checkpoint is trained for the whole range of sparsities it will be used at.
+    eval_every : int
+        With ``val_tokens`` given to :func:`train_routers`: every this many steps (and after the
+        last) measure the validation cross-entropy, averaged over ``val_taus``, keep a copy of the
+        trained tensors when it is the best so far, and restore the best copy at the end (early
+        stopping without stopping: a small training text overfits, see
+        ``bench/results/quality/quality_report_gpu.md``). 0 (default): no validation.
+    val_taus : tuple of float
+        The thresholds the validation runs at (default 0.7, 0.85, 1.05: sparse to dense).
+    val_windows : int
+        At most this many windows of ``seq_len`` tokens per validation.
     """
 
     steps: int
@@ -98,8 +108,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     distill: float = 0.0
     tau_sampling: str = "linear"
+    eval_every: int = 0
+    val_taus: tuple[float, ...] = (0.7, 0.85, 1.05)
+    val_windows: int = 64
 
     def __post_init__(self) -> None:
+        if int(self.eval_every) < 0 or int(self.val_windows) < 1:
+            raise ValueError(f"TrainConfig: eval_every must be >= 0 and val_windows >= 1; got {self.eval_every}, "
+                             f"{self.val_windows}")  # fmt: skip
+        if not self.val_taus or not all(0.0 <= t <= 1.05 for t in self.val_taus):
+            raise ValueError(f"TrainConfig: val_taus must be thresholds in [0, 1.05]; got {self.val_taus}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"TrainConfig: distill must be in [0, 1]; got {self.distill}")
         if self.tau_sampling not in ("linear", "uniform"):
@@ -146,6 +164,8 @@ class TrainStats:
     history: list[StepRecord] = field(default_factory=list)
     seconds: float = 0.0
     tokens_per_step: int = 0
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (steps done, mean val CE)
+    best_step: int | None = None  # steps done at the restored validation best (None: no validation)
 
     @property
     def last(self) -> StepRecord | None:
@@ -165,6 +185,8 @@ class TrainStats:
             "seconds": self.seconds,
             "tokens_per_step": self.tokens_per_step,
             "history": [asdict(r) for r in self.history],
+            "validation": [list(v) for v in self.validation],
+            "best_step": self.best_step,
         }
 
 
@@ -276,6 +298,7 @@ def train_routers(
     config: TrainConfig,
     *,
     callback: Callable[[StepRecord], bool | None] | None = None,
+    val_tokens: Tensor | None = None,
 ) -> TrainStats:
     """Train the routers (and optionally the backbone) of a PrunePath model on next-token prediction.
 
@@ -296,6 +319,9 @@ def train_routers(
     config : TrainConfig
     callback : callable, optional
         ``callback(record)`` after every step; a truthy return value stops training.
+    val_tokens : Tensor, optional
+        1-D held-out token stream for ``config.eval_every`` (take it from the training text's
+        split, never from the text the model is evaluated on).
 
     Returns
     -------
@@ -332,6 +358,8 @@ def train_routers(
     flags = [(t, t.requires_grad) for t in routers + backbone]
     modes = [(m, m.training) for m in model.modules()]
     stats = TrainStats(cfg, tokens_per_step=A * B * L)
+    validate = cfg.eval_every > 0 and val_tokens is not None
+    best: tuple[float, list[Tensor]] | None = None
     teacher = dense_teacher(model) if cfg.distill > 0 else None  # before the hooks: a copy would carry them
     try:
         for t in routers:
@@ -394,8 +422,20 @@ def train_routers(
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == cfg.steps - 1:
                         bar.set_postfix_str(_format(record, cfg.gamma), refresh=False)
-                if callback is not None and callback(record):
+                stop = callback is not None and bool(callback(record))
+                done = step + 1
+                if validate and (done % cfg.eval_every == 0 or done == cfg.steps or stop):
+                    ce_val = _validation_ce(model, mlps, val_tokens, cfg)
+                    stats.validation.append((done, ce_val))
+                    if best is None or ce_val < best[0]:
+                        best = (ce_val, [t.detach().to("cpu", copy=True) for t in trained])
+                        stats.best_step = done
+                if stop:
                     break
+        if best is not None:
+            with torch.no_grad():
+                for t, saved in zip(trained, best[1], strict=True):
+                    t.copy_(saved)
     finally:
         for t, flag in flags:
             t.requires_grad_(flag)
@@ -451,6 +491,23 @@ def evaluate(
     # Each batch contributes one mean per layer weighted by its T tokens; normalise by layers * tokens.
     sparsity = 1.0 - sum(active) / (len(mlps) * count) if mlps else 0.0
     return {"ce": ce, "ppl": math.exp(ce), "sparsity": sparsity, "tokens": count, "windows": n_win}
+
+
+def _validation_ce(model: nn.Module, mlps: Sequence[PrunePathMLP], tokens: Tensor, cfg: TrainConfig) -> float:
+    """Mean next-token cross-entropy on ``tokens`` over ``cfg.val_taus`` (each module's tau restored)."""
+    saved = [m.tau for m in mlps]
+    try:
+        ces = []
+        for tau in cfg.val_taus:
+            for m in mlps:
+                m.tau = tau
+            ces.append(
+                evaluate(model, tokens, cfg.seq_len, batch_size=cfg.batch_size, max_windows=cfg.val_windows)["ce"]
+            )
+        return sum(ces) / len(ces)
+    finally:
+        for m, t in zip(mlps, saved, strict=True):
+            m.tau = t
 
 
 def _router_terms(
