@@ -69,10 +69,11 @@ def backbone_parameters(model: nn.Module) -> dict[str, Tensor]:
 
     Examples
     --------
-    >>> from prunepath_ops.models import Llama, LlamaConfig
+    >>> from prunepath_ops.models import Llama, LlamaConfig, to_prunepath
     >>> model = Llama(LlamaConfig.tiny())
+    >>> _ = to_prunepath(model, 16)  # the FFNs become PrunePathMLPs
     >>> names = backbone_parameters(model)
-    >>> "embed.weight" in names, any(".mlp." in n for n in names)
+    >>> "embed.weight" in names, any(".ffn." in n for n in names)
     (True, False)
     """
     inside = {n for n, m in model.named_modules() if isinstance(m, PrunePathMLP)}
