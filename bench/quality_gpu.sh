@@ -85,7 +85,8 @@ for recipe in "$@"; do
   esac
   timed "${TRAIN_TIMEOUT:-240}" "train_$recipe" "${pp[@]}" train --checkpoint "$work/ckpt" --out "$work/ckpt_$recipe" \
     "${common_train[@]}" "${extra[@]}" "${opts[@]}" || continue
-  tail -2 "$out/train_$recipe.log" | cut -c1-400 | tee -a "$out/quality_gpu.log"
+  tail -3 "$out/train_$recipe.log" | cut -c1-400 | tee -a "$out/quality_gpu.log"
+  cp "$work/ckpt_$recipe/train_history.json" "$out/train_history_$recipe.json" 2>/dev/null
   evaluate "$recipe" "$work/ckpt_$recipe"
 done
 log "done"
