@@ -109,13 +109,17 @@ def hf_to_internal_name(name: str) -> str | None:
     return _HF_TOP_NAMES.get(name)
 
 
+_INTERNAL_TO_HF_LAYER = {v: k for k, v in _HF_LAYER_NAMES.items()}
+_INTERNAL_TO_HF_TOP = {v: k for k, v in _HF_TOP_NAMES.items()}
+
+
 def internal_to_hf_name(name: str) -> str | None:
     """The Hugging Face ``LlamaForCausalLM`` parameter name of one of ours (None: no counterpart)."""
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if m:
-        hf = {v: k for k, v in _HF_LAYER_NAMES.items()}.get(m.group(2))
+        hf = _INTERNAL_TO_HF_LAYER.get(m.group(2))
         return None if hf is None else f"model.layers.{m.group(1)}.{hf}"
-    hf = {v: k for k, v in _HF_TOP_NAMES.items()}.get(name)
+    hf = _INTERNAL_TO_HF_TOP.get(name)
     if hf is None:
         return None
     return hf if hf == "lm_head.weight" else f"model.{hf}"
