@@ -233,7 +233,7 @@ int main() {
   // The rank's cut-over from counting to the bitonic sort: 256 (the default until session 15),
   // kRankCountMax, and counting up to every expert (the logits the last fused call left; tau 1
   // ranks all 448).
-  for (float tau : {0.9f, 0.95f, 1.0f}) {
+  for (float tau : {0.9f, 0.95f, 0.96f, 0.97f, 1.0f}) {
     p.route.tau = tau;
     show("rank only, bitonic above 256 candidates", tau, time_graph([&](int) {
            return detail::launch_maybe_pdl(rank_only_kernel<256>, dim3(1), block, stream, true, p.route,

@@ -32,10 +32,11 @@ namespace prunepath {
 // Up to this many candidates are ranked by counting (C / P iterations with P
 // threads per candidate); above, a bitonic sort of the next power of two
 // (log^2 barriers). Measured at E = 448 (bench/results/router_split.md,
-// session 15): counting ~0.02 us per candidate at one thread each, 9.0 us at
-// 282 candidates and 10.3 at 339 against the 512-key sort's 10.7, 12.4 at 448
-// against 10.3: the two meet near 360.
-constexpr int kRankCountMax = 320;
+// sessions 15-16): counting ~0.022 us per candidate at one thread each, 9.0 us
+// at 282 candidates and 10.3 at 339 against the 512-key sort's 10.7, 12.4 at
+// 448 against 10.2; 10.5 against 10.7 at 353, 10.8 against 10.7 at 369: the
+// two meet near 365.
+constexpr int kRankCountMax = 352;
 constexpr int kRankHistBins = 512;
 
 // Marks the end of each phase of topp_route_rank_row (1 softmax, 2 threshold,
