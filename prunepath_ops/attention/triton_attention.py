@@ -241,7 +241,7 @@ def kv_decode_attention_triton(
             *nk_strides, *nv_strides, out.stride(0), out.stride(1),
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=cfg["block_n"],
             HAS_NEW=has_new, SINGLE=single, DOT_PREC=_dot_precision(q.dtype), PDL=pdl,
-            FUSED_COMBINE=fused, BLOCK_S=bs, **opts,
+            FUSED_COMBINE=fused, BLOCK_S=bs if fused else 16, **opts,  # unused unfused: one specialisation
         )  # fmt: skip
         if not single and not fused:
             kernels.combine_splits_kernel[(B * Hq,)](
