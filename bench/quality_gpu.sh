@@ -79,6 +79,9 @@ for recipe in "$@"; do
     # kd05uni for 1,000 steps with validation on the tail of the training text, the best weights kept
     kd05uni_es) extra=(--distill 0.5 --tau-sampling uniform --tau-min 0.5 --lr-backbone 5e-5 --steps 1000
                        --eval-every 50 --val-fraction 0.1) ;;
+    # the same, validated at the tau that gives s_FFN 0.5 on the held-out text (fixed sparsity, not fixed tau)
+    kd05uni_es50) extra=(--distill 0.5 --tau-sampling uniform --tau-min 0.5 --lr-backbone 5e-5 --steps 1000
+                         --eval-every 50 --val-fraction 0.1 --val-sparsities 0.5) ;;
     # the linear schedule of the paper down to 0.6, with distillation
     kd05lin) extra=(--distill 0.5 --tau-min 0.6 --lr-backbone 5e-5) ;;
     *) log "unknown recipe $recipe"; continue ;;

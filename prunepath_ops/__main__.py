@@ -301,6 +301,12 @@ def train(args: argparse.Namespace) -> int:
             raise CLIError(f"--val-fraction {args.val_fraction} leaves too few tokens for --seq-len {seq_len} "
                            f"({len(tokens)} training tokens in all)")  # fmt: skip
         tokens, val = tokens[:-n_val], tokens[-n_val:]  # the tail of the training split, never the eval text
+    try:
+        val_sparsities = tuple(_floats(args.val_sparsities))
+    except ValueError:
+        raise CLIError(f"--val-sparsities must be a comma list of numbers; got {args.val_sparsities!r}") from None
+    if not all(0.0 <= x < 1.0 for x in val_sparsities):
+        raise CLIError(f"--val-sparsities must be s_FFN targets in [0, 1); got {args.val_sparsities}")
     if not (args.eta >= 0 and args.lam >= 0):  # also rejects NaN
         raise CLIError(f"--eta and --lam must be non-negative numbers; got {args.eta} and {args.lam}")
     if not 0.0 <= args.distill <= 1.0:
@@ -312,6 +318,7 @@ def train(args: argparse.Namespace) -> int:
         lr_router=args.lr_router, lr_backbone=args.lr_backbone, train_backbone=args.train_backbone,
         tau_min=args.tau_min, seed=args.seed, progress=not args.no_progress, eta=args.eta, lam=args.lam,
         distill=args.distill, tau_sampling=args.tau_sampling, eval_every=args.eval_every,
+        val_sparsities=val_sparsities,
     )  # fmt: skip
     start = time.perf_counter()
     stats = train_routers(model, tokens, cfg, val_tokens=val)
@@ -689,6 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="with --eval-every: fraction of the training tokens held out for validation (default 0.1)",
+    )
+    p.add_argument(
+        "--val-sparsities",
+        default="",
+        help="with --eval-every: validate at the tau that reaches each of these s_FFN on the validation "
+        "tokens (comma list, e.g. 0.5) instead of at fixed tau 0.7, 0.85, 1.05",
     )
     p.add_argument(
         "--distill",

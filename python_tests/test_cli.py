@@ -147,7 +147,7 @@ def test_train_backbone_is_saved_and_restored(ckpt, tmp_path, capsys):
     argv = ["train", "--fast", "--no-progress", "--device", "cpu", "--checkpoint", ckpt, "--steps", "2",
             "--seq-len", "32", "--batch-size", "1", "--train-backbone", "--lr-backbone", "1e-2",
             "--distill", "0.5", "--tau-sampling", "uniform", "--grad-accum", "2", "--eval-every", "1",
-            "--val-fraction", "0.2", "--out", out]  # fmt: skip
+            "--val-fraction", "0.2", "--val-sparsities", "0.3", "--out", out]  # fmt: skip
     assert main(argv) == 0
     assert "validation: best mean CE" in capsys.readouterr().out
     import json
@@ -177,6 +177,8 @@ def test_train_backbone_is_saved_and_restored(ckpt, tmp_path, capsys):
         (["--grad-accum", "0"], "--grad-accum must be >= 1"),
         (["--eval-every", "1", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
         (["--eval-every", "-1"], "--eval-every must be >= 0"),
+        (["--eval-every", "1", "--val-sparsities", "1.0"], "--val-sparsities must be s_FFN targets"),
+        (["--eval-every", "1", "--val-sparsities", "half"], "--val-sparsities must be a comma list"),
         (["--device", "tpu"], "bad --device"),  # neither cpu nor cuda
         (["--device", "banana"], "bad --device"),  # not a device string
     ],

@@ -289,6 +289,40 @@ def test_validation_restores_the_best_step():
         TrainConfig(steps=1, val_taus=(2.0,))
 
 
+def test_validation_at_fixed_sparsity():
+    # val_sparsities: the validation CE is taken at the global tau that bisection finds for each
+    # target s_FFN on the validation tokens (not at fixed taus), and the modules' tau comes back.
+    from prunepath_ops.convert import calibrate_tau
+    from prunepath_ops.train.trainer import _validation_ce, evaluate
+
+    model = _tiny_model(seed=6)
+    mlps = prunepath_mlps(model)
+    with torch.no_grad():
+        for m in mlps:  # near-uniform routers over E = 8: each token keeps ~tau * 8 experts
+            m.router.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(2))
+            m.tau = 0.77
+    val = _pattern_stream(200, period=7, seed=3)
+    cfg = TrainConfig(steps=1, seq_len=12, batch_size=2, eval_every=1, val_windows=4, val_sparsities=(0.25, 0.5),
+                      progress=False)  # fmt: skip
+
+    def at(tau):
+        for m in mlps:
+            m.tau = tau
+        return evaluate(model, val, 12, batch_size=2, max_windows=4)
+
+    expected = []
+    for target in (0.25, 0.5):  # two and four of the 8 experts dropped
+        res = calibrate_tau(lambda t: at(t)["sparsity"], target)
+        assert abs(res.sparsity - target) <= 0.01
+        expected.append(at(res.tau)["ce"])
+    for m in mlps:
+        m.tau = 0.77
+    assert _validation_ce(model, mlps, val, cfg) == pytest.approx(sum(expected) / 2, rel=0, abs=0)
+    assert all(m.tau == 0.77 for m in mlps)
+    with pytest.raises(ValueError, match="val_sparsities"):
+        TrainConfig(steps=1, val_sparsities=(1.0,))  # every expert gone is not a target
+
+
 def test_callback_stops_early():
     model = _tiny_model()
     stats = train_routers(model, torch.randint(0, 128, (200,)), TrainConfig(steps=10, seq_len=8, batch_size=1,

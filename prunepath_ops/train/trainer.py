@@ -19,6 +19,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunepath_ops.convert.calibrate import calibrate_tau
 from prunepath_ops.convert.losses import TauSchedule, router_losses
 from prunepath_ops.modules import PrunePathMLP
 from prunepath_ops.routing import topp_route
@@ -85,6 +87,13 @@ class TrainConfig:
         ``bench/results/quality/quality_report_gpu.md``). 0 (default): no validation.
     val_taus : tuple of float
         The thresholds the validation runs at (default 0.7, 0.85, 1.05: sparse to dense).
+    val_sparsities : tuple of float
+        Instead of ``val_taus``: validate at the global ``tau`` that reaches each of these ``s_FFN``
+        on the validation tokens (bisection, :func:`~prunepath_ops.convert.calibrate_tau`, within
+        0.01), i.e. at fixed sparsity. A fixed ``tau`` rewards a backbone that adapts to the text
+        before the routers learn to spend the budget (the session-16 quality runs stopped at step
+        150 of 1,000 that way); a fixed sparsity compares what the report compares. Costs about
+        eight validation passes per target.
     val_windows : int
         At most this many windows of ``seq_len`` tokens per validation.
     """
@@ -110,6 +119,7 @@ class TrainConfig:
     tau_sampling: str = "linear"
     eval_every: int = 0
     val_taus: tuple[float, ...] = (0.7, 0.85, 1.05)
+    val_sparsities: tuple[float, ...] = ()
     val_windows: int = 64
 
     def __post_init__(self) -> None:
@@ -118,6 +128,8 @@ class TrainConfig:
                              f"{self.val_windows}")  # fmt: skip
         if not self.val_taus or not all(0.0 <= t <= 1.05 for t in self.val_taus):
             raise ValueError(f"TrainConfig: val_taus must be thresholds in [0, 1.05]; got {self.val_taus}")
+        if not all(0.0 <= x < 1.0 for x in self.val_sparsities):
+            raise ValueError(f"TrainConfig: val_sparsities must be s_FFN targets in [0, 1); got {self.val_sparsities}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"TrainConfig: distill must be in [0, 1]; got {self.distill}")
         if self.tau_sampling not in ("linear", "uniform"):
@@ -494,16 +506,26 @@ def evaluate(
 
 
 def _validation_ce(model: nn.Module, mlps: Sequence[PrunePathMLP], tokens: Tensor, cfg: TrainConfig) -> float:
-    """Mean next-token cross-entropy on ``tokens`` over ``cfg.val_taus`` (each module's tau restored)."""
+    """Mean next-token cross-entropy on ``tokens`` over ``cfg.val_taus``, or at the ``tau`` of each of
+    ``cfg.val_sparsities`` (each module's tau restored)."""
     saved = [m.tau for m in mlps]
-    try:
-        ces = []
-        for tau in cfg.val_taus:
+    results: dict[float, dict] = {}
+
+    def run(tau: float) -> dict:
+        if tau not in results:
             for m in mlps:
                 m.tau = tau
-            ces.append(
-                evaluate(model, tokens, cfg.seq_len, batch_size=cfg.batch_size, max_windows=cfg.val_windows)["ce"]
-            )
+            results[tau] = evaluate(model, tokens, cfg.seq_len, batch_size=cfg.batch_size, max_windows=cfg.val_windows)
+        return results[tau]
+
+    try:
+        if cfg.val_sparsities:
+            with warnings.catch_warnings():  # a jump over the target: the closest tau is what we want
+                warnings.simplefilter("ignore")
+                taus = [calibrate_tau(lambda t: run(t)["sparsity"], s).tau for s in cfg.val_sparsities]
+        else:
+            taus = list(cfg.val_taus)
+        ces = [run(t)["ce"] for t in taus]
         return sum(ces) / len(ces)
     finally:
         for m, t in zip(mlps, saved, strict=True):
