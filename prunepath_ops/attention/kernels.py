@@ -56,23 +56,20 @@ def valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW: tl.constexpr):
 
 @triton.jit
 def combine_head(
-    o_part_ptr, lse_ptr, dst_ptr, base, n_valid, D: tl.constexpr, BLOCK_S: tl.constexpr, L2_ONLY: tl.constexpr
+    o_part_ptr, lse_ptr, dst_ptr, base, n_valid, D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr
 ):
     """Merge one query head's partials ``[base, base + n_valid)`` of ``[B * Hq * NS, D]`` into ``dst_ptr[:D]``.
 
-    ``L2_ONLY`` reads the partials past L1 (``.cg``): in the fused combine other programs wrote them
-    during this kernel. Splits in index order, one fixed reduction tree per block: the same bits on
-    every run and in both the combine kernel and the fused combine.
+    ``CACHE`` is the partials' load cache modifier: ``".cg"`` (past L1) in the fused combine, where
+    other programs wrote them during this kernel; ``""`` (the default) in the combine kernel. Splits
+    in index order, one fixed reduction tree per block: the same bits on every run and in both.
     """
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
     m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
     for s0 in range(0, n_valid, BLOCK_S):
         sel = s0 + offs_s
-        if L2_ONLY:
-            lse = tl.load(lse_ptr + base + sel, mask=sel < n_valid, other=float("-inf"), cache_modifier=".cg")
-        else:
-            lse = tl.load(lse_ptr + base + sel, mask=sel < n_valid, other=float("-inf"))
+        lse = tl.load(lse_ptr + base + sel, mask=sel < n_valid, other=float("-inf"), cache_modifier=CACHE)
         m_vec = tl.maximum(m_vec, lse)
     m = tl.max(m_vec, axis=0)
 
@@ -82,12 +79,8 @@ def combine_head(
         sel = s0 + offs_s
         ok = sel < n_valid
         o_ptrs = o_part_ptr + (base + sel)[:, None] * D + offs_d[None, :]
-        if L2_ONLY:
-            lse = tl.load(lse_ptr + base + sel, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(o_ptrs, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-        else:
-            lse = tl.load(lse_ptr + base + sel, mask=ok, other=float("-inf"))
-            o = tl.load(o_ptrs, mask=ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + base + sel, mask=ok, other=float("-inf"), cache_modifier=CACHE)
+        o = tl.load(o_ptrs, mask=ok[:, None], other=0.0, cache_modifier=CACHE)
         w = tl.where(ok, tl.exp2(lse - m), 0.0)
         acc += tl.sum(w[:, None] * o, axis=0)
         w_vec += w
@@ -222,7 +215,7 @@ def decode_attention_split_kernel(
                     h = hk * GROUP + g
                     combine_head(
                         out_ptr, lse_ptr, final_ptr + b64 * stride_ob + h * stride_oh,
-                        (b64 * Hq + h) * num_splits, n_valid, D, BLOCK_S, True,
+                        (b64 * Hq + h) * num_splits, n_valid, D, BLOCK_S, ".cg",
                     )  # fmt: skip
 
 
@@ -255,5 +248,5 @@ def combine_splits_kernel(
     base = pid.to(tl.int64) * num_splits
 
     combine_head(
-        o_part_ptr, lse_ptr, out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh, base, n_valid, D, BLOCK_S, False
+        o_part_ptr, lse_ptr, out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh, base, n_valid, D, BLOCK_S, ""
     )
