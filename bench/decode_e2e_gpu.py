@@ -131,12 +131,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "cuBLAS (Attention.decode_gemv False) instead of decode_linear's CUDA kernel (the default at batch 1)",
     )
     ap.add_argument(
-        "--fusedcombine",
-        action="store_true",
-        help="also time the graphed kernel-attention steps with kv_decode_attention merging its splits in the "
-        "attention kernel's last program (triton_attention.FUSED_COMBINE) instead of the combine kernel",
-    )
-    ap.add_argument(
         "--attn-min-chunk",
         type=int,
         default=None,
@@ -468,11 +462,6 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
     def opbyop(fn):  # the decode step's elementwise work op by op (Llama.fused_decode False), as before
         return with_attr([model], "fused_decode", False, fn)
 
-    def fusedcombine(fn):  # kv_decode_attention's splits merged by its last program, no combine kernel
-        from prunepath_ops.attention import triton_attention
-
-        return with_attr([triton_attention], "FUSED_COMBINE", True, fn)
-
     with torch.no_grad():
         attempt(lambda: dense("dense-eager-sdpa", "sdpa", False, split_attn="sdpa"), "dense-eager-sdpa")
         for compiled in args.modes:
@@ -491,9 +480,6 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                 if args.cublasproj and not compiled:
                     attempt(lambda: cublasproj(lambda: dense("dense-graph-kernel-cublasproj", "kernel", True)),
                             "cublasproj")  # fmt: skip
-                if args.fusedcombine and not compiled:
-                    attempt(lambda: fusedcombine(lambda: dense("dense-graph-kernel-fusedcombine", "kernel", True)),
-                            "fusedcombine")  # fmt: skip
         mlps = convert(model, args)
         decoders = {}
         for frac in args.fractions:
@@ -540,11 +526,6 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                 if args.cublasproj and False in args.modes:
                     row, _, _ = cublasproj(lambda: run_config(name + "-cublasproj", model, prompt, sparse_attn, True,
                                                             args, timer, None, extra, False))  # fmt: skip
-                    rows.append(row)
-                    _print_row(row)
-                if args.fusedcombine and False in args.modes:
-                    row, _, _ = fusedcombine(lambda: run_config(name + "-fusedcombine", model, prompt, sparse_attn,
-                                                                True, args, timer, None, extra, False))  # fmt: skip
                     rows.append(row)
                     _print_row(row)
                 if args.routernorm and False in args.modes:  # the FFN's norm inside the router kernel
@@ -631,16 +612,12 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         if not r["config"].startswith("prunepath"):
             continue
         # Against the dense oracle run the same way (graphed, same attention, compiled or not).
-        suffix = next(
-            (x for x in ("-compiled", "-opbyop", "-cublasproj", "-fusedcombine") if r["config"].endswith(x)), ""
-        )
+        suffix = next((x for x in ("-compiled", "-opbyop", "-cublasproj") if r["config"].endswith(x)), "")
         dense_kernel = "dense-graph-kernel" + suffix
         dense_same = by.get(dense_kernel if fused or args.device != "cuda" else "dense-graph-sdpa" + suffix)
         if dense_same:
             ratio = r["decode_tok_s"] / dense_same["decode_tok_s"]
-            default_path = suffix not in ("-opbyop", "-cublasproj", "-fusedcombine") and not r["config"].endswith(
-                "-routerop"
-            )
+            default_path = suffix not in ("-opbyop", "-cublasproj") and not r["config"].endswith("-routerop")
             verdict = " (target >= 1.7x)" if r.get("target_fraction") == 0.3 and default_path else ""
             lines.append(f"- {r['config']} / {dense_same['config']}: **{ratio:.2f}x**{verdict}; ideal "
                          f"{ideal[r['config']]['tok_s'] / ideal[dense_same['config']]['tok_s']:.2f}x (bytes per token)")  # fmt: skip
@@ -656,10 +633,6 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
             gemv_row, cublas_row = by[r["config"].removesuffix("-cublasproj")], r
             lines.append(f"- {gemv_row['config']} / {cublas_row['config']} (attention projections by decode_linear "
                          f"instead of cuBLAS): {gemv_row['decode_tok_s'] / cublas_row['decode_tok_s']:.2f}x")  # fmt: skip
-        if r["config"].endswith("-fusedcombine") and r["config"].removesuffix("-fusedcombine") in by:
-            base_row = by[r["config"].removesuffix("-fusedcombine")]
-            lines.append(f"- {r['config']} / {base_row['config']} (kv_decode_attention's splits merged in its "
-                         f"last program, no combine kernel): {r['decode_tok_s'] / base_row['decode_tok_s']:.2f}x")  # fmt: skip
         if r["config"].endswith("-routerop") and r["config"].removesuffix("-routerop") in by:
             fused_row = by[r["config"].removesuffix("-routerop")]
             lines.append(f"- {fused_row['config']} / {r['config']} (fused router, linear_topp_route): "

@@ -31,14 +31,6 @@ for part in "$@"; do
     stashmodel) mkdir -p /tmp/prunepath_model && cp .qa/gguf_part_00 /tmp/prunepath_model/ ;;  # half 1: bench/quality_gpu.sh
     routersplit) t 90 .prebuilt/router_split > "$out/router_split.md" 2>&1 ;;  # built here first: bench/diag/router_split.sh
     kvcases) t 150 python3 bench/kv_attention_gpu.py --out "$out" > "$out/kv_attention.log" 2>&1 ;;
-    # kv_decode_attention with the splits merged in the attention kernel (FUSED_COMBINE): its tests, the
-    # attention table with it (compare with part kvcases in the same call), the decode step with and without
-    kvfusedtests) t 200 python3 -m pytest python_tests/test_kv_decode_attention.py -q -p no:cacheprovider \
-                    > "$out/gpu_tests_kv_fused.log" 2>&1 ;;
-    kvfused) t 180 python3 bench/kv_attention_gpu.py --fused-combine --sweep --name kv_attention_cuda_fused_combine \
-               --out "$out" > "$out/kv_attention_fused.log" 2>&1 ;;
-    e2efused) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --fusedcombine --name decode_e2e_cuda_fused_combine \
-                --out "$out" > "$out/decode_e2e_fused.log" 2>&1 ;;
     normtests) t ${NORMTESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_norm_linear_topp_route.py python_tests/test_linear_topp_route.py \
                  python_tests/test_decode.py -q -p no:cacheprovider > "$out/gpu_tests_norm_route.log" 2>&1 ;;
     steptests) t ${STEPTESTS_TIMEOUT:-200} python3 -m pytest python_tests/test_decode_step.py python_tests/test_decode.py \

@@ -90,12 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timer", choices=("auto", "do_bench", "events"), default="auto")
     ap.add_argument("--peak-tbps", type=float, default=H200_COPY_TBPS, help="bandwidth of the floor, TB/s")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
-    ap.add_argument(
-        "--fused-combine",
-        action="store_true",
-        help="run the op with its splits merged in the attention kernel's last program "
-        "(triton_attention.FUSED_COMBINE) instead of the combine kernel; the sweep times both either way",
-    )
     ap.add_argument("--strict", action="store_true", help="exit status 2 when a target is missed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
@@ -329,15 +323,8 @@ def sweep_configs(args: argparse.Namespace, B: int, S_max: int) -> list[dict]:
     sh = args.shape
     if args.tiny:
         base = launch_config(B, sh["Hkv"], S_max, sh["D"], torch.device(args.device))["num_splits"]
-        return [{"num_splits": ns} for ns in sorted({1, 2, base})] + [{"num_splits": 2, "fused_combine": True}]
-    default = launch_config(B, sh["Hkv"], S_max, sh["D"], torch.device(args.device))
-    # The default tiles with the merge in the attention kernel's last program, at the default split
-    # count and twice it (more splits cost the fused merge more, the combine kernel little).
-    out = [
-        {**{k: default[k] for k in ("block_n", "num_warps", "num_stages")}, "num_splits": ns, "fused_combine": True}
-        for ns in sorted({default["num_splits"], 2 * default["num_splits"]})
-        if ns > 1
-    ]
+        return [{"num_splits": ns} for ns in sorted({1, 2, base})]
+    out = []
     for block_n in (64, 128):
         auto = launch_config(B, sh["Hkv"], S_max, sh["D"], torch.device(args.device), block_n=block_n)["num_splits"]
         # Up to 8x the default split count: more programs per SM keep more KV bytes in flight.
@@ -414,14 +401,11 @@ def case_table(rows: list[dict]) -> str:
 
 
 def sweep_table(rows: list[dict]) -> str:
-    from prunepath_ops.attention import triton_attention  # FUSED_COMBINE: the merge of rows without an override
-
-    out = ["| case | block_n | splits | warps | stages | merge | us | TB/s | default | note |", "|---|" + "---:|" * 9]
+    out = ["| case | block_n | splits | warps | stages | us | TB/s | default | note |", "|---|" + "---:|" * 8]
     for r in sorted(rows, key=lambda r: (r["case"], r.get("us", float("inf")))):
-        merge = "fused" if r.get("fused_combine", triton_attention.FUSED_COMBINE) else "kernel"
         out.append(
             f"| {r['case']} | {r.get('block_n', '-')} | {r.get('num_splits', '-')} | {r.get('num_warps', '-')} "
-            f"| {r.get('num_stages', '-')} | {merge} | {_us(r, 'us')} | {_f(r.get('TBps'), '.2f')} "
+            f"| {r.get('num_stages', '-')} | {_us(r, 'us')} | {_f(r.get('TBps'), '.2f')} "
             f"| {'yes' if r['is_default'] else ''} | {r.get('error', '')} |"
         )
     return "\n".join(out)
@@ -458,10 +442,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")  # the fp32 oracle must not use TF32
-    if args.fused_combine:
-        from prunepath_ops.attention import triton_attention
-
-        triton_attention.FUSED_COMBINE = True
     timer_desc, timer = make_timer(args)
     env = environment(args, timer_desc)
     env["backend"] = args.backend

@@ -47,7 +47,7 @@ opts=(--model "$model" --text "$text" --no-progress --device cuda)
 timed() { local s=$1 name=$2; shift 2; local t0; t0=$(date +%s); log "start $name: $*"
   timeout "$s" "$@" > "$out/$name.log" 2>&1; local rc=$?; log "end $name rc=$rc in $(( $(date +%s) - t0 )) s"; pack; return $rc; }
 
-EVAL_TAUS=${EVAL_TAUS:-0.95,0.9,0.85,0.8,0.75,0.7,0.65,0.6,0.5}
+EVAL_TAUS=${EVAL_TAUS:-0.98,0.95,0.9,0.85,0.8,0.75,0.7,0.65,0.6,0.5}
 EVAL_KS=${EVAL_KS:-34,24,14,10}
 EVAL_STATIC=${EVAL_STATIC:-0.3,0.5,0.7,0.8}
 STEPS=${STEPS:-400}

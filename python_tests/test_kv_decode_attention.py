@@ -9,7 +9,6 @@ determinism and CUDA-graph replay with new lengths.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -135,8 +134,6 @@ def test_softmax_scale(backend, scale):
 
 
 @needs_triton
-@needs_triton
-@pytest.mark.parametrize("fused", [False, True], ids=["combine-kernel", "fused-combine"])
 @pytest.mark.parametrize("num_splits", [1, 2, 4])  # one kernel (no combine); 32-key chunks; one tile per chunk
 @pytest.mark.parametrize(
     "lens,with_new",
@@ -146,8 +143,8 @@ def test_softmax_scale(backend, scale):
         ([32, 0, 47], True),  # new row at a 32-key chunk boundary; an empty cache that gets one key
     ],
 )
-def test_split_boundaries(num_splits, lens, with_new, fused):
-    from prunepath_ops.attention.triton_attention import _split_counters, kv_decode_attention_triton
+def test_split_boundaries(num_splits, lens, with_new):
+    from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
 
     device = device_for("triton")
     S_max, Hq, Hkv, D = 64, 4, 2, 16
@@ -155,31 +152,10 @@ def test_split_boundaries(num_splits, lens, with_new, fused):
     k_ref, v_ref = k.cpu().clone(), v.cpu().clone()
     cpu = [t.cpu() if t is not None else None for t in (q, seqlens, kn, vn)]
     expected = R.kv_decode_attention(cpu[0], k_ref, v_ref, cpu[1], cpu[2], cpu[3])
-    out = kv_decode_attention_triton(
-        q, k, v, seqlens, kn, vn, None, block_n=16, num_splits=num_splits, fused_combine=fused
-    )
+    out = kv_decode_attention_triton(q, k, v, seqlens, kn, vn, None, block_n=16, num_splits=num_splits)
     assert_close(out.cpu(), expected)
     torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(v.cpu(), v_ref, atol=0, rtol=0, equal_nan=True)
-    if fused:  # the last program of every (sequence, kv head) set its ticket counter back to zero
-        assert int(_split_counters(q.device, len(lens) * Hkv).count_nonzero()) == 0
-
-
-@needs_triton
-@pytest.mark.parametrize("num_splits", [2, 4])
-def test_fused_combine_same_bits_as_combine_kernel(num_splits, monkeypatch):
-    """The fused merge runs the combine kernel's code in the same split order: identical outputs."""
-    from prunepath_ops.attention import kernels
-    from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
-
-    device = device_for("triton")
-    lens = [0, 1, 40, 64]  # empty, one key, a partial last chunk, the full cache
-    q, k, v, seqlens, _, _ = make_case(lens, 8, 2, 16, 64, torch.float16, device, False, seed=5)
-    run = functools.partial(kv_decode_attention_triton, q, k, v, seqlens, None, None, None, block_n=16)
-    plain = run(num_splits=num_splits, fused_combine=False)
-    monkeypatch.setattr(kernels, "combine_splits_kernel", None)  # the fused path must not launch it
-    for _ in range(2):  # the second call starts from the counters the first one reset
-        assert torch.equal(run(num_splits=num_splits, fused_combine=True), plain)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -449,45 +425,6 @@ def test_gpu_bitwise_deterministic():
     first = kv_decode_attention(q, k, v, seqlens)
     for _ in range(5):
         assert torch.equal(kv_decode_attention(q, k, v, seqlens), first)
-
-
-@needs_cuda
-@pytest.mark.parametrize("num_splits", [3, 33, 64])  # few splits; B = 1 / 16k's plan; more than most sequences need
-def test_gpu_fused_combine_same_bits_as_combine_kernel(num_splits):
-    """Across the GPU's concurrent programs the last ticket sees every partial: the same bits as the combine kernel."""
-    from prunepath_ops.attention.triton_attention import _split_counters, kv_decode_attention_triton
-
-    lens = [16000, 3, 9000, 512, 0, 1] * 3
-    q, k, v, seqlens, kn, vn = make_case(lens, 32, 8, 128, 16384, torch.bfloat16, "cuda", True)
-    k2, v2 = k.clone(), v.clone()
-    plain = kv_decode_attention_triton(q, k, v, seqlens, kn, vn, None, num_splits=num_splits, fused_combine=False)
-    for _ in range(5):
-        k3, v3 = k2.clone(), v2.clone()
-        fused = kv_decode_attention_triton(q, k3, v3, seqlens, kn, vn, None, num_splits=num_splits, fused_combine=True)
-        assert torch.equal(fused, plain)
-        torch.testing.assert_close(k3, k, atol=0, rtol=0, equal_nan=True)
-    assert int(_split_counters(q.device, len(lens) * 8).count_nonzero()) == 0
-
-
-@needs_cuda
-def test_gpu_fused_combine_in_a_cuda_graph():
-    """Captured with the fused merge, replayed with new lengths: equals the eager two-kernel path."""
-    from prunepath_ops.attention import triton_attention
-
-    S_max, Hq, Hkv, D = 4096, 32, 8, 128
-    q, k, v, seqlens, _, _ = make_case([100, 0, 4000, 513], Hq, Hkv, D, S_max, torch.bfloat16, "cuda", False)
-    k, v = k.nan_to_num(), v.nan_to_num()
-    call = functools.partial(triton_attention.kv_decode_attention_triton, q, k, v, seqlens, None, None, None)
-    call(fused_combine=True)  # compiles outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call(fused_combine=True)
-    for lens in ([100, 0, 4000, 513], [4096, 1, 7, 2048], [0, 0, 0, 0]):
-        seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, call(fused_combine=False)), lens
 
 
 @needs_cuda

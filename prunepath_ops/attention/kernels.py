@@ -14,14 +14,6 @@ Flash-decoding in two kernels:
   2. ``combine_splits_kernel``: one program per (sequence, query head) merges the partials of the
      valid splits ``s < cdiv(L_b, CHUNK)`` in split order (bitwise reproducible, no atomics).
 
-With ``FUSED_COMBINE`` the second launch goes away: each split program takes a ticket from a
-per-(sequence, kv head) counter after its partials are stored, and the program that draws the
-last ticket merges the group's partials with the same ``combine_head`` in the same split order
-(the same bits as the combine kernel), then sets the counter back to 0. The counters are zero
-before every call (zeroed once when allocated, reset by the last program), so they need no
-memset per call; two calls must not run concurrently on one counter buffer (the launcher keeps
-one per stream).
-
 Lengths are read on the device; the grid depends only on static sizes (CUDA-graph capturable).
 With ``PDL`` (:mod:`prunepath_ops._pdl`) both kernels wait for their predecessor before any memory
 access, so the combine's launch overlaps the split kernel's tail; results are bitwise unchanged.
@@ -55,41 +47,6 @@ def valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW: tl.constexpr):
 
 
 @triton.jit
-def combine_head(
-    o_part_ptr, lse_ptr, dst_ptr, base, n_valid, D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr
-):
-    """Merge one query head's partials ``[base, base + n_valid)`` of ``[B * Hq * NS, D]`` into ``dst_ptr[:D]``.
-
-    ``CACHE`` is the partials' load cache modifier: ``".cg"`` (past L1) in the fused combine, where
-    other programs wrote them during this kernel; ``""`` (the default) in the combine kernel. Splits
-    in index order, one fixed reduction tree per block: the same bits on every run and in both.
-    """
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, D)
-    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, n_valid, BLOCK_S):
-        sel = s0 + offs_s
-        lse = tl.load(lse_ptr + base + sel, mask=sel < n_valid, other=float("-inf"), cache_modifier=CACHE)
-        m_vec = tl.maximum(m_vec, lse)
-    m = tl.max(m_vec, axis=0)
-
-    acc = tl.zeros([D], dtype=tl.float32)
-    w_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for s0 in range(0, n_valid, BLOCK_S):
-        sel = s0 + offs_s
-        ok = sel < n_valid
-        o_ptrs = o_part_ptr + (base + sel)[:, None] * D + offs_d[None, :]
-        lse = tl.load(lse_ptr + base + sel, mask=ok, other=float("-inf"), cache_modifier=CACHE)
-        o = tl.load(o_ptrs, mask=ok[:, None], other=0.0, cache_modifier=CACHE)
-        w = tl.where(ok, tl.exp2(lse - m), 0.0)
-        acc += tl.sum(w[:, None] * o, axis=0)
-        w_vec += w
-    w_sum = tl.sum(w_vec, axis=0)
-    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)  # no valid split (L_b = 0): zeros
-    tl.store(dst_ptr + offs_d, out.to(dst_ptr.dtype.element_ty))
-
-
-@triton.jit
 def decode_attention_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [B, S_max, Hkv, D], rows n_old of kv head h written when HAS_NEW
@@ -99,8 +56,6 @@ def decode_attention_split_kernel(
     seqlens_ptr,  # [B] int32
     out_ptr,  # [B, Hq, D] dtype of q when SINGLE, else [B, Hq, NS, D] fp32 partials (contiguous)
     lse_ptr,  # [B, Hq, NS] fp32 log2-sum-exp of each partial (unused when SINGLE)
-    final_ptr,  # [B, Hq, D] dtype of q: the merged output when FUSED_COMBINE
-    counter_ptr,  # [>= B * Hkv] int32, zero on entry and on exit, when FUSED_COMBINE
     S_max,
     Hkv,
     chunk,  # keys per split, a multiple of BLOCK_N
@@ -129,8 +84,6 @@ def decode_attention_split_kernel(
     SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr = False,
-    BLOCK_S: tl.constexpr = 16,
 ):
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
@@ -202,21 +155,6 @@ def decode_attention_split_kernel(
         row = (b64 * (Hkv * GROUP) + heads) * num_splits + split  # [G_PAD] index into [B, Hq, NS]
         tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_act[:, None])
         tl.store(lse_ptr + row, m + tl.log2(l_safe), mask=g_act)
-        if FUSED_COMBINE:
-            # Every thread's partial stores are issued before the (single-thread) release.
-            tl.debug_barrier()
-            ticket = tl.atomic_add(counter_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if ticket == num_splits - 1:
-                # Relaxed is enough: the next call on this counter starts after this kernel ends.
-                tl.atomic_xchg(counter_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
-                n_valid = (L + chunk - 1) // chunk
-                Hq = Hkv * GROUP
-                for g in range(GROUP):
-                    h = hk * GROUP + g
-                    combine_head(
-                        out_ptr, lse_ptr, final_ptr + b64 * stride_ob + h * stride_oh,
-                        (b64 * Hq + h) * num_splits, n_valid, D, BLOCK_S, ".cg",
-                    )  # fmt: skip
 
 
 @triton.jit
@@ -246,7 +184,27 @@ def combine_splits_kernel(
     pdl_wait(PDL)
     n_valid = (L + chunk - 1) // chunk  # splits the attention kernel wrote
     base = pid.to(tl.int64) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
 
-    combine_head(
-        o_part_ptr, lse_ptr, out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh, base, n_valid, D, BLOCK_S, ""
-    )
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_valid, BLOCK_S):
+        sel = s0 + offs_s
+        lse = tl.load(lse_ptr + base + sel, mask=sel < n_valid, other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse)
+    m = tl.max(m_vec, axis=0)
+
+    acc = tl.zeros([D], dtype=tl.float32)
+    w_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
+    # Splits in index order, one fixed reduction tree per block: the same bits on every run.
+    for s0 in range(0, n_valid, BLOCK_S):
+        sel = s0 + offs_s
+        ok = sel < n_valid
+        lse = tl.load(lse_ptr + base + sel, mask=ok, other=float("-inf"))
+        w = tl.where(ok, tl.exp2(lse - m), 0.0)
+        o = tl.load(o_part_ptr + (base + sel)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
+        w_vec += w
+    w_sum = tl.sum(w_vec, axis=0)
+    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)  # no valid split (L_b = 0): zeros
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))

@@ -38,32 +38,6 @@ MAX_CHUNK = 512
 SHORT_CACHE = 2048
 #: The grid's second axis (the splits) is limited to 65535 programs.
 MAX_SPLITS = 65535
-#: Merge the splits in the attention kernel's last program per (sequence, kv head) instead of a
-#: second kernel (kernels.py, ``FUSED_COMBINE``). Off until timed on the H200: it saves a launch
-#: and the combine's serial tail (1.5 us per layer after the split kernel ends in the graphed
-#: decode step, bench/results/decode_step_timeline.md; 3.5 us of 23 at B = 1 / 16k) and adds the
-#: ticket and the merge to the last program.
-FUSED_COMBINE = False
-
-# One zeroed ticket counter per (device, stream): the fused combine's programs leave it at zero, so
-# consecutive calls on one stream share it; calls on two streams at once must not.
-_counters: dict[tuple[str, int | None, int], Tensor] = {}
-
-
-def _split_counters(device: torch.device, n: int) -> Tensor:
-    """At least ``n`` int32 zeros reserved for the current stream of ``device``.
-
-    Allocated (zeroed) once and grown when a larger batch comes; an allocation during CUDA-graph
-    capture lands in the graph's pool and its memset in the graph, both harmless (the counters are
-    zero there anyway).
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-        _counters[key] = buf
-    return buf
 
 
 @functools.cache
@@ -184,7 +158,6 @@ def kv_decode_attention_triton(
     num_stages: int | None = None,
     block_s: int | None = None,
     pdl: bool | None = None,
-    fused_combine: bool | None = None,
 ) -> Tensor:
     """Split-KV decode attention with the Triton kernels; arguments as :func:`prunepath_ops.attention.kv_decode_attention`.
 
@@ -193,9 +166,7 @@ def kv_decode_attention_triton(
     in place. The keyword arguments override the choice of :func:`launch_config` (for sweeps):
     ``block_n`` keys per tile, ``num_splits`` splits of the key axis (1: one kernel, no combine),
     ``num_warps`` and ``num_stages`` of the attention kernel, ``block_s`` splits per step of the
-    combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`),
-    ``fused_combine`` the merge of the splits in the attention kernel's last program (default
-    :data:`FUSED_COMBINE`; the same bits as the combine kernel).
+    combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`).
 
     Returns
     -------
@@ -228,22 +199,19 @@ def kv_decode_attention_triton(
     pdl = _pdl.resolve(pdl, q.device)
     launch = _pdl.launch_options(pdl)
     opts = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **launch}
-    fused = (FUSED_COMBINE if fused_combine is None else fused_combine) and not single
-    bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)
     with _device_guard(q.device):
-        counters = _split_counters(q.device, B * Hkv) if fused else cache_seqlens
         kernels.decode_attention_split_kernel[(B * Hkv, ns)](
-            q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse, out, counters,
+            q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse,
             S_max, Hkv, chunk, ns, scale * math.log2(math.e), cache_seqlens.stride(0),
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             *nk_strides, *nv_strides, out.stride(0), out.stride(1),
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=cfg["block_n"],
-            HAS_NEW=has_new, SINGLE=single, DOT_PREC=_dot_precision(q.dtype), PDL=pdl,
-            FUSED_COMBINE=fused, BLOCK_S=bs if fused else 16, **opts,  # unused unfused: one specialisation
+            HAS_NEW=has_new, SINGLE=single, DOT_PREC=_dot_precision(q.dtype), PDL=pdl, **opts,
         )  # fmt: skip
-        if not single and not fused:
+        if not single:
+            bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)
             kernels.combine_splits_kernel[(B * Hq,)](
                 o_part, lse, out, cache_seqlens, S_max, Hq, chunk, ns, cache_seqlens.stride(0),
                 out.stride(0), out.stride(1), D=D, BLOCK_S=bs, HAS_NEW=has_new, PDL=pdl,
