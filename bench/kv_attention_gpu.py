@@ -22,7 +22,10 @@ For every case the script
 3. reports times, the achieved TB/s over the KV bytes actually read
    (``sum_b L_b * Hkv * D * 2 tensors * 2 bytes``), the ratios, and the targets: never slower
    than SDPA's best case by more than 5 %, at B = 1 / 16k at least 3.5 TB/s, the ragged batch at
-   least 2x faster than masked SDPA.
+   least 2x faster than masked SDPA;
+4. on CUDA in fp16/bf16, also times torch's bundled FlashAttention-2 (its varlen forward) reading
+   the caches in place with ``seqused_k`` (eager, graphed, steady), the baseline a decode server
+   on this cache layout has without this library, in a table of its own.
 
 ``--sweep`` also times a grid of launcher configurations (``block_n``, ``num_splits`` up to 8x
 the default, ``num_warps``, ``num_stages``) at B = 1 / 16k, B = 32 / 1k and B = 32 / 4k through
@@ -176,6 +179,61 @@ def sdpa_masked(case: Case) -> dict[str, Callable[[], torch.Tensor]]:
     }
 
 
+def flash_in_place(case: Case, k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None):
+    """torch's bundled FlashAttention-2 (its varlen forward) reading the caches in place, or None.
+
+    What a decode server does with flash-attn on a static cache, and the fastest baseline a user of
+    this layout has without this library: the B queries as B segments of one token, the caches as
+    B segments of ``S_max`` rows (``cu_seqlens_k = b * S_max``, static) of which ``seqused_k =
+    cache_seqlens`` are valid; no copy, ragged lengths included. CUDA and fp16/bf16 only; None
+    where it does not apply.
+    """
+    if not case.q.is_cuda or case.q.dtype == torch.float32:
+        return None
+    k_cache = case.k_cache if k_cache is None else k_cache
+    v_cache = case.v_cache if v_cache is None else v_cache
+    B, S = case.B, case.S_max
+    cu_q = torch.arange(B + 1, dtype=torch.int32, device=case.q.device)  # one query token per sequence
+    cu_k = cu_q * S  # sequence b's rows start at b * S_max
+    k = k_cache.view(B * S, case.Hkv, case.D)
+    v = v_cache.view(B * S, case.Hkv, case.D)
+    scale = 1.0 / math.sqrt(case.D)
+
+    def fn() -> torch.Tensor:  # [B, Hq, D]
+        return torch.ops.aten._flash_attention_forward(
+            case.q, k, v, cu_q, cu_k, 1, S, 0.0, False, False, scale=scale, seqused_k=case.seqlens
+        )[0]
+
+    return fn
+
+
+def run_flash(case: Case, row: dict, ref: torch.Tensor, args: argparse.Namespace, timer) -> None:
+    """Adds FlashAttention-2 in place (eager, graphed, steady) to ``row``, or why it could not run."""
+    fn = flash_in_place(case)
+    if fn is None:
+        return
+    try:
+        err = rel_err(fn(), ref)
+        if not err < row["tol"]:
+            row["flash_error"] = f"rel err {err:.1e}"
+            return
+        row["flash_us"] = timer(fn)[0] * 1e3
+        row["flash_graph_us"] = timer(capture(fn)[0])[0] * 1e3
+        row["graph_ratio_flash"] = row["graph_us"] / row["flash_graph_us"]
+        if args.steady_calls > 0 and "steady_copies" in row:
+            n, copies = args.steady_calls, row["steady_copies"]
+            fns = [fn] + [flash_in_place(case, case.k_cache.clone(), case.v_cache.clone()) for _ in range(copies - 1)]
+
+            def steady():
+                for i in range(n):
+                    fns[i % copies]()
+
+            row["flash_steady_us"] = timer(capture(steady)[0])[0] * 1e3 / n
+            row["steady_ratio_flash"] = row["steady_us"] / row["flash_steady_us"]
+    except (RuntimeError, TypeError) as exc:  # this torch built without flash, or another schema
+        row["flash_error"] = repr(exc)[:200]
+
+
 def fastest(fns: dict[str, Callable[[], torch.Tensor]], timer, expected: torch.Tensor) -> tuple[str | None, float]:
     """(variant, median ms) of the fastest variant whose output matches ``expected``; failures are skipped."""
     best: tuple[str | None, float] = (None, float("inf"))
@@ -305,6 +363,8 @@ def run_case(case: Case, args: argparse.Namespace, timer) -> dict:
     if variant is not None:
         row.update({"sdpa_masked_us": ms * 1e3, "sdpa_masked_variant": variant})
         row["speedup_sdpa_masked"] = row["sdpa_masked_us"] / row["ours_us"]
+    if replay is not None:
+        run_flash(case, row, ref, args, timer)
     return row
 
 
@@ -400,6 +460,18 @@ def case_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def flash_table(rows: list[dict]) -> str:
+    out = ["| case | flash us | flash graphed us | graphed / flash graphed | flash steady us | steady / flash steady "
+           "| note |", "|---|" + "---:|" * 6]  # fmt: skip
+    for r in rows:
+        if "flash_us" in r or "flash_error" in r:
+            out.append(
+                f"| {r['case']} | {_us(r, 'flash_us')} | {_us(r, 'flash_graph_us')} | {_f(r.get('graph_ratio_flash'), '.2f')} "
+                f"| {_us(r, 'flash_steady_us')} | {_f(r.get('steady_ratio_flash'), '.2f')} | {r.get('flash_error', '')} |"
+            )
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def sweep_table(rows: list[dict]) -> str:
     out = ["| case | block_n | splits | warps | stages | us | TB/s | default | note |", "|---|" + "---:|" * 8]
     for r in sorted(rows, key=lambda r: (r["case"], r.get("us", float("inf")))):
@@ -474,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{row['case']}: ours {_us(row, 'ours_us')} us ({row['TBps']:.2f} TB/s), graphed "
                       f"{_us(row, 'graph_us')} us, SDPA best {_us(row, 'sdpa_best_us')} us, SDPA masked "
-                      f"{_us(row, 'sdpa_masked_us')} us, rel err {row['rel_err']:.1e}", flush=True)  # fmt: skip
+                      f"{_us(row, 'sdpa_masked_us')} us, flash graphed {_us(row, 'flash_graph_us')} us "
+                      f"{row.get('flash_error', '')}, rel err {row['rel_err']:.1e}", flush=True)  # fmt: skip
             del case
             gc.collect()
             if args.device == "cuda":
@@ -513,6 +586,14 @@ def main(argv: list[str] | None = None) -> int:
                        for r in rows if "sdpa_masked_variant" in r})  # fmt: skip
     if variants:
         lines += ["", "SDPA variant timed (the faster GQA form per case):", ""] + [f"- {v}" for v in variants]
+    flash = flash_table([r for r in rows if "error" not in r])
+    if flash:
+        lines += ["", "## FlashAttention-2 in place (a baseline beside SDPA)", "",
+                  "torch's bundled FlashAttention-2 varlen forward (`torch.ops.aten._flash_attention_forward`) on the "
+                  "caches in place: q as B segments of one token, the caches as B segments of S_max rows with "
+                  "`seqused_k = cache_seqlens` (what a decode server runs on a static cache; ragged included, no "
+                  "copies); checked against the fp32 reference like ours; eager, graphed and steady as above.", "",
+                  flash]  # fmt: skip
     if met:
         lines += ["", "## Targets", "", "| target | measured | met |", "|---|---:|---|"]
         lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in met]
