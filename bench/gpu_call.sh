@@ -16,6 +16,17 @@ pack() { tar -czf "$OUT/results.tgz" -C "$OUT" results; }
 bash bench/gpu_build.sh > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; pack; exit 1; }
 tail -3 "$out/build.log"
 t() { local s=$1; shift; timeout "$s" "$@"; }
+# pytest-xdist when its wheels were carried in .whl/ (not installed on the GPU machine; fetch them here with
+# `pip download --no-deps --only-binary=:all: -d .whl pytest-xdist execnet`, carry [".whl"]): the test parts then
+# run in XDIST processes (default 8) on the one GPU, which mostly spreads Triton's compilations over the CPU
+# cores. Each process has its own CUDA context and caches, so no test sees another's state.
+pytest_n=()
+if compgen -G ".whl/pytest_xdist-*.whl" > /dev/null && compgen -G ".whl/execnet-*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_xdist \
+    .whl/pytest_xdist-*.whl .whl/execnet-*.whl > /dev/null 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site_xdist
+  python3 -c "import xdist" 2> /dev/null && pytest_n=(-n "${XDIST:-8}")
+fi
+echo "pytest: ${pytest_n[*]:-one process}" | tee -a "$out/build.log"
 for part in "$@"; do
   start=$(date +%s)
   case "$part" in
@@ -31,9 +42,9 @@ for part in "$@"; do
     stashmodel) mkdir -p /tmp/prunepath_model && cp .qa/gguf_part_00 /tmp/prunepath_model/ ;;  # half 1: bench/quality_gpu.sh
     routersplit) t 90 .prebuilt/router_split > "$out/router_split.md" 2>&1 ;;  # built here first: bench/diag/router_split.sh
     kvcases) t 150 python3 bench/kv_attention_gpu.py --out "$out" > "$out/kv_attention.log" 2>&1 ;;
-    normtests) t ${NORMTESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_norm_linear_topp_route.py python_tests/test_linear_topp_route.py \
+    normtests) t ${NORMTESTS_TIMEOUT:-150} python3 -m pytest "${pytest_n[@]}" python_tests/test_norm_linear_topp_route.py python_tests/test_linear_topp_route.py \
                  python_tests/test_decode.py -q -p no:cacheprovider > "$out/gpu_tests_norm_route.log" 2>&1 ;;
-    steptests) t ${STEPTESTS_TIMEOUT:-200} python3 -m pytest python_tests/test_decode_step.py python_tests/test_decode.py \
+    steptests) t ${STEPTESTS_TIMEOUT:-200} python3 -m pytest "${pytest_n[@]}" python_tests/test_decode_step.py python_tests/test_decode.py \
                  python_tests/test_linear_topp_route.py -q \
                  -p no:cacheprovider -k "not test_gpu_cuda_graph_generate_equals_eager" > "$out/gpu_tests_decode_step.log" 2>&1 ;;
     e2ecompiled) t 400 python3 bench/decode_e2e_gpu.py --compile --name decode_e2e_cuda_compiled --out "$out" \
@@ -41,7 +52,7 @@ for part in "$@"; do
     e2eboth) t ${E2E_TIMEOUT:-560} python3 bench/decode_e2e_gpu.py --compile-both --name decode_e2e_cuda --out "$out" \
                > "$out/decode_e2e.log" 2>&1 ;;
     kvbench) t 120 python3 bench/kv_attention_gpu.py --out "$out" --sweep > "$out/kv_attention.log" 2>&1 ;;
-    kvtests) t ${KVTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_kv_decode_attention.py python_tests/test_decode.py \
+    kvtests) t ${KVTESTS_TIMEOUT:-240} python3 -m pytest "${pytest_n[@]}" python_tests/test_kv_decode_attention.py python_tests/test_decode.py \
                -q -p no:cacheprovider > "$out/gpu_tests_kv_decode.log" 2>&1 ;;
     ffnsweep) t 150 python3 bench/sparse_ffn_sweep.py --what decode --out "$out" > "$out/sweep.log" 2>&1 ;;
     ffntail) t 120 python3 bench/sparse_ffn_sweep.py --what decode --batches 1 --defaults-only --fractions 0.25 0.29 0.3 0.35 \
@@ -63,20 +74,20 @@ for part in "$@"; do
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
     ffn8b) t 150 python3 bench/sparse_ffn_gpu.py --shapes llama3-8b --batches 1 4 16 --prefill 4096 \
              --name sparse_ffn_cuda_llama3_8b --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
-    tests) t ${TESTS_TIMEOUT:-580} python3 -X faulthandler -m pytest python_tests -q -p no:cacheprovider --durations=25 \
+    tests) t ${TESTS_TIMEOUT:-580} python3 -X faulthandler -m pytest "${pytest_n[@]}" python_tests -q -p no:cacheprovider --durations=25 \
              > "$out/gpu_tests.log" 2>&1 ;;
     # The GPU suite in three parts that each fit a call (session 17: without test_topp_route.py it took ~560 s):
     # testsrest, testsffn (test_sparse_ffn.py and test_train.py), topptests.
-    testsrest) t ${TESTS_TIMEOUT:-480} python3 -X faulthandler -m pytest python_tests -q -p no:cacheprovider --durations=25 \
+    testsrest) t ${TESTS_TIMEOUT:-480} python3 -X faulthandler -m pytest "${pytest_n[@]}" python_tests -q -p no:cacheprovider --durations=25 \
                  --ignore=python_tests/test_topp_route.py --ignore=python_tests/test_sparse_ffn.py \
                  --ignore=python_tests/test_train.py > "$out/gpu_tests_rest.log" 2>&1 ;;
-    testsffn) t ${TESTS_TIMEOUT:-480} python3 -X faulthandler -m pytest python_tests/test_sparse_ffn.py python_tests/test_train.py \
+    testsffn) t ${TESTS_TIMEOUT:-480} python3 -X faulthandler -m pytest "${pytest_n[@]}" python_tests/test_sparse_ffn.py python_tests/test_train.py \
                 -q -p no:cacheprovider --durations=25 > "$out/gpu_tests_ffn_train.log" 2>&1 ;;
-    routertests) t ${ROUTERTESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_linear_topp_route.py python_tests/test_topp_route.py \
+    routertests) t ${ROUTERTESTS_TIMEOUT:-150} python3 -m pytest "${pytest_n[@]}" python_tests/test_linear_topp_route.py python_tests/test_topp_route.py \
                    -q -p no:cacheprovider > "$out/gpu_tests_router.log" 2>&1 ;;
     routerbench) t 120 python3 bench/router_decode_gpu.py --out "$out" > "$out/router_decode.log" 2>&1 ;;
     gemvbench) t 120 python3 bench/decode_linear_gpu.py --out "$out" > "$out/decode_linear.log" 2>&1 ;;
-    topptests) t ${TOPPTESTS_TIMEOUT:-300} python3 -m pytest python_tests/test_topp_route.py -x -q -p no:cacheprovider \
+    topptests) t ${TOPPTESTS_TIMEOUT:-300} python3 -m pytest "${pytest_n[@]}" python_tests/test_topp_route.py -x -q -p no:cacheprovider \
                  > "$out/gpu_tests_topp.log" 2>&1 ;;
     decodetests) t 90 python3 -m pytest python_tests/test_decode.py -q -p no:cacheprovider \
                    > "$out/gpu_tests_decode.log" 2>&1 ;;
