@@ -87,7 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steady-calls", type=int, default=20, help="calls per graph of the steady-state timing (0: skip)")
     ap.add_argument("--steady-mb", type=float, default=256.0, help="KV cache copies the steady calls cycle over, MB")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
-    ap.add_argument("--backend", choices=("auto", "triton", "cpu"), default="auto")
+    ap.add_argument(
+        "--backend",
+        choices=("auto", "triton", "cpu", "flash"),
+        default="auto",
+        help="the op's backend timed as 'ours' (flash: torch's FlashAttention-2 after the op's append launch)",
+    )
     ap.add_argument("--warmup", type=float, default=None, help="warmup per measurement, ms (default 10)")
     ap.add_argument("--rep", type=float, default=None, help="timed repetitions per measurement, ms (default 50)")
     ap.add_argument("--timer", choices=("auto", "do_bench", "events"), default="auto")

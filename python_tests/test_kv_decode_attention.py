@@ -33,7 +33,7 @@ POISON = float("nan")  # cache rows that are not attended hold NaN: reading one 
 
 def device_for(backend: str) -> str:
     """Triton runs on the GPU when there is one, else on CPU tensors under the interpreter."""
-    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+    return "cuda" if backend in ("triton", "flash") and HAS_CUDA else "cpu"
 
 
 def attended(lens: list[int], S_max: int, with_new: bool) -> list[int]:
@@ -333,6 +333,44 @@ def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
         kv_decode_attention(**_good(), backend="triton")
 
 
+def test_flash_backend_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="backend='flash' needs CUDA tensors"):
+        kv_decode_attention(**_good(), backend="flash")
+
+
+@needs_triton
+@pytest.mark.parametrize("Hkv", [1, 3])  # one kv head (a one-row tile); a count padded to a power of two
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+def test_flash_append_and_lengths_kernel(with_new, Hkv):
+    """The flash backend's append launch: the op's clamp rule, and only row n of each sequence written."""
+    from prunepath_ops.attention.flash_attention import append_and_lengths
+
+    device = device_for("triton")
+    S_max = 16
+    lens = [0, 5, 15, 16, -3, 40]  # empty; inside; the last row; a full cache; below and past the range
+    _, k, v, seqlens, kn, vn = make_case(lens, 2 * Hkv, Hkv, 16, S_max, torch.float16, device, with_new)
+    k_ref, v_ref = k.cpu().clone(), v.cpu().clone()
+    for b, n in enumerate(lens):
+        if with_new and 0 <= n < S_max:  # the documented rule: rows outside the cache are not written
+            k_ref[b, n], v_ref[b, n] = kn[b].cpu(), vn[b].cpu()
+    got = append_and_lengths(k, v, seqlens, kn, vn)
+    assert got.tolist() == attended(lens, S_max, with_new)
+    torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v.cpu(), v_ref, atol=0, rtol=0, equal_nan=True)
+
+
+@needs_cuda
+def test_flash_backend_rejects_what_it_cannot_read():
+    args = {k: t.cuda() for k, t in _good().items()}
+    with pytest.raises(ValueError, match="backend='flash' takes float16 or bfloat16"):
+        kv_decode_attention(**{k: t.float() if t.is_floating_point() else t for k, t in args.items()}, backend="flash")
+    half = {k: t.half() if t.is_floating_point() else t for k, t in args.items()}
+    rows = half["k_cache"].shape[1]
+    wide = torch.zeros(2, rows + 4, *half["k_cache"].shape[2:], dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="batch and row dims to merge"):  # a slice of a longer cache's rows
+        kv_decode_attention(**{**half, "k_cache": wide[:, :rows]}, backend="flash")
+
+
 @needs_cuda
 def test_cpu_backend_rejects_cuda_tensors():
     args = {k: t.cuda() for k, t in _good().items()}
@@ -404,6 +442,63 @@ def test_compile_fullgraph_with_append():
 )
 def test_gpu_against_reference_and_sdpa(lens, Hq, Hkv, D, S_max, dtype, with_new):
     run_and_check("triton", lens, Hq, Hkv, D, S_max, dtype, with_new)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+@pytest.mark.parametrize(
+    "lens,Hq,Hkv,D,S_max",
+    [
+        ([4000, 0, 1, 129, 2500, 777], 32, 8, 128, 4096),  # ragged with empty and single-key sequences
+        ([16383, 5, 300, 64], 32, 8, 128, 16640),  # one 16k sequence next to short ones
+        ([1000, 1], 32, 4, 64, 1024),  # D = 64, GQA 8
+        ([513, 2047, 2048], 16, 16, 128, 2048),  # GQA 1; S_max - 1 and a full cache (no append)
+        ([3000], 64, 8, 256, 3072),  # D = 256
+        ([0, 0], 8, 1, 128, 512),  # nothing to attend anywhere
+    ],
+)
+def test_gpu_flash_backend_against_reference_and_sdpa(lens, Hq, Hkv, D, S_max, dtype, with_new):
+    """FlashAttention in place: the same contract (clamp rule, zeros for L_b = 0, NaN rows never read)."""
+    run_and_check("flash", lens, Hq, Hkv, D, S_max, dtype, with_new)
+
+
+@needs_cuda
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+def test_gpu_flash_backend_deterministic_and_graphed(with_new):
+    """Bitwise repeatable, and a captured call replays with new lengths (no host synchronisation)."""
+    S_max, Hq, Hkv, D = 4096, 32, 8, 128
+    q, k, v, seqlens, kn, vn = make_case([100, 0, 4000, 513], Hq, Hkv, D, S_max, torch.bfloat16, "cuda", with_new)
+    k, v = k.nan_to_num(), v.nan_to_num()
+    k0, v0 = k.clone(), v.clone()
+    first = kv_decode_attention(q, k, v, seqlens, kn, vn, backend="flash")
+    for _ in range(3):
+        k.copy_(k0)
+        v.copy_(v0)
+        assert torch.equal(kv_decode_attention(q, k, v, seqlens, kn, vn, backend="flash"), first)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kv_decode_attention(q, k, v, seqlens, kn, vn, backend="flash")
+    for lens in ([1500, 7, 1, 4095], [0, 4094, 64, 1]):
+        k.copy_(k0)
+        v.copy_(v0)
+        seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        k_ref, v_ref = k0.cpu().clone(), v0.cpu().clone()
+        cpu_new = (kn.cpu(), vn.cpu()) if with_new else (None, None)
+        expected = R.kv_decode_attention(q.cpu(), k_ref, v_ref, seqlens.cpu(), *cpu_new)
+        assert_close(out.cpu().float(), expected.float(), torch.bfloat16)
+        torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+def test_gpu_flash_backend_opcheck(with_new):
+    q, k, v, seqlens, kn, vn = make_case([3, 0, 12], 8, 2, 64, 16, torch.float16, "cuda", with_new)
+    k, v = k.nan_to_num(), v.nan_to_num()
+    torch.library.opcheck(torch.ops.prunepath.kv_decode_attention.default, (q, k, v, seqlens, kn, vn, None, "flash"))
 
 
 @needs_cuda

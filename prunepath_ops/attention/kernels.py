@@ -208,3 +208,50 @@ def combine_splits_kernel(
     w_sum = tl.sum(w_vec, axis=0)
     out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)  # no valid split (L_b = 0): zeros
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def append_and_lengths_kernel(
+    k_cache_ptr,  # [B, S_max, Hkv, D]
+    v_cache_ptr,
+    k_new_ptr,  # [B, Hkv, D] (unused without HAS_NEW)
+    v_new_ptr,
+    seqlens_ptr,  # [B] int32, cache rows before the append
+    lens_out_ptr,  # [B] int32 out: keys each sequence attends to
+    S_max,
+    Hkv,
+    stride_len,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_nkb,
+    stride_nkh,
+    stride_nvb,
+    stride_nvh,
+    D: tl.constexpr,
+    H_PAD: tl.constexpr,
+    HAS_NEW: tl.constexpr,
+):
+    """One program per sequence: write its new k/v row (when ``0 <= n < S_max``) and its attended length.
+
+    For backends that attend in a library kernel (FlashAttention's varlen forward): the append and
+    the clamp of :func:`valid_lengths` in one launch, so the attention kernel only reads.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    n_old, L, has_new = valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW)
+    tl.store(lens_out_ptr + b, L)
+    if HAS_NEW:
+        if has_new:
+            offs_h = tl.arange(0, H_PAD)
+            offs_d = tl.arange(0, D)
+            ok = (offs_h < Hkv)[:, None]
+            kn = tl.load(k_new_ptr + b * stride_nkb + offs_h[:, None] * stride_nkh + offs_d[None, :], mask=ok)
+            vn = tl.load(v_new_ptr + b * stride_nvb + offs_h[:, None] * stride_nvh + offs_d[None, :], mask=ok)
+            row = n_old.to(tl.int64)
+            k_dst = k_cache_ptr + b * stride_kb + row * stride_ks + offs_h[:, None] * stride_kh + offs_d[None, :]
+            v_dst = v_cache_ptr + b * stride_vb + row * stride_vs + offs_h[:, None] * stride_vh + offs_d[None, :]
+            tl.store(k_dst, kn, mask=ok)
+            tl.store(v_dst, vn, mask=ok)
