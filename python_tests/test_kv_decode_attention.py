@@ -182,9 +182,11 @@ def test_lengths_out_of_range_are_clamped_in_bounds(backend, with_new):
     out = kv_decode_attention(q, k, v, seqlens, kn, vn, backend=backend)
     torch.testing.assert_close(big_k, before_k, atol=0, rtol=0)  # no sequence appended, nothing else moved
     torch.testing.assert_close(big_v, before_v, atol=0, rtol=0)
-    clamped = torch.tensor([min(max(n, 0), S_max) for n in lens], dtype=torch.int32)
-    expected = R.kv_decode_attention(q.cpu(), k.cpu().clone(), v.cpu().clone(), clamped)
+    cpu_new = (kn.cpu(), vn.cpu()) if with_new else (None, None)
+    k_ref, v_ref = k.cpu().clone(), v.cpu().clone()
+    expected = R.kv_decode_attention(q.cpu(), k_ref, v_ref, seqlens.cpu(), *cpu_new)  # the same clamp rule
     assert_close(out.cpu(), expected)
+    torch.testing.assert_close(k_ref, k.cpu(), atol=0, rtol=0)  # the reference wrote nothing either
     assert bool((out[0] == 0).all())
 
 
@@ -350,9 +352,8 @@ def test_flash_append_and_lengths_kernel(with_new, Hkv):
     lens = [0, 5, 15, 16, -3, 40]  # empty; inside; the last row; a full cache; below and past the range
     _, k, v, seqlens, kn, vn = make_case(lens, 2 * Hkv, Hkv, 16, S_max, torch.float16, device, with_new)
     k_ref, v_ref = k.cpu().clone(), v.cpu().clone()
-    for b, n in enumerate(lens):
-        if with_new and 0 <= n < S_max:  # the documented rule: rows outside the cache are not written
-            k_ref[b, n], v_ref[b, n] = kn[b].cpu(), vn[b].cpu()
+    if with_new:  # the reference appends by the same rule (rows outside the cache are not written)
+        R.kv_decode_attention(torch.zeros(len(lens), 2 * Hkv, 16), k_ref, v_ref, seqlens.cpu(), kn.cpu(), vn.cpu())
     got = append_and_lengths(k, v, seqlens, kn, vn)
     assert got.tolist() == attended(lens, S_max, with_new)
     torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0, equal_nan=True)

@@ -31,12 +31,13 @@ def kv_decode_attention(
     k_cache, v_cache : Tensor
         ``[B, S_max, Hkv, D]``; rows ``< cache_seqlens[b]`` of sequence b are valid.
     cache_seqlens : Tensor
-        ``[B]`` int32, the number of valid cache rows per sequence before the append, in
-        ``[0, S_max]`` (``[0, S_max - 1]`` with ``k_new``); outside that range this loop follows
-        Python indexing, while the op clamps (see :func:`prunepath_ops.attention.kv_decode_attention`).
+        ``[B]`` int32, the number of valid cache rows per sequence before the append. A length
+        ``n`` outside ``[0, S_max]`` is clamped into it (the op's rule, see
+        :func:`prunepath_ops.attention.kv_decode_attention`).
     k_new, v_new : Tensor, optional
-        ``[B, Hkv, D]``: written **in place** at row ``cache_seqlens[b]`` of each sequence,
-        which then attends to ``cache_seqlens[b] + 1`` keys. ``cache_seqlens`` is not changed.
+        ``[B, Hkv, D]``: written **in place** at row ``n = cache_seqlens[b]`` of each sequence
+        when ``0 <= n < S_max``, which then attends to ``n + 1`` keys (otherwise nothing is
+        written and it attends to the clamped ``n``). ``cache_seqlens`` is not changed.
     softmax_scale : float, optional
         Default ``1 / sqrt(D)``.
 
@@ -56,12 +57,15 @@ def kv_decode_attention(
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    lens = cache_seqlens.long().tolist()
+    S_max = k_cache.shape[1]
+    requested = cache_seqlens.long().tolist()
+    lens = [min(max(n, 0), S_max) for n in requested]
     if k_new is not None:
-        for b in range(B):
-            k_cache[b, lens[b]] = k_new[b].to(k_cache.dtype)
-            v_cache[b, lens[b]] = v_new[b].to(v_cache.dtype)
-        lens = [n + 1 for n in lens]
+        for b, n in enumerate(requested):
+            if 0 <= n < S_max:  # a row outside the cache is not written, and not attended
+                k_cache[b, n] = k_new[b].to(k_cache.dtype)
+                v_cache[b, n] = v_new[b].to(v_cache.dtype)
+                lens[b] = n + 1
     out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
     group = Hq // Hkv
     for b in range(B):
