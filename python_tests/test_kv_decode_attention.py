@@ -466,36 +466,6 @@ def test_gpu_flash_backend_against_reference_and_sdpa(lens, Hq, Hkv, D, S_max, d
 
 @needs_cuda
 @pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
-def test_gpu_flash_backend_deterministic_and_graphed(with_new):
-    """Bitwise repeatable, and a captured call replays with new lengths (no host synchronisation)."""
-    S_max, Hq, Hkv, D = 4096, 32, 8, 128
-    q, k, v, seqlens, kn, vn = make_case([100, 0, 4000, 513], Hq, Hkv, D, S_max, torch.bfloat16, "cuda", with_new)
-    k, v = k.nan_to_num(), v.nan_to_num()
-    k0, v0 = k.clone(), v.clone()
-    first = kv_decode_attention(q, k, v, seqlens, kn, vn, backend="flash")
-    for _ in range(3):
-        k.copy_(k0)
-        v.copy_(v0)
-        assert torch.equal(kv_decode_attention(q, k, v, seqlens, kn, vn, backend="flash"), first)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = kv_decode_attention(q, k, v, seqlens, kn, vn, backend="flash")
-    for lens in ([1500, 7, 1, 4095], [0, 4094, 64, 1]):
-        k.copy_(k0)
-        v.copy_(v0)
-        seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
-        graph.replay()
-        torch.cuda.synchronize()
-        k_ref, v_ref = k0.cpu().clone(), v0.cpu().clone()
-        cpu_new = (kn.cpu(), vn.cpu()) if with_new else (None, None)
-        expected = R.kv_decode_attention(q.cpu(), k_ref, v_ref, seqlens.cpu(), *cpu_new)
-        assert_close(out.cpu().float(), expected.float(), torch.bfloat16)
-        torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0)
-
-
-@needs_cuda
-@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
 def test_gpu_flash_backend_opcheck(with_new):
     q, k, v, seqlens, kn, vn = make_case([3, 0, 12], 8, 2, 64, 16, torch.float16, "cuda", with_new)
     k, v = k.nan_to_num(), v.nan_to_num()
@@ -516,26 +486,28 @@ def test_gpu_forced_splits(num_splits):
 
 
 @needs_cuda
-def test_gpu_bitwise_deterministic():
+@pytest.mark.parametrize("backend", ["auto", "flash"])  # the Triton kernels; FlashAttention in place
+def test_gpu_bitwise_deterministic(backend):
     q, k, v, seqlens, _, _ = make_case([16000, 3, 9000, 512] * 4, 32, 8, 128, 16384, torch.bfloat16, "cuda", False)
-    first = kv_decode_attention(q, k, v, seqlens)
+    first = kv_decode_attention(q, k, v, seqlens, backend=backend)
     for _ in range(5):
-        assert torch.equal(kv_decode_attention(q, k, v, seqlens), first)
+        assert torch.equal(kv_decode_attention(q, k, v, seqlens, backend=backend), first)
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend", ["auto", "flash"])  # the Triton kernels; FlashAttention in place
 @pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
-def test_gpu_cuda_graph_replay_with_new_lengths(with_new):
+def test_gpu_cuda_graph_replay_with_new_lengths(with_new, backend):
     """Capture once, change cache_seqlens in place, replay: the graph must read the new lengths."""
     S_max, Hq, Hkv, D = 2048, 32, 8, 128
     q, k, v, seqlens, kn, vn = make_case([100, 0, 2000, 513], Hq, Hkv, D, S_max, torch.bfloat16, "cuda", with_new)
     k, v = k.nan_to_num(), v.nan_to_num()
     k0, v0 = k.clone(), v.clone()
-    kv_decode_attention(q, k, v, seqlens, kn, vn)  # compiles the kernels outside the capture
+    kv_decode_attention(q, k, v, seqlens, kn, vn, backend=backend)  # compiles the kernels outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kv_decode_attention(q, k, v, seqlens, kn, vn)
+        out = kv_decode_attention(q, k, v, seqlens, kn, vn, backend=backend)
     for lens in ([1500, 7, 1, 2047], [0, 2046, 64, 1]):
         k.copy_(k0)
         v.copy_(v0)
