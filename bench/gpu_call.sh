@@ -42,9 +42,9 @@ for part in "$@"; do
     stashmodel) mkdir -p /tmp/prunepath_model && cp .qa/gguf_part_00 /tmp/prunepath_model/ ;;  # half 1: bench/quality_gpu.sh
     routersplit) t 90 .prebuilt/router_split > "$out/router_split.md" 2>&1 ;;  # built here first: bench/diag/router_split.sh
     kvcases) t 150 python3 bench/kv_attention_gpu.py --out "$out" > "$out/kv_attention.log" 2>&1 ;;
-    # kv_decode_attention(backend="flash") as 'ours' in the same table (kvcases has FlashAttention alone beside ours)
-    kvflash) t 150 python3 bench/kv_attention_gpu.py --backend flash --name kv_attention_cuda_flash --out "$out" \
-               > "$out/kv_attention_flash.log" 2>&1 ;;
+    # The same table and sweep on head-major caches ([B, Hkv, S_max, D] storage passed as a transposed view)
+    kvhead) t 150 python3 bench/kv_attention_gpu.py --cache-layout head --sweep --name kv_attention_cuda_head_major --out "$out" \
+              > "$out/kv_attention_head.log" 2>&1 ;;
     normtests) t ${NORMTESTS_TIMEOUT:-150} python3 -m pytest "${pytest_n[@]}" python_tests/test_norm_linear_topp_route.py python_tests/test_linear_topp_route.py \
                  python_tests/test_decode.py -q -p no:cacheprovider > "$out/gpu_tests_norm_route.log" 2>&1 ;;
     steptests) t ${STEPTESTS_TIMEOUT:-200} python3 -m pytest "${pytest_n[@]}" python_tests/test_decode_step.py python_tests/test_decode.py \

@@ -27,6 +27,10 @@ For every case the script
    the caches in place with ``seqused_k`` (eager, graphed, steady), the baseline a decode server
    on this cache layout has without this library, in a table of its own.
 
+``--cache-layout head`` allocates the caches ``[B, Hkv, S_max, D]`` and passes their
+``transpose(1, 2)`` views (the op takes any strides but the last): each kv head's rows are then
+contiguous, as in SDPA's copies, which shows how much of the gap to SDPA's best is the layout.
+
 ``--sweep`` also times a grid of launcher configurations (``block_n``, ``num_splits`` up to 8x
 the default, ``num_warps``, ``num_stages``) at B = 1 / 16k, B = 32 / 1k and B = 32 / 4k through
 ``kv_decode_attention_triton``'s overrides, each checked against the default configuration and
@@ -87,11 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steady-calls", type=int, default=20, help="calls per graph of the steady-state timing (0: skip)")
     ap.add_argument("--steady-mb", type=float, default=256.0, help="KV cache copies the steady calls cycle over, MB")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--backend", choices=("auto", "triton", "cpu"), default="auto")
     ap.add_argument(
-        "--backend",
-        choices=("auto", "triton", "cpu", "flash"),
-        default="auto",
-        help="the op's backend timed as 'ours' (flash: torch's FlashAttention-2 after the op's append launch)",
+        "--cache-layout",
+        choices=("seq", "head"),
+        default="seq",
+        help="seq: caches allocated [B, S_max, Hkv, D] (flash-attn's); head: allocated [B, Hkv, S_max, D] and "
+        "passed as a transposed view, so each kv head's rows are contiguous",
     )
     ap.add_argument("--warmup", type=float, default=None, help="warmup per measurement, ms (default 10)")
     ap.add_argument("--rep", type=float, default=None, help="timed repetitions per measurement, ms (default 50)")
@@ -135,8 +141,12 @@ class Case:
             return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
         self.q = rnd(self.B, self.Hq, self.D)
-        self.k_cache = rnd(self.B, S_max, self.Hkv, self.D)
-        self.v_cache = rnd(self.B, S_max, self.Hkv, self.D)
+        if args.cache_layout == "head":  # [B, Hkv, S_max, D] storage seen as [B, S_max, Hkv, D]
+            self.k_cache = rnd(self.B, self.Hkv, S_max, self.D).transpose(1, 2)
+            self.v_cache = rnd(self.B, self.Hkv, S_max, self.D).transpose(1, 2)
+        else:
+            self.k_cache = rnd(self.B, S_max, self.Hkv, self.D)
+            self.v_cache = rnd(self.B, S_max, self.Hkv, self.D)
         self.seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
         self.kv_bytes = sum(lens) * self.Hkv * self.D * 2 * self.q.element_size()
 
@@ -193,10 +203,10 @@ def flash_in_place(case: Case, k_cache: torch.Tensor | None = None, v_cache: tor
     cache_seqlens`` are valid; no copy, ragged lengths included. CUDA and fp16/bf16 only; None
     where it does not apply.
     """
-    if not case.q.is_cuda or case.q.dtype == torch.float32:
-        return None
     k_cache = case.k_cache if k_cache is None else k_cache
     v_cache = case.v_cache if v_cache is None else v_cache
+    if not case.q.is_cuda or case.q.dtype == torch.float32 or not k_cache.is_contiguous():
+        return None  # the varlen call needs each sequence's rows contiguous: not the head-major layout
     B, S = case.B, case.S_max
     cu_q = torch.arange(B + 1, dtype=torch.int32, device=case.q.device)  # one query token per sequence
     cu_k = cu_q * S  # sequence b's rows start at b * S_max
@@ -570,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- {args.dtype}, Hq = {sh['Hq']}, Hkv = {sh['Hkv']}, D = {sh['D']}, q / caches randn, S_max = L_max + "
         f"{sh['slack']}; ours: `kv_decode_attention(q, k_cache, v_cache, cache_seqlens, backend='{args.backend}')` "
         "(no append), eager and captured once in a CUDA graph then replayed",
+        "- cache layout: " + ("`[B, S_max, Hkv, D]` allocated as such (each row holds every kv head)"
+                              if args.cache_layout == "seq" else
+                              "head-major: allocated `[B, Hkv, S_max, D]` and passed as its `transpose(1, 2)` "
+                              "view (each kv head's rows contiguous; the op takes any strides but the last)"),
         "- SDPA best (uniform lengths only): `F.scaled_dot_product_attention` on contiguous `[B, Hkv, L, D]` copies "
         "of exactly the valid prefix made before timing, with `enable_gqa=True` or with kv heads repeated to Hq "
         "(copies made before timing), the faster of the two; only the attention call is timed",

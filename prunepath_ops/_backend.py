@@ -10,10 +10,10 @@ from prunepath_ops.ffn._env import interpreting
 BACKENDS = ("auto", "triton", "cpu")
 
 
-def check_backend(op: str, backend: str, extra: tuple[str, ...] = ()) -> None:
-    """Raise a ValueError naming ``op`` unless ``backend`` is one of :data:`BACKENDS` or ``extra`` (the op's own)."""
-    if backend not in BACKENDS + extra:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS + extra}; got {backend!r}")
+def check_backend(op: str, backend: str) -> None:
+    """Raise a ValueError naming ``op`` unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:

@@ -33,7 +33,7 @@ POISON = float("nan")  # cache rows that are not attended hold NaN: reading one 
 
 def device_for(backend: str) -> str:
     """Triton runs on the GPU when there is one, else on CPU tensors under the interpreter."""
-    return "cuda" if backend in ("triton", "flash") and HAS_CUDA else "cpu"
+    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
 
 
 def attended(lens: list[int], S_max: int, with_new: bool) -> list[int]:
@@ -335,43 +335,6 @@ def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
         kv_decode_attention(**_good(), backend="triton")
 
 
-def test_flash_backend_needs_cuda_tensors():
-    with pytest.raises(ValueError, match="backend='flash' needs CUDA tensors"):
-        kv_decode_attention(**_good(), backend="flash")
-
-
-@needs_triton
-@pytest.mark.parametrize("Hkv", [1, 3])  # one kv head (a one-row tile); a count padded to a power of two
-@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
-def test_flash_append_and_lengths_kernel(with_new, Hkv):
-    """The flash backend's append launch: the op's clamp rule, and only row n of each sequence written."""
-    from prunepath_ops.attention.flash_attention import append_and_lengths
-
-    device = device_for("triton")
-    S_max = 16
-    lens = [0, 5, 15, 16, -3, 40]  # empty; inside; the last row; a full cache; below and past the range
-    _, k, v, seqlens, kn, vn = make_case(lens, 2 * Hkv, Hkv, 16, S_max, torch.float16, device, with_new)
-    k_ref, v_ref = k.cpu().clone(), v.cpu().clone()
-    if with_new:  # the reference appends by the same rule (rows outside the cache are not written)
-        R.kv_decode_attention(torch.zeros(len(lens), 2 * Hkv, 16), k_ref, v_ref, seqlens.cpu(), kn.cpu(), vn.cpu())
-    got = append_and_lengths(k, v, seqlens, kn, vn)
-    assert got.tolist() == attended(lens, S_max, with_new)
-    torch.testing.assert_close(k.cpu(), k_ref, atol=0, rtol=0, equal_nan=True)
-    torch.testing.assert_close(v.cpu(), v_ref, atol=0, rtol=0, equal_nan=True)
-
-
-@needs_cuda
-def test_flash_backend_rejects_what_it_cannot_read():
-    args = {k: t.cuda() for k, t in _good().items()}
-    with pytest.raises(ValueError, match="backend='flash' takes float16 or bfloat16"):
-        kv_decode_attention(**{k: t.float() if t.is_floating_point() else t for k, t in args.items()}, backend="flash")
-    half = {k: t.half() if t.is_floating_point() else t for k, t in args.items()}
-    rows = half["k_cache"].shape[1]
-    wide = torch.zeros(2, rows + 4, *half["k_cache"].shape[2:], dtype=torch.float16, device="cuda")
-    with pytest.raises(ValueError, match="batch and row dims to merge"):  # a slice of a longer cache's rows
-        kv_decode_attention(**{**half, "k_cache": wide[:, :rows]}, backend="flash")
-
-
 @needs_cuda
 def test_cpu_backend_rejects_cuda_tensors():
     args = {k: t.cuda() for k, t in _good().items()}
@@ -427,7 +390,6 @@ def test_compile_fullgraph_with_append():
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["triton", "flash"])  # the Triton kernels; FlashAttention in place (fp16/bf16)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
 @pytest.mark.parametrize(
@@ -442,19 +404,9 @@ def test_compile_fullgraph_with_append():
         ([0, 0], 8, 1, 128, 512),  # nothing to attend anywhere
     ],
 )
-def test_gpu_against_reference_and_sdpa(lens, Hq, Hkv, D, S_max, dtype, with_new, backend):
-    """The same contract on every CUDA backend: clamp rule, zeros for L_b = 0, NaN rows never read."""
-    if backend == "flash" and dtype == torch.float32:
-        pytest.skip("backend='flash' takes float16 or bfloat16 (test_flash_backend_rejects_what_it_cannot_read)")
-    run_and_check(backend, lens, Hq, Hkv, D, S_max, dtype, with_new)
-
-
-@needs_cuda
-@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
-def test_gpu_flash_backend_opcheck(with_new):
-    q, k, v, seqlens, kn, vn = make_case([3, 0, 12], 8, 2, 64, 16, torch.float16, "cuda", with_new)
-    k, v = k.nan_to_num(), v.nan_to_num()
-    torch.library.opcheck(torch.ops.prunepath.kv_decode_attention.default, (q, k, v, seqlens, kn, vn, None, "flash"))
+def test_gpu_against_reference_and_sdpa(lens, Hq, Hkv, D, S_max, dtype, with_new):
+    """Clamp rule, zeros for L_b = 0, NaN rows never read."""
+    run_and_check("triton", lens, Hq, Hkv, D, S_max, dtype, with_new)
 
 
 @needs_cuda
@@ -471,28 +423,26 @@ def test_gpu_forced_splits(num_splits):
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["auto", "flash"])  # the Triton kernels; FlashAttention in place
-def test_gpu_bitwise_deterministic(backend):
+def test_gpu_bitwise_deterministic():
     q, k, v, seqlens, _, _ = make_case([16000, 3, 9000, 512] * 4, 32, 8, 128, 16384, torch.bfloat16, "cuda", False)
-    first = kv_decode_attention(q, k, v, seqlens, backend=backend)
+    first = kv_decode_attention(q, k, v, seqlens)
     for _ in range(5):
-        assert torch.equal(kv_decode_attention(q, k, v, seqlens, backend=backend), first)
+        assert torch.equal(kv_decode_attention(q, k, v, seqlens), first)
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["auto", "flash"])  # the Triton kernels; FlashAttention in place
 @pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
-def test_gpu_cuda_graph_replay_with_new_lengths(with_new, backend):
+def test_gpu_cuda_graph_replay_with_new_lengths(with_new):
     """Capture once, change cache_seqlens in place, replay: the graph must read the new lengths."""
     S_max, Hq, Hkv, D = 2048, 32, 8, 128
     q, k, v, seqlens, kn, vn = make_case([100, 0, 2000, 513], Hq, Hkv, D, S_max, torch.bfloat16, "cuda", with_new)
     k, v = k.nan_to_num(), v.nan_to_num()
     k0, v0 = k.clone(), v.clone()
-    kv_decode_attention(q, k, v, seqlens, kn, vn, backend=backend)  # compiles the kernels outside the capture
+    kv_decode_attention(q, k, v, seqlens, kn, vn)  # compiles the kernels outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kv_decode_attention(q, k, v, seqlens, kn, vn, backend=backend)
+        out = kv_decode_attention(q, k, v, seqlens, kn, vn)
     for lens in ([1500, 7, 1, 2047], [0, 2046, 64, 1]):
         k.copy_(k0)
         v.copy_(v0)

@@ -53,12 +53,10 @@ def kv_decode_attention(
         bounds is ever read or written). No other cache row changes.
     softmax_scale : float, optional
         Multiplies the scores; default ``1 / sqrt(D)``.
-    backend : {"auto", "triton", "cpu", "flash"}
+    backend : {"auto", "triton", "cpu"}
         ``auto``: the Triton split-KV kernels (flash-decoding) on CUDA, the vectorised PyTorch
         composite on the CPU. ``triton`` on CPU tensors runs the kernels under
-        ``TRITON_INTERPRET=1`` only (for tests). ``flash``: torch's bundled FlashAttention-2
-        (varlen forward, the caches read in place) after a Triton append; CUDA, fp16/bf16, caches
-        whose batch and row dims merge (:mod:`prunepath_ops.attention.flash_attention`).
+        ``TRITON_INTERPRET=1`` only (for tests).
 
     Returns
     -------

@@ -14,7 +14,6 @@ from prunepath_ops._backend import check_backend
 from prunepath_ops._backend import resolve_backend as _resolve_backend
 from prunepath_ops._library import define_op
 from prunepath_ops.attention.cpu import kv_decode_attention_cpu
-from prunepath_ops.attention.flash_attention import check_flash_args, kv_decode_attention_flash
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Head dims the Triton kernels compile for (``tl.arange`` needs a power of two); every backend
@@ -50,7 +49,7 @@ def check_kv_decode_attention_args(
     Only static properties are checked: lengths stay on the device (see the op's docstring for
     the rule applied to lengths outside ``[0, S_max]``).
     """
-    check_backend(_OP, backend, ("flash",))
+    check_backend(_OP, backend)
     if q.dim() != 3:
         raise ValueError(f"{_OP}: q must be 3-D [B, Hq, D]; got shape {list(q.shape)}")
     if q.dtype not in DTYPES:
@@ -90,8 +89,6 @@ def check_kv_decode_attention_args(
                 raise ValueError(f"{_OP}: {name} must have shape [B, Hkv, D] = {[B, Hkv, D]}; got {list(t.shape)}")
     if softmax_scale is not None and softmax_scale != softmax_scale:
         raise ValueError(f"{_OP}: softmax_scale must be a number; got {softmax_scale}")
-    if backend == "flash":
-        check_flash_args(q, k_cache, v_cache)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -112,8 +109,6 @@ def kv_decode_attention_op(
     """Decode attention over a KV cache with an in-place append; see :func:`prunepath_ops.attention.kv_decode_attention`."""
     args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
     check_kv_decode_attention_args(*args, backend)
-    if backend == "flash":
-        return kv_decode_attention_flash(*args)
     if resolve_backend(backend, q.device) == "cpu":
         return kv_decode_attention_cpu(*args)
     from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
