@@ -26,6 +26,11 @@ if compgen -G ".whl/pytest_xdist-*.whl" > /dev/null && compgen -G ".whl/execnet-
     .whl/pytest_xdist-*.whl .whl/execnet-*.whl > /dev/null 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site_xdist
   python3 -c "import xdist" 2> /dev/null && pytest_n=(-n "${XDIST:-8}")
 fi
+# gguf too when carried (.whl/gguf-*.whl; the same --target), so the GGUF loader tests run instead of skipping.
+if compgen -G ".whl/gguf-*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_xdist .whl/gguf-*.whl > /dev/null 2>&1
+  [[ ":$PYTHONPATH:" == *":/tmp/site_xdist:"* ]] || export PYTHONPATH=$PYTHONPATH:/tmp/site_xdist
+fi
 echo "pytest: ${pytest_n[*]:-one process}" | tee -a "$out/build.log"
 for part in "$@"; do
   start=$(date +%s)
@@ -42,6 +47,9 @@ for part in "$@"; do
     stashmodel) mkdir -p /tmp/prunepath_model && cp .qa/gguf_part_00 /tmp/prunepath_model/ ;;  # half 1: bench/quality_gpu.sh
     routersplit) t 90 .prebuilt/router_split > "$out/router_split.md" 2>&1 ;;  # built here first: bench/diag/router_split.sh
     kvcases) t 150 python3 bench/kv_attention_gpu.py --out "$out" > "$out/kv_attention.log" 2>&1 ;;
+    # The same table with the splits planned from the lengths on the device (triton_attention.SPLIT_BY_LENGTH)
+    kvbylength) t 150 python3 bench/kv_attention_gpu.py --split-by-length --name kv_attention_cuda_by_length --out "$out" \
+                  > "$out/kv_attention_by_length.log" 2>&1 ;;
     # The same table and sweep on head-major caches ([B, Hkv, S_max, D] storage passed as a transposed view)
     kvhead) t 150 python3 bench/kv_attention_gpu.py --cache-layout head --sweep --name kv_attention_cuda_head_major --out "$out" \
               > "$out/kv_attention_head.log" 2>&1 ;;

@@ -93,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--backend", choices=("auto", "triton", "cpu"), default="auto")
     ap.add_argument(
+        "--split-by-length",
+        action="store_true",
+        help="the Triton kernels plan each sequence's splits from the batch's lengths on the device "
+        "(triton_attention.SPLIT_BY_LENGTH) instead of from S_max",
+    )
+    ap.add_argument(
         "--cache-layout",
         choices=("seq", "head"),
         default="seq",
@@ -330,10 +336,15 @@ def run_case(case: Case, args: argparse.Namespace, timer) -> dict:
            "uniform": case.uniform, "kv_bytes": case.kv_bytes,
            "floor_us": case.kv_bytes / (args.peak_tbps * 1e12) * 1e6}  # fmt: skip
     if args.backend == "triton" or (args.device == "cuda" and args.backend == "auto"):
-        from prunepath_ops.attention.triton_attention import launch_config
+        from prunepath_ops.attention.triton_attention import launch_config, length_split_plan
 
         cfg = launch_config(case.B, case.Hkv, case.S_max, case.D, case.q.device)
         row.update({f"cfg_{k}": v for k, v in cfg.items()})
+        if cfg["by_length"]:
+            plan = length_split_plan(case.lens, case.Hkv, case.S_max, cfg["fill"], cfg["min_chunk"], cfg["num_splits"],
+                                     cfg["block_n"])  # fmt: skip
+            row["plan_max_splits"], row["plan_max_chunk"] = max(plan)
+            row["plan_programs"] = case.Hkv * sum(ns for ns, _ in plan)
     op = case.op(args.backend)
     ref = sdpa_reference(case)
     out = op()
@@ -464,6 +475,8 @@ def case_table(rows: list[dict]) -> str:
     out = [head, "|---|" + "---:|" * 17]
     for r in rows:
         plan = f"{r['cfg_num_splits']} x {r['cfg_chunk']}" if "cfg_num_splits" in r else "-"
+        if r.get("cfg_by_length"):  # the kernels' plan from the lengths: splits of the longest sequence
+            plan = f"by length: {r['plan_max_splits']} x {r['plan_max_chunk']}"
         out.append(
             f"| {r['case']} | {r['S_max']} | {plan} | {_us(r, 'ours_us')} | {_f(r.get('TBps'), '.2f')} "
             f"| {_us(r, 'graph_us')} | {_f(r.get('graph_TBps'), '.2f')} | {_us(r, 'sdpa_best_us')} "
@@ -526,6 +539,10 @@ def targets(rows: list[dict], args: argparse.Namespace) -> list[tuple[str, str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.split_by_length:
+        from prunepath_ops.attention import triton_attention
+
+        triton_attention.SPLIT_BY_LENGTH = True
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")  # the fp32 oracle must not use TF32
@@ -580,10 +597,19 @@ def main(argv: list[str] | None = None) -> int:
         f"- {args.dtype}, Hq = {sh['Hq']}, Hkv = {sh['Hkv']}, D = {sh['D']}, q / caches randn, S_max = L_max + "
         f"{sh['slack']}; ours: `kv_decode_attention(q, k_cache, v_cache, cache_seqlens, backend='{args.backend}')` "
         "(no append), eager and captured once in a CUDA graph then replayed",
-        "- cache layout: " + ("`[B, S_max, Hkv, D]` allocated as such (each row holds every kv head)"
-                              if args.cache_layout == "seq" else
-                              "head-major: allocated `[B, Hkv, S_max, D]` and passed as its `transpose(1, 2)` "
-                              "view (each kv head's rows contiguous; the op takes any strides but the last)"),
+        "- cache layout: "
+        + (
+            "`[B, S_max, Hkv, D]` allocated as such (each row holds every kv head)"
+            if args.cache_layout == "seq"
+            else "head-major: allocated `[B, Hkv, S_max, D]` and passed as its `transpose(1, 2)` "
+            "view (each kv head's rows contiguous; the op takes any strides but the last)"
+        ),
+        "- split plan: "
+        + (
+            "from the lengths on the device (`SPLIT_BY_LENGTH`; the column shows the longest sequence's splits x keys)"
+            if args.split_by_length
+            else "from S_max (static)"
+        ),
         "- SDPA best (uniform lengths only): `F.scaled_dot_product_attention` on contiguous `[B, Hkv, L, D]` copies "
         "of exactly the valid prefix made before timing, with `enable_gqa=True` or with kv heads repeated to Hq "
         "(copies made before timing), the faster of the two; only the attention call is timed",

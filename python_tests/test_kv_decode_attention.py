@@ -233,6 +233,105 @@ def test_cpu_composite_random_shapes(lens, group, Hkv, D, with_new, seed):
 # ---- the static split plan -------------------------------------------------------------------------
 
 
+@pytest.fixture
+def by_length(request, monkeypatch):
+    """Parametrised bool: the kernels plan the splits from the lengths (``SPLIT_BY_LENGTH``) in this test."""
+    from prunepath_ops.attention import triton_attention
+
+    monkeypatch.setattr(triton_attention, "SPLIT_BY_LENGTH", request.param)
+    return request.param
+
+
+def plan_of(lens, Hkv, S_max, device, with_new):
+    """The length plan the kernels compute for these lengths: ``[(n_split_b, chunk_b)]``."""
+    from prunepath_ops.attention.triton_attention import launch_config, length_split_plan
+
+    cfg = launch_config(len(lens), Hkv, S_max, 16, torch.device(device), split_by_length=True)
+    args = (cfg["fill"], cfg["min_chunk"], cfg["num_splits"], cfg["block_n"])
+    return length_split_plan(lens, Hkv, S_max, *args, has_new=with_new)
+
+
+@needs_triton
+@pytest.mark.parametrize("by_length", [True], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+@pytest.mark.parametrize(
+    "lens,Hkv,S_max,regime",
+    [
+        ([40, 3, 3, 3], 2, 48, "mixed"),  # one long sequence cut into splits, the short ones written directly
+        ([17] * 9, 4, 32, "direct"),  # the batch alone fills the (interpreter's 4-SM) GPU: no merge at all
+        ([47, 40], 1, 48, "split"),  # a small batch: every sequence split
+        ([0, 1, 47, 3, -4, 200], 1, 48, "mixed"),  # empty, one key, S_max - 1, out of range below and above
+        ([64, 63, 0], 1, 64, "mixed"),  # a full cache (no append) and S_max - 1
+        ([0, 0], 2, 32, "direct"),  # nothing to attend anywhere: zeros, written by split 0
+    ],
+)
+def test_split_by_length_matches_reference(lens, Hkv, S_max, regime, with_new, dtype, by_length):
+    """The device-side length plan: reference, SDPA, the appended rows, zeros for empty sequences."""
+    device = device_for("triton")
+    plan = plan_of(lens, Hkv, S_max, device, with_new)
+    if device == "cpu":  # the regime named is the interpreter's (4 SMs); on the GPU the batch is small
+        splits = {ns > 1 for ns, _ in plan}
+        assert splits == {"mixed": {True, False}, "direct": {False}, "split": {True}}[regime], plan
+    run_and_check("triton", lens, 2 * Hkv, Hkv, 16, S_max, dtype, with_new)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lens=st.lists(st.integers(-3, 5000), min_size=1, max_size=64),
+    Hkv=st.integers(1, 16),
+    fill=st.integers(1, 600),
+    block_n=st.sampled_from([16, 32, 64]),
+    min_tiles=st.integers(1, 4),
+    with_new=st.booleans(),
+)
+def test_length_split_plan_fits_the_grid(lens, Hkv, fill, block_n, min_tiles, with_new):
+    """The launcher's grid (B + cdiv(fill, Hkv) items) and partials (cdiv(fill, Hkv)) hold every plan."""
+    from prunepath_ops.attention.triton_attention import length_split_plan
+
+    S_max, parts = 4096, math.ceil(fill / Hkv)
+    plan = length_split_plan(lens, Hkv, S_max, fill, min_tiles * block_n, parts, block_n, with_new)
+    assert sum(ns for ns, _ in plan) <= len(lens) + parts
+    for (ns, chunk), L in zip(plan, attended(lens, S_max, with_new), strict=True):
+        assert 1 <= ns <= parts and chunk % block_n == 0 and chunk >= block_n
+        assert ns * chunk >= L and (ns == 1 or (ns - 1) * chunk < L)  # every key in one split, none empty
+
+
+def test_length_split_plan_h200_regimes():
+    """What the plan does with the benchmark's batches on 132 SMs (fill 264, Hkv 8, 64-key tiles)."""
+    from prunepath_ops.attention.triton_attention import length_split_plan
+
+    def plan(lens, S_max):
+        return length_split_plan(lens, 8, S_max, 264, MIN_CHUNK, 33, 64)
+
+    assert plan([4096] * 32, 4352) == [(1, 4096)] * 32  # the batch fills the GPU: no partials, no merge
+    assert plan([16384] * 32, 16640) == [(1, 16384)] * 32
+    assert plan([16384], 16640) == [(32, 512)]  # one long sequence: as many programs as the static plan
+    ragged = plan([16384] + [1000] * 31, 16640)
+    assert ragged[0][0] >= 8 and all(ns == 1 for ns, _ in ragged[1:])  # the long one spread, not alone
+
+
+@pytest.mark.parametrize(
+    "B,kwargs,expected",
+    [
+        (4, {}, True),  # the plan's grid: B + cdiv(fill, Hkv) items per kv head
+        (4, {"num_splits": 2}, False),  # a forced split count wins (sweeps)
+        (1025, {}, False),  # past MAX_LENGTH_PLAN_BATCH every program would read too many lengths
+    ],
+)
+def test_launch_config_length_plan(B, kwargs, expected):
+    from prunepath_ops.attention.triton_attention import MAX_LENGTH_PLAN_BATCH, launch_config, num_sms
+
+    assert MAX_LENGTH_PLAN_BATCH == 1024
+    cpu = torch.device("cpu")
+    cfg = launch_config(B, 2, 64, 16, cpu, split_by_length=True, **kwargs)
+    assert cfg["by_length"] is expected
+    if expected:
+        parts = math.ceil(2 * num_sms(cpu) / 2)  # PROGRAMS_PER_SM x SMs over Hkv = 2
+        assert (cfg["items"], cfg["num_splits"]) == (B + parts, parts)
+    assert launch_config(B, 2, 64, 16, cpu, split_by_length=False, **kwargs)["by_length"] is False
+
+
 @pytest.mark.parametrize(
     "B,Hkv,S_max",
     [
@@ -423,7 +522,23 @@ def test_gpu_forced_splits(num_splits):
 
 
 @needs_cuda
-def test_gpu_bitwise_deterministic():
+@pytest.mark.parametrize("by_length", [True], indirect=True)
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+@pytest.mark.parametrize(
+    "lens,S_max",
+    [
+        ([2048] * 33, 2304),  # the batch fills 132 SMs: every sequence in one split, written directly
+        ([16383, 5, 300, 64, 2047, 0], 16640),  # one 16k sequence cut into many, the short ones direct
+        ([4000, 0, 1, 129, 2500, 777], 4096),  # a small ragged batch: split, with empty and one-key sequences
+    ],
+)
+def test_gpu_split_by_length(lens, S_max, with_new, by_length):
+    run_and_check("triton", lens, 32, 8, 128, S_max, torch.bfloat16, with_new)
+
+
+@needs_cuda
+@pytest.mark.parametrize("by_length", [False, True], indirect=True)  # the static plan; the length plan
+def test_gpu_bitwise_deterministic(by_length):
     q, k, v, seqlens, _, _ = make_case([16000, 3, 9000, 512] * 4, 32, 8, 128, 16384, torch.bfloat16, "cuda", False)
     first = kv_decode_attention(q, k, v, seqlens)
     for _ in range(5):
@@ -431,8 +546,9 @@ def test_gpu_bitwise_deterministic():
 
 
 @needs_cuda
+@pytest.mark.parametrize("by_length", [False, True], indirect=True)  # with the length plan, the splits change too
 @pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
-def test_gpu_cuda_graph_replay_with_new_lengths(with_new):
+def test_gpu_cuda_graph_replay_with_new_lengths(with_new, by_length):
     """Capture once, change cache_seqlens in place, replay: the graph must read the new lengths."""
     S_max, Hq, Hkv, D = 2048, 32, 8, 128
     q, k, v, seqlens, kn, vn = make_case([100, 0, 2000, 513], Hq, Hkv, D, S_max, torch.bfloat16, "cuda", with_new)

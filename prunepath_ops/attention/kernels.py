@@ -14,6 +14,11 @@ Flash-decoding in two kernels:
   2. ``combine_splits_kernel``: one program per (sequence, query head) merges the partials of the
      valid splits ``s < cdiv(L_b, CHUNK)`` in split order (bitwise reproducible, no atomics).
 
+With ``BY_LENGTH`` (``triton_attention.SPLIT_BY_LENGTH``) the split of each sequence comes from the
+batch's lengths instead of S_max (``length_split_plan``): the grid is Hkv x (B + cdiv(fill, Hkv))
+work items, each program maps its item to (sequence, split) from the same plan, a sequence left
+with one split writes its output directly and the combine kernel skips it.
+
 Lengths are read on the device; the grid depends only on static sizes (CUDA-graph capturable).
 With ``PDL`` (:mod:`prunepath_ops._pdl`) both kernels wait for their predecessor before any memory
 access, so the combine's launch overlaps the split kernel's tail; results are bitwise unchanged.
@@ -33,9 +38,9 @@ from prunepath_ops._pdl import pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
-def valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW: tl.constexpr):
-    """``(n_old, L, has_new)``: clamped cache rows, keys attended, whether the new row is appended."""
-    n = tl.load(seqlens_ptr + b * stride_len)
+def clamp_lengths(n, S_max, HAS_NEW: tl.constexpr):
+    """``(n_old, L, has_new)`` of raw lengths ``n`` (a scalar or a block): clamped cache rows, keys
+    attended, whether the new row is appended."""
     n_old = tl.minimum(tl.maximum(n, 0), S_max)
     if HAS_NEW:
         has_new = (n >= 0) & (n < S_max)
@@ -44,6 +49,41 @@ def valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW: tl.constexpr):
         has_new = n_old < 0  # always False; one return type for both branches
         L = n_old
     return n_old, L, has_new
+
+
+@triton.jit
+def valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW: tl.constexpr):
+    """:func:`clamp_lengths` of sequence ``b``."""
+    return clamp_lengths(tl.load(seqlens_ptr + b * stride_len), S_max, HAS_NEW)
+
+
+@triton.jit
+def length_split_plan(
+    seqlens_ptr, B, stride_len, S_max, Hkv, fill, min_chunk, max_splits,
+    HAS_NEW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The split plan of every sequence from the batch's lengths (``SPLIT_BY_LENGTH``), as ``[BLOCK_B]`` blocks.
+
+    The batch's keys times Hkv over ``fill`` programs give ``W`` keys per program (at least
+    ``min_chunk``); sequence b takes ``n_split_b = clamp(L_b // W, 1, max_splits)`` splits of
+    ``chunk_b`` keys (a multiple of BLOCK_N, ``n_split_b * chunk_b >= L_b``) and owns the work items
+    ``[first_b, first_b + n_split_b)`` of the grid (``n_split_b`` then lowered to ``cdiv(L_b, chunk_b)``
+    where the rounding to whole tiles left a split empty). Every program computes the same plan from the
+    same lengths, so no program waits for another. Since ``sum_b n_split_b <= B + fill / Hkv``, a grid
+    of ``B + cdiv(fill, Hkv)`` items per kv head covers the batch, and ``cdiv(fill, Hkv)`` partials
+    per (sequence, head) hold every split. Returns ``(L, n_split, chunk, first)``, zeros past B.
+    """
+    offs = tl.arange(0, BLOCK_B)
+    ok = offs < B
+    _, L, _ = clamp_lengths(tl.load(seqlens_ptr + offs * stride_len, mask=ok, other=0), S_max, HAS_NEW)
+    total = tl.sum(L.to(tl.int64), axis=0)
+    W = tl.maximum((total * Hkv + fill - 1) // fill, min_chunk)
+    n_split = tl.where(ok, tl.minimum(tl.maximum(L // W, 1), max_splits), 0).to(tl.int32)
+    per = (L + n_split - 1) // tl.maximum(n_split, 1)
+    chunk = tl.maximum((per + BLOCK_N - 1) // BLOCK_N * BLOCK_N, BLOCK_N)
+    n_split = tl.where(ok, tl.maximum((L + chunk - 1) // chunk, 1), 0).to(tl.int32)  # tile rounding: no empty split
+    first = tl.cumsum(n_split, axis=0) - n_split
+    return L, n_split, chunk, first
 
 
 @triton.jit
@@ -56,10 +96,14 @@ def decode_attention_split_kernel(
     seqlens_ptr,  # [B] int32
     out_ptr,  # [B, Hq, D] dtype of q when SINGLE, else [B, Hq, NS, D] fp32 partials (contiguous)
     lse_ptr,  # [B, Hq, NS] fp32 log2-sum-exp of each partial (unused when SINGLE)
+    final_ptr,  # [B, Hq, D] dtype of q: BY_LENGTH's one-split sequences (strides of out when SINGLE)
+    B,
     S_max,
     Hkv,
-    chunk,  # keys per split, a multiple of BLOCK_N
-    num_splits,
+    chunk,  # keys per split, a multiple of BLOCK_N (BY_LENGTH: per sequence, from the plan)
+    num_splits,  # NS: the grid's splits, or BY_LENGTH's partials per (sequence, head)
+    fill,  # BY_LENGTH: programs the plan aims for
+    min_chunk,  # BY_LENGTH: fewest keys per split
     qk_scale,  # softmax_scale * log2(e)
     stride_len,
     stride_qb,
@@ -82,15 +126,31 @@ def decode_attention_split_kernel(
     BLOCK_N: tl.constexpr,
     HAS_NEW: tl.constexpr,
     SINGLE: tl.constexpr,
+    BY_LENGTH: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
+    if BY_LENGTH:  # grid (Hkv, items): item i is split i - first_b of the sequence b that owns it
+        hk = tl.program_id(0)
+        item = tl.program_id(1)
+        _, n_split_all, chunk_all, first_all = length_split_plan(
+            seqlens_ptr, B, stride_len, S_max, Hkv, fill, min_chunk, num_splits, HAS_NEW, BLOCK_B, BLOCK_N
+        )
+        offs_b = tl.arange(0, BLOCK_B)
+        # Items past the last sequence's fall to it with split >= n_split_b: they read and write nothing.
+        b = tl.sum(((first_all <= item) & (offs_b < B)).to(tl.int32), axis=0) - 1
+        mine = offs_b == b
+        split = item - tl.sum(tl.where(mine, first_all, 0), axis=0)
+        chunk = tl.sum(tl.where(mine, chunk_all, 0), axis=0).to(tl.int32)
+        n_split_b = tl.sum(tl.where(mine, n_split_all, 0), axis=0)  # 1: the final output is written here
+    else:
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
     b64 = b.to(tl.int64)
     n_old, L, has_new = valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW)
     start = split * chunk
@@ -152,9 +212,15 @@ def decode_attention_split_kernel(
         dst = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
     else:
+        part = g_act
+        if BY_LENGTH:  # a one-split sequence's split 0 writes its output (zeros for L_b = 0); no combine
+            dst = final_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            direct = tl.where((n_split_b == 1) & (split == 0), g_ok, False)
+            tl.store(dst, out.to(final_ptr.dtype.element_ty), mask=direct[:, None])
+            part = tl.where(n_split_b != 1, part, False)
         row = (b64 * (Hkv * GROUP) + heads) * num_splits + split  # [G_PAD] index into [B, Hq, NS]
-        tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_act[:, None])
-        tl.store(lse_ptr + row, m + tl.log2(l_safe), mask=g_act)
+        tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out, mask=part[:, None])
+        tl.store(lse_ptr + row, m + tl.log2(l_safe), mask=part)
 
 
 @triton.jit
@@ -163,16 +229,23 @@ def combine_splits_kernel(
     lse_ptr,  # [B, Hq, NS] fp32
     out_ptr,  # [B, Hq, D], dtype of q
     seqlens_ptr,  # [B] int32
+    B,
     S_max,
     Hq,
+    Hkv,
     chunk,
     num_splits,
+    fill,  # BY_LENGTH: as the split kernel's
+    min_chunk,
     stride_len,
     stride_ob,
     stride_oh,
     D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_NEW: tl.constexpr,
+    BY_LENGTH: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_launch_dependents(PDL)
@@ -181,8 +254,17 @@ def combine_splits_kernel(
     h = pid % Hq
     # The lengths were final before the split kernel started: read them before waiting for it.
     _, L, _ = valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW)
+    if BY_LENGTH:  # the split kernel's plan; a one-split sequence's output is already written
+        _, n_split_all, chunk_all, _ = length_split_plan(
+            seqlens_ptr, B, stride_len, S_max, Hkv, fill, min_chunk, num_splits, HAS_NEW, BLOCK_B, BLOCK_N
+        )
+        mine = tl.arange(0, BLOCK_B) == b
+        chunk = tl.sum(tl.where(mine, chunk_all, 0), axis=0).to(tl.int32)
+        merge = tl.sum(tl.where(mine, n_split_all, 0), axis=0) != 1
     pdl_wait(PDL)
     n_valid = (L + chunk - 1) // chunk  # splits the attention kernel wrote
+    if BY_LENGTH:
+        n_valid = tl.where(merge, n_valid, 0)
     base = pid.to(tl.int64) * num_splits
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
@@ -207,4 +289,8 @@ def combine_splits_kernel(
         w_vec += w
     w_sum = tl.sum(w_vec, axis=0)
     out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)  # no valid split (L_b = 0): zeros
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    dst = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+    if BY_LENGTH:
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=tl.where(merge, offs_d < D, False))
+    else:
+        tl.store(dst, out.to(out_ptr.dtype.element_ty))

@@ -2,7 +2,7 @@
 
 Legend: B sequences, Hq query heads, Hkv key/value heads, G = Hq // Hkv, D head dim, S_max cache
 rows, NS splits of the key axis, CHUNK keys per split. Nothing here reads a length on the host:
-the split count comes from static sizes only, so the launch can be captured in a CUDA graph.
+the grid comes from static sizes only, so the launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -38,6 +38,15 @@ MAX_CHUNK = 512
 SHORT_CACHE = 2048
 #: The grid's second axis (the splits) is limited to 65535 programs.
 MAX_SPLITS = 65535
+#: Split each sequence by the batch's actual lengths on the device (kernels.length_split_plan)
+#: instead of by S_max: a batch whose sequences alone fill the GPU runs one split per sequence (no
+#: partials, no merge) while one long sequence among short ones is still cut into many. Why: on
+#: the H200 at B = 32 and 4k keys one split took 135.6 us against 148.9 us for the static plan's
+#: 9 x 512 (CUDA graph replays, bench/results/kv_attention_cuda.md, sweep), but the static plan
+#: cannot tell that batch from a ragged one with the same S_max. Off until timed on the GPU.
+SPLIT_BY_LENGTH = False
+#: Largest batch the length plan covers (every program reads all B lengths); larger ones split by S_max.
+MAX_LENGTH_PLAN_BATCH = 1024
 
 
 @functools.cache
@@ -97,6 +106,32 @@ def split_plan(
     return triton.cdiv(S_max, chunk), chunk
 
 
+def length_split_plan(
+    lens: list[int], Hkv: int, S_max: int, fill: int, min_chunk: int, max_splits: int, block_n: int,
+    has_new: bool = False,
+) -> list[tuple[int, int]]:  # fmt: skip
+    """Host mirror of the kernels' ``length_split_plan`` (``SPLIT_BY_LENGTH``): ``(n_split_b, chunk_b)`` per sequence.
+
+    ``lens`` are raw ``cache_seqlens`` values, clamped as the op does. For tests and benchmark
+    reports; the launch itself never reads lengths on the host.
+
+    Examples
+    --------
+    >>> length_split_plan([4096] * 32, 8, 4352, 264, 64, 33, 64)[0]  # the batch fills the GPU: one split each
+    (1, 4096)
+    >>> length_split_plan([16384] + [1000] * 31, 8, 16640, 264, 64, 33, 64)[:2]  # the long one is cut
+    [(11, 1536), (1, 1024)]
+    """
+    L = [min(max(n, 0), S_max) + int(has_new and 0 <= n < S_max) for n in lens]
+    W = max(triton.cdiv(sum(L) * Hkv, fill), min_chunk)
+    plan = []
+    for n in L:
+        ns = min(max(n // W, 1), max_splits)
+        chunk = max(triton.cdiv(triton.cdiv(n, ns), block_n) * block_n, block_n)
+        plan.append((max(triton.cdiv(n, chunk), 1), chunk))
+    return plan
+
+
 def launch_config(
     B: int,
     Hkv: int,
@@ -108,6 +143,7 @@ def launch_config(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split_by_length: bool | None = None,
 ) -> dict:
     """Tiles and splits the launcher uses for these static sizes; ``None`` arguments take the defaults.
 
@@ -115,7 +151,11 @@ def launch_config(
     -------
     dict
         ``block_n`` (keys per tile), ``num_splits`` and ``chunk`` (from :func:`split_plan`),
-        ``num_warps`` and ``num_stages`` of the attention kernel (``None`` under the interpreter).
+        ``num_warps`` and ``num_stages`` of the attention kernel (``None`` under the interpreter),
+        ``by_length`` (whether the kernels plan the splits from the lengths, :data:`SPLIT_BY_LENGTH`;
+        never with a forced ``num_splits``) and then ``fill`` (programs aimed for), ``min_chunk``,
+        ``items`` (grid items per kv head, ``B + cdiv(fill, Hkv)``) and ``num_splits`` (partials
+        per sequence and head, ``cdiv(fill, Hkv)``).
     """
     interp = _interpreting()
     if block_n is None:
@@ -128,7 +168,14 @@ def launch_config(
     else:
         num_warps = num_warps or 4
         num_stages = num_stages or (3 if D <= 128 else 2)
-    return {"block_n": block_n, "num_splits": ns, "chunk": chunk, "num_warps": num_warps, "num_stages": num_stages}
+    cfg = {"block_n": block_n, "num_splits": ns, "chunk": chunk, "num_warps": num_warps, "num_stages": num_stages}
+    by_length = SPLIT_BY_LENGTH if split_by_length is None else split_by_length
+    cfg["by_length"] = bool(by_length) and num_splits is None and 0 < B <= MAX_LENGTH_PLAN_BATCH and S_max > 0
+    if cfg["by_length"]:
+        fill = PROGRAMS_PER_SM * num_sms(device)
+        parts = triton.cdiv(fill, Hkv)
+        cfg.update(fill=fill, min_chunk=chunks.get("min_chunk", MIN_CHUNK), items=B + parts, num_splits=parts, chunk=0)
+    return cfg
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -158,6 +205,7 @@ def kv_decode_attention_triton(
     num_stages: int | None = None,
     block_s: int | None = None,
     pdl: bool | None = None,
+    split_by_length: bool | None = None,
 ) -> Tensor:
     """Split-KV decode attention with the Triton kernels; arguments as :func:`prunepath_ops.attention.kv_decode_attention`.
 
@@ -166,7 +214,10 @@ def kv_decode_attention_triton(
     in place. The keyword arguments override the choice of :func:`launch_config` (for sweeps):
     ``block_n`` keys per tile, ``num_splits`` splits of the key axis (1: one kernel, no combine),
     ``num_warps`` and ``num_stages`` of the attention kernel, ``block_s`` splits per step of the
-    combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`).
+    combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`),
+    ``split_by_length`` the device-side split plan from the lengths (default :data:`SPLIT_BY_LENGTH`;
+    ignored with ``num_splits``). With it a sequence's splits, and so the bits of its output, depend
+    on the other sequences' lengths; the same inputs still give the same bits.
 
     Returns
     -------
@@ -181,16 +232,21 @@ def kv_decode_attention_triton(
         return out
     interp = _interpreting()
     cfg = launch_config(
-        B, Hkv, S_max, D, q.device, block_n=block_n, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages
-    )
-    ns, chunk = cfg["num_splits"], cfg["chunk"]
+        B, Hkv, S_max, D, q.device, block_n=block_n, num_splits=num_splits, num_warps=num_warps,
+        num_stages=num_stages, split_by_length=split_by_length,
+    )  # fmt: skip
+    ns, chunk, by_length = cfg["num_splits"], cfg["chunk"], cfg["by_length"]
+    # BY_LENGTH: a grid of Hkv x items, every program planning from all B lengths.
+    fill, min_chunk = (cfg["fill"], cfg["min_chunk"]) if by_length else (0, 0)
+    grid = (Hkv, cfg["items"]) if by_length else (B * Hkv, ns)
+    block_b = max(16, triton.next_power_of_2(B)) if by_length else 1
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     has_new = k_new is not None
     dummy = k_cache
     kn, vn = (k_new, v_new) if has_new else (dummy, dummy)
     nk_strides = (kn.stride(0), kn.stride(1)) if has_new else (0, 0)
     nv_strides = (vn.stride(0), vn.stride(1)) if has_new else (0, 0)
-    single = ns == 1
+    single = ns == 1 and not by_length
     if single:
         o_part, lse = out, out  # the lse pointer is never used with one split
     else:
@@ -200,21 +256,23 @@ def kv_decode_attention_triton(
     launch = _pdl.launch_options(pdl)
     opts = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **launch}
     with _device_guard(q.device):
-        kernels.decode_attention_split_kernel[(B * Hkv, ns)](
-            q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse,
-            S_max, Hkv, chunk, ns, scale * math.log2(math.e), cache_seqlens.stride(0),
+        kernels.decode_attention_split_kernel[grid](
+            q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse, out,
+            B, S_max, Hkv, chunk, ns, fill, min_chunk, scale * math.log2(math.e), cache_seqlens.stride(0),
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             *nk_strides, *nv_strides, out.stride(0), out.stride(1),
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=cfg["block_n"],
-            HAS_NEW=has_new, SINGLE=single, DOT_PREC=_dot_precision(q.dtype), PDL=pdl, **opts,
+            HAS_NEW=has_new, SINGLE=single, BY_LENGTH=by_length, BLOCK_B=block_b,
+            DOT_PREC=_dot_precision(q.dtype), PDL=pdl, **opts,
         )  # fmt: skip
         if not single:
             bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)
             kernels.combine_splits_kernel[(B * Hq,)](
-                o_part, lse, out, cache_seqlens, S_max, Hq, chunk, ns, cache_seqlens.stride(0),
-                out.stride(0), out.stride(1), D=D, BLOCK_S=bs, HAS_NEW=has_new, PDL=pdl,
+                o_part, lse, out, cache_seqlens, B, S_max, Hq, Hkv, chunk, ns, fill, min_chunk,
+                cache_seqlens.stride(0), out.stride(0), out.stride(1), D=D, BLOCK_S=bs, HAS_NEW=has_new,
+                BY_LENGTH=by_length, BLOCK_B=block_b, BLOCK_N=cfg["block_n"], PDL=pdl,
                 **({} if interp else {"num_warps": 4 if D >= 128 else 2, **launch}),
             )  # fmt: skip
     return out
