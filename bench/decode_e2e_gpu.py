@@ -137,6 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="diagnostic: fewest keys per split of kv_decode_attention's split plan "
         "(prunepath_ops.attention.triton_attention.MIN_CHUNK) for this run",
     )
+    ap.add_argument(
+        "--attn-split-by-length",
+        action="store_true",
+        help="kv_decode_attention plans its splits from the lengths on the device "
+        "(prunepath_ops.attention.triton_attention.SPLIT_BY_LENGTH) in this run",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for <name>.json and <name>.md")
     ap.add_argument("--name", default=None, help="output file stem (default decode_e2e_<device>[_tiny])")
@@ -684,6 +690,10 @@ def main(argv: list[str] | None = None) -> int:
         from prunepath_ops.attention import triton_attention
 
         triton_attention.MIN_CHUNK = args.attn_min_chunk
+    if args.attn_split_by_length:
+        from prunepath_ops.attention import triton_attention
+
+        triton_attention.SPLIT_BY_LENGTH = True
     timer_desc, timer = make_timer(args)
     env = environment(args, timer_desc)
     print(f"# decode e2e on {env.get('gpu') or env['cpu']} ({args.device}, {args.dtype})")

@@ -50,6 +50,8 @@ for part in "$@"; do
     # The same table with the splits planned from the lengths on the device (triton_attention.SPLIT_BY_LENGTH)
     kvbylength) t 150 python3 bench/kv_attention_gpu.py --split-by-length --name kv_attention_cuda_by_length --out "$out" \
                   > "$out/kv_attention_by_length.log" 2>&1 ;;
+    e2ebylength) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --attn-split-by-length --name decode_e2e_cuda_split_by_length \
+                   --out "$out" > "$out/decode_e2e_by_length.log" 2>&1 ;;
     # The same table and sweep on head-major caches ([B, Hkv, S_max, D] storage passed as a transposed view)
     kvhead) t 150 python3 bench/kv_attention_gpu.py --cache-layout head --sweep --name kv_attention_cuda_head_major --out "$out" \
               > "$out/kv_attention_head.log" 2>&1 ;;
