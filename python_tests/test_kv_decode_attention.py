@@ -264,6 +264,7 @@ def plan_of(lens, Hkv, S_max, device, with_new):
         ([0, 1, 47, 3, -4, 200], 1, 48, "mixed"),  # empty, one key, S_max - 1, out of range below and above
         ([64, 63, 0], 1, 64, "mixed"),  # a full cache (no append) and S_max - 1
         ([0, 0], 2, 32, "direct"),  # nothing to attend anywhere: zeros, written by split 0
+        ([20, 0, 7], 8, 32, "direct"),  # cdiv(fill, Hkv) = 1: no sequence can split, no combine launch
     ],
 )
 def test_split_by_length_matches_reference(lens, Hkv, S_max, regime, with_new, dtype, by_length):

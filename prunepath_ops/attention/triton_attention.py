@@ -267,7 +267,7 @@ def kv_decode_attention_triton(
             HAS_NEW=has_new, SINGLE=single, BY_LENGTH=by_length, BLOCK_B=block_b,
             DOT_PREC=_dot_precision(q.dtype), PDL=pdl, **opts,
         )  # fmt: skip
-        if not single:
+        if not single and not (by_length and ns == 1):  # one partial per sequence: every output written above
             bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)
             kernels.combine_splits_kernel[(B * Hq,)](
                 o_part, lse, out, cache_seqlens, B, S_max, Hq, Hkv, chunk, ns, fill, min_chunk,
