@@ -237,7 +237,8 @@ def kv_decode_attention_triton(
     )  # fmt: skip
     ns, chunk, by_length = cfg["num_splits"], cfg["chunk"], cfg["by_length"]
     # BY_LENGTH: a grid of Hkv x items, every program planning from all B lengths.
-    fill, min_chunk = (cfg["fill"], cfg["min_chunk"]) if by_length else (0, 0)
+    # Zeros when unused, so that the static plan's kernels are not specialised on B.
+    plan_b, fill, min_chunk = (B, cfg["fill"], cfg["min_chunk"]) if by_length else (0, 0, 0)
     grid = (Hkv, cfg["items"]) if by_length else (B * Hkv, ns)
     block_b = max(16, triton.next_power_of_2(B)) if by_length else 1
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -258,7 +259,7 @@ def kv_decode_attention_triton(
     with _device_guard(q.device):
         kernels.decode_attention_split_kernel[grid](
             q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse, out,
-            B, S_max, Hkv, chunk, ns, fill, min_chunk, scale * math.log2(math.e), cache_seqlens.stride(0),
+            plan_b, S_max, Hkv, chunk, ns, fill, min_chunk, scale * math.log2(math.e), cache_seqlens.stride(0),
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -270,7 +271,7 @@ def kv_decode_attention_triton(
         if not single and not (by_length and ns == 1):  # one partial per sequence: every output written above
             bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)
             kernels.combine_splits_kernel[(B * Hq,)](
-                o_part, lse, out, cache_seqlens, B, S_max, Hq, Hkv, chunk, ns, fill, min_chunk,
+                o_part, lse, out, cache_seqlens, plan_b, S_max, Hq, Hkv, chunk, ns, fill, min_chunk,
                 cache_seqlens.stride(0), out.stride(0), out.stride(1), D=D, BLOCK_S=bs, HAS_NEW=has_new,
                 BY_LENGTH=by_length, BLOCK_B=block_b, BLOCK_N=cfg["block_n"], PDL=pdl,
                 **({} if interp else {"num_warps": 4 if D >= 128 else 2, **launch}),
