@@ -215,6 +215,7 @@ def decode_attention_split_kernel(
         part = g_act
         if BY_LENGTH:  # a one-split sequence's split 0 writes its output (zeros for L_b = 0); no combine
             dst = final_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            # tl.where, not `g_ok & scalar`: Triton's interpreter rejects a block mask combined with a scalar.
             direct = tl.where((n_split_b == 1) & (split == 0), g_ok, False)
             tl.store(dst, out.to(final_ptr.dtype.element_ty), mask=direct[:, None])
             part = tl.where(n_split_b != 1, part, False)
