@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -275,6 +277,42 @@ def test_split_by_length_matches_reference(lens, Hkv, S_max, regime, with_new, d
         splits = {ns > 1 for ns, _ in plan}
         assert splits == {"mixed": {True, False}, "direct": {False}, "split": {True}}[regime], plan
     run_and_check("triton", lens, 2 * Hkv, Hkv, 16, S_max, dtype, with_new)
+
+
+@triton.jit
+def _device_plan_kernel(
+    seqlens_ptr, out_ptr, B, S_max, Hkv, fill, min_chunk, max_splits,
+    HAS_NEW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Writes the kernels' length plan: n_split at [0, B), chunk at [BLOCK_B, BLOCK_B + B)."""
+    from prunepath_ops.attention.kernels import length_split_plan
+
+    _, n_split, chunk, _ = length_split_plan(
+        seqlens_ptr, B, 1, S_max, Hkv, fill, min_chunk, max_splits, HAS_NEW, BLOCK_B, BLOCK_N
+    )
+    offs = tl.arange(0, BLOCK_B)
+    tl.store(out_ptr + offs, n_split, mask=offs < B)
+    tl.store(out_ptr + BLOCK_B + offs, chunk.to(tl.int32), mask=offs < B)
+
+
+@needs_triton
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])  # padding lanes must not count
+def test_device_length_plan_equals_the_host_mirror(with_new):
+    from prunepath_ops.attention.triton_attention import length_split_plan
+
+    g = torch.Generator().manual_seed(5)
+    device = device_for("triton")
+    # The H200's plan (fill 264, 64-key tiles) on long caches; one-key tiles, where a key more moves the plan.
+    for fill, tile, S_max, B_max in [(264, 64, 2900, 40)] * 8 + [(8, 1, 64, 4)] * 8:
+        B = int(torch.randint(1, B_max, (1,), generator=g))  # not a power of two: padding lanes in the block
+        lens = torch.randint(-3, S_max + 10, (B,), generator=g).tolist()
+        Hkv = int(torch.randint(1, 9, (1,), generator=g))
+        parts, block_b = math.ceil(fill / Hkv), max(16, 1 << (B - 1).bit_length())
+        out = torch.zeros(2 * block_b, dtype=torch.int32, device=device)
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+        _device_plan_kernel[(1,)](seqlens, out, B, S_max, Hkv, fill, tile, parts, with_new, block_b, tile)
+        got = list(zip(out[:B].tolist(), out[block_b : block_b + B].tolist(), strict=True))
+        assert got == length_split_plan(lens, Hkv, S_max, fill, tile, parts, tile, with_new), (lens, Hkv)
 
 
 @settings(max_examples=300, deadline=None)

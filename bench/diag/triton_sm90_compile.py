@@ -74,6 +74,8 @@ def record(path: str) -> None:
     original = InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
+        if not self.fn.__module__.startswith("prunepath_ops."):  # a test's own helper kernel: not shipped
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
         try:
             params = list(inspect.signature(self.fn).parameters.values())
             bound = dict(zip((p.name for p in params), args, strict=False)) | kwargs

@@ -76,6 +76,7 @@ def length_split_plan(
     offs = tl.arange(0, BLOCK_B)
     ok = offs < B
     _, L, _ = clamp_lengths(tl.load(seqlens_ptr + offs * stride_len, mask=ok, other=0), S_max, HAS_NEW)
+    L = tl.where(ok, L, 0)  # a padding lane's 0 would count one appended key
     total = tl.sum(L.to(tl.int64), axis=0)
     W = tl.maximum((total * Hkv + fill - 1) // fill, min_chunk)
     n_split = tl.where(ok, tl.minimum(tl.maximum(L // W, 1), max_splits), 0).to(tl.int32)
