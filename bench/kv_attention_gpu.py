@@ -475,7 +475,7 @@ def case_table(rows: list[dict]) -> str:
     out = [head, "|---|" + "---:|" * 17]
     for r in rows:
         plan = f"{r['cfg_num_splits']} x {r['cfg_chunk']}" if "cfg_num_splits" in r else "-"
-        if r.get("cfg_by_length"):  # the kernels' plan from the lengths: splits of the longest sequence
+        if r.get("cfg_by_length"):  # the kernels' plan from the lengths: the most-split sequence's splits x keys
             plan = f"by length: {r['plan_max_splits']} x {r['plan_max_chunk']}"
         out.append(
             f"| {r['case']} | {r['S_max']} | {plan} | {_us(r, 'ours_us')} | {_f(r.get('TBps'), '.2f')} "

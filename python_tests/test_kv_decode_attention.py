@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from prunepath_ops import reference as R
 from prunepath_ops.attention import kv_decode_attention
+from prunepath_ops.attention.kernels import length_split_plan as device_length_split_plan
 from prunepath_ops.attention.triton_attention import MIN_CHUNK, SHORT_CACHE, split_plan
 from prunepath_ops.testing import assert_close
 
@@ -285,9 +286,7 @@ def _device_plan_kernel(
     HAS_NEW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Writes the kernels' length plan: n_split at [0, B), chunk at [BLOCK_B, BLOCK_B + B)."""
-    from prunepath_ops.attention.kernels import length_split_plan
-
-    _, n_split, chunk, _ = length_split_plan(
+    _, n_split, chunk, _ = device_length_split_plan(
         seqlens_ptr, B, 1, S_max, Hkv, fill, min_chunk, max_splits, HAS_NEW, BLOCK_B, BLOCK_N
     )
     offs = tl.arange(0, BLOCK_B)
