@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "- split plan: "
         + (
-            "from the lengths on the device (`SPLIT_BY_LENGTH`; the column shows the longest sequence's splits x keys)"
+            "from the lengths on the device (`SPLIT_BY_LENGTH`; the column shows the most-split sequence's splits x keys)"
             if args.split_by_length
             else "from S_max (static)"
         ),
