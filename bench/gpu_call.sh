@@ -47,11 +47,15 @@ for part in "$@"; do
     stashmodel) mkdir -p /tmp/prunepath_model && cp .qa/gguf_part_00 /tmp/prunepath_model/ ;;  # half 1: bench/quality_gpu.sh
     routersplit) t 90 .prebuilt/router_split > "$out/router_split.md" 2>&1 ;;  # built here first: bench/diag/router_split.sh
     kvcases) t 150 python3 bench/kv_attention_gpu.py --out "$out" > "$out/kv_attention.log" 2>&1 ;;
-    # The same table with the splits planned from the lengths on the device (triton_attention.SPLIT_BY_LENGTH)
-    kvbylength) t 150 python3 bench/kv_attention_gpu.py --split-by-length --name kv_attention_cuda_by_length --out "$out" \
+    # The same table with every split plan from the lengths, or every one from S_max (triton_attention.SPLIT_BY_LENGTH)
+    kvbylength) t 150 python3 bench/kv_attention_gpu.py --split-plan length --name kv_attention_cuda_by_length --out "$out" \
                   > "$out/kv_attention_by_length.log" 2>&1 ;;
+    kvstatic) t 150 python3 bench/kv_attention_gpu.py --split-plan static --name kv_attention_cuda_static --out "$out" \
+                > "$out/kv_attention_static.log" 2>&1 ;;
     e2ebylength) t ${E2E_TIMEOUT:-230} python3 bench/decode_e2e_gpu.py --attn-split-by-length --name decode_e2e_cuda_split_by_length \
                    --out "$out" > "$out/decode_e2e_by_length.log" 2>&1 ;;
+    # The split plans part by part (bench/diag/kv_split_plan_parts.py: fill, PDL, the combine kernel)
+    kvparts) t 200 python3 bench/diag/kv_split_plan_parts.py --out "$out" > "$out/kv_split_plan_parts.log" 2>&1 ;;
     # The same table and sweep on head-major caches ([B, Hkv, S_max, D] storage passed as a transposed view)
     kvhead) t 150 python3 bench/kv_attention_gpu.py --cache-layout head --sweep --name kv_attention_cuda_head_major --out "$out" \
               > "$out/kv_attention_head.log" 2>&1 ;;

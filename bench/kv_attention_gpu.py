@@ -93,10 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--backend", choices=("auto", "triton", "cpu"), default="auto")
     ap.add_argument(
-        "--split-by-length",
-        action="store_true",
-        help="the Triton kernels plan each sequence's splits from the batch's lengths on the device "
-        "(triton_attention.SPLIT_BY_LENGTH) instead of from S_max",
+        "--split-plan",
+        choices=("auto", "length", "static"),
+        default="auto",
+        help="how the Triton kernels cut the key axis (triton_attention.SPLIT_BY_LENGTH): auto, the default (from "
+        "the batch's lengths on the device for caches longer than LONG_CACHE, else from S_max); length: always "
+        "from the lengths; static: always from S_max",
     )
     ap.add_argument(
         "--cache-layout",
@@ -539,10 +541,10 @@ def targets(rows: list[dict], args: argparse.Namespace) -> list[tuple[str, str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.split_by_length:
+    if args.split_plan != "auto":
         from prunepath_ops.attention import triton_attention
 
-        triton_attention.SPLIT_BY_LENGTH = True
+        triton_attention.SPLIT_BY_LENGTH = args.split_plan == "length"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")  # the fp32 oracle must not use TF32
@@ -605,11 +607,12 @@ def main(argv: list[str] | None = None) -> int:
             "view (each kv head's rows contiguous; the op takes any strides but the last)"
         ),
         "- split plan: "
-        + (
-            "from the lengths on the device (`SPLIT_BY_LENGTH`; the column shows the most-split sequence's splits x keys)"
-            if args.split_by_length
-            else "from S_max (static)"
-        ),
+        + {
+            "auto": "the default: from the lengths on the device for caches longer than `LONG_CACHE`, else from S_max",
+            "length": "from the lengths on the device (`SPLIT_BY_LENGTH = True`)",
+            "static": "from S_max (`SPLIT_BY_LENGTH = False`)",
+        }[args.split_plan]
+        + " (a length-planned case shows its most-split sequence's splits x keys)",
         "- SDPA best (uniform lengths only): `F.scaled_dot_product_attention` on contiguous `[B, Hkv, L, D]` copies "
         "of exactly the valid prefix made before timing, with `enable_gqa=True` or with kv heads repeated to Hq "
         "(copies made before timing), the faster of the two; only the attention call is timed",

@@ -238,7 +238,7 @@ def test_cpu_composite_random_shapes(lens, group, Hkv, D, with_new, seed):
 
 @pytest.fixture
 def by_length(request, monkeypatch):
-    """Parametrised bool: the kernels plan the splits from the lengths (``SPLIT_BY_LENGTH``) in this test."""
+    """Parametrised ``SPLIT_BY_LENGTH`` for this test: True by the lengths, False by S_max, None the default."""
     from prunepath_ops.attention import triton_attention
 
     monkeypatch.setattr(triton_attention, "SPLIT_BY_LENGTH", request.param)
@@ -314,6 +314,32 @@ def test_device_length_plan_equals_the_host_mirror(with_new):
         assert got == length_split_plan(lens, Hkv, S_max, fill, tile, parts, tile, with_new), (lens, Hkv)
 
 
+@needs_triton
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+@pytest.mark.parametrize(
+    "lens,Hkv,S_max",
+    [
+        ([40, 3, 3, 3], 2, 48),  # a long sequence's splits and short ones: items of unequal size
+        ([0, 47, 1, 200, 16], 1, 48),  # empty, out of range: items that write zeros or nothing
+    ],
+)
+def test_length_plan_programs_loop_over_items(lens, Hkv, S_max, with_new):
+    """Fewer programs than work items (each loops over several): the same bits as one program per item."""
+    from prunepath_ops.attention.triton_attention import kv_decode_attention_triton, launch_config
+
+    device = device_for("triton")
+    items = launch_config(len(lens), Hkv, S_max, 16, torch.device(device), split_by_length=True)["items"]
+    outs = []
+    for programs in (items, 1, 2, 3):  # one per item; one program for all; rounds of 2 and 3 (an uneven last round)
+        q, k, v, seqlens, kn, vn = make_case(lens, 2 * Hkv, Hkv, 16, S_max, torch.float32, device, with_new, 3)
+        outs.append((kv_decode_attention_triton(q, k, v, seqlens, kn, vn, None, split_by_length=True,
+                                                programs=programs), k, v))  # fmt: skip
+    for out, k, v in outs[1:]:
+        assert torch.equal(out, outs[0][0])
+        for got, first in ((k, outs[0][1]), (v, outs[0][2])):  # the rows past the lengths are NaN
+            torch.testing.assert_close(got, first, atol=0, rtol=0, equal_nan=True)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     lens=st.lists(st.integers(-3, 5000), min_size=1, max_size=64),
@@ -352,7 +378,7 @@ def test_length_split_plan_h200_regimes():
 @pytest.mark.parametrize(
     "B,kwargs,expected",
     [
-        (4, {}, True),  # the plan's grid: B + cdiv(fill, Hkv) items per kv head
+        (4, {}, True),  # the plan: B + cdiv(fill, Hkv) items per kv head
         (4, {"num_splits": 2}, False),  # a forced split count wins (sweeps)
         (1025, {}, False),  # past MAX_LENGTH_PLAN_BATCH every program would read too many lengths
     ],
@@ -366,8 +392,29 @@ def test_launch_config_length_plan(B, kwargs, expected):
     assert cfg["by_length"] is expected
     if expected:
         parts = math.ceil(2 * num_sms(cpu) / 2)  # PROGRAMS_PER_SM x SMs over Hkv = 2
-        assert (cfg["items"], cfg["num_splits"]) == (B + parts, parts)
+        assert (cfg["items"], cfg["programs"], cfg["num_splits"]) == (B + parts, B + parts, parts)
+        # A GPU that holds fewer programs at once: the grid shrinks to them, the plan does not change.
+        small = launch_config(B, 2, 64, 16, cpu, split_by_length=True, resident=6, **kwargs)
+        assert (small["items"], small["programs"], small["num_splits"]) == (B + parts, 3, parts)
     assert launch_config(B, 2, 64, 16, cpu, split_by_length=False, **kwargs)["by_length"] is False
+
+
+@pytest.mark.parametrize(
+    "B,S_max,setting,expected",
+    [
+        (4, 2048, None, False),  # the default at LONG_CACHE: still by S_max
+        (4, 2049, None, True),  # past LONG_CACHE: by the lengths
+        (1, 16640, None, False),  # one sequence: the static plan at any length
+        (4, 4352, False, False),  # SPLIT_BY_LENGTH False: never
+        (1, 64, True, True),  # SPLIT_BY_LENGTH True: even one sequence in a short cache
+    ],
+)
+def test_split_by_length_default_follows_batch_and_cache(B, S_max, setting, expected, monkeypatch):
+    from prunepath_ops.attention import triton_attention
+
+    assert triton_attention.LONG_CACHE == 2048
+    monkeypatch.setattr(triton_attention, "SPLIT_BY_LENGTH", setting)
+    assert triton_attention.launch_config(B, 8, S_max, 128, torch.device("cpu"))["by_length"] is expected
 
 
 @pytest.mark.parametrize(
@@ -575,7 +622,19 @@ def test_gpu_split_by_length(lens, S_max, with_new, by_length):
 
 
 @needs_cuda
-@pytest.mark.parametrize("by_length", [False, True], indirect=True)  # the static plan; the length plan
+@pytest.mark.parametrize("by_length", [True], indirect=True)
+def test_gpu_resident_programs_come_from_the_compiled_kernel(by_length):
+    """The length plan's grid: whole programs per SM from the compiled kernel, never more than one wave."""
+    from prunepath_ops.attention import triton_attention
+
+    run_and_check("triton", [3000, 5, 100], 32, 8, 128, 4096, torch.bfloat16, False)
+    sms = triton_attention.num_sms(torch.device("cuda"))
+    assert triton_attention._RESIDENT and all(r % sms == 0 and r >= sms for r in triton_attention._RESIDENT.values())
+
+
+@needs_cuda
+# the static plan; the length plan; the default (by the lengths at this S_max, launched without PDL)
+@pytest.mark.parametrize("by_length", [False, True, None], indirect=True)
 def test_gpu_bitwise_deterministic(by_length):
     q, k, v, seqlens, _, _ = make_case([16000, 3, 9000, 512] * 4, 32, 8, 128, 16384, torch.bfloat16, "cuda", False)
     first = kv_decode_attention(q, k, v, seqlens)

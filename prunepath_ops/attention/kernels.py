@@ -15,9 +15,10 @@ Flash-decoding in two kernels:
      valid splits ``s < cdiv(L_b, CHUNK)`` in split order (bitwise reproducible, no atomics).
 
 With ``BY_LENGTH`` (``triton_attention.SPLIT_BY_LENGTH``) the split of each sequence comes from the
-batch's lengths instead of S_max (``length_split_plan``): the grid is Hkv x (B + cdiv(fill, Hkv))
-work items, each program maps its item to (sequence, split) from the same plan, a sequence left
-with one split writes its output directly and the combine kernel skips it.
+batch's lengths instead of S_max (``length_split_plan``): at most B + cdiv(fill, Hkv) work items
+per kv head, run by a grid of Hkv x P programs that loop over them (P no more than fit the GPU at
+once), each mapping its item to (sequence, split) from the same plan; a sequence left with one
+split writes its output directly and the combine kernel skips it.
 
 Lengths are read on the device; the grid depends only on static sizes (CUDA-graph capturable).
 With ``PDL`` (:mod:`prunepath_ops._pdl`) both kernels wait for their predecessor before any memory
@@ -71,11 +72,13 @@ def length_split_plan(
     where the rounding to whole tiles left a split empty). Every program computes the same plan from the
     same lengths, so no program waits for another. Since ``sum_b n_split_b <= B + fill / Hkv``, a grid
     of ``B + cdiv(fill, Hkv)`` items per kv head covers the batch, and ``cdiv(fill, Hkv)`` partials
-    per (sequence, head) hold every split. Returns ``(L, n_split, chunk, first)``, zeros past B.
+    per (sequence, head) hold every split. Returns ``(raw, n_split, chunk, first)``, zeros past B
+    (``raw``: the lengths as loaded, so that a program takes its own from the block, not from memory again).
     """
     offs = tl.arange(0, BLOCK_B)
     ok = offs < B
-    _, L, _ = clamp_lengths(tl.load(seqlens_ptr + offs * stride_len, mask=ok, other=0), S_max, HAS_NEW)
+    raw = tl.load(seqlens_ptr + offs * stride_len, mask=ok, other=0)
+    _, L, _ = clamp_lengths(raw, S_max, HAS_NEW)
     L = tl.where(ok, L, 0)  # a padding lane's 0 would count one appended key
     total = tl.sum(L.to(tl.int64), axis=0)
     W = tl.maximum((total * Hkv + fill - 1) // fill, min_chunk)
@@ -84,76 +87,20 @@ def length_split_plan(
     chunk = tl.maximum((per + BLOCK_N - 1) // BLOCK_N * BLOCK_N, BLOCK_N)
     n_split = tl.where(ok, tl.maximum((L + chunk - 1) // chunk, 1), 0).to(tl.int32)  # tile rounding: no empty split
     first = tl.cumsum(n_split, axis=0) - n_split
-    return L, n_split, chunk, first
+    return raw, n_split, chunk, first
 
 
 @triton.jit
-def decode_attention_split_kernel(
-    q_ptr,  # [B, Hq, D]
-    k_cache_ptr,  # [B, S_max, Hkv, D], rows n_old of kv head h written when HAS_NEW
-    v_cache_ptr,  # [B, S_max, Hkv, D]
-    k_new_ptr,  # [B, Hkv, D] or a dummy
-    v_new_ptr,  # [B, Hkv, D] or a dummy
-    seqlens_ptr,  # [B] int32
-    out_ptr,  # [B, Hq, D] dtype of q when SINGLE, else [B, Hq, NS, D] fp32 partials (contiguous)
-    lse_ptr,  # [B, Hq, NS] fp32 log2-sum-exp of each partial (unused when SINGLE)
-    final_ptr,  # [B, Hq, D] dtype of q: BY_LENGTH's one-split sequences (strides of out when SINGLE)
-    B,
-    S_max,
-    Hkv,
-    chunk,  # keys per split, a multiple of BLOCK_N (BY_LENGTH: per sequence, from the plan)
-    num_splits,  # NS: the grid's splits, or BY_LENGTH's partials per (sequence, head)
-    fill,  # BY_LENGTH: programs the plan aims for
-    min_chunk,  # BY_LENGTH: fewest keys per split
-    qk_scale,  # softmax_scale * log2(e)
-    stride_len,
-    stride_qb,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_nkb,
-    stride_nkh,
-    stride_nvb,
-    stride_nvh,
-    stride_ob,
-    stride_oh,
-    GROUP: tl.constexpr,
-    G_PAD: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_NEW: tl.constexpr,
-    SINGLE: tl.constexpr,
-    BY_LENGTH: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    pdl_wait(PDL)
-    pdl_launch_dependents(PDL)
-    if BY_LENGTH:  # grid (Hkv, items): item i is split i - first_b of the sequence b that owns it
-        hk = tl.program_id(0)
-        item = tl.program_id(1)
-        _, n_split_all, chunk_all, first_all = length_split_plan(
-            seqlens_ptr, B, stride_len, S_max, Hkv, fill, min_chunk, num_splits, HAS_NEW, BLOCK_B, BLOCK_N
-        )
-        offs_b = tl.arange(0, BLOCK_B)
-        # Items past the last sequence's fall to it with split >= n_split_b: they read and write nothing.
-        b = tl.sum(((first_all <= item) & (offs_b < B)).to(tl.int32), axis=0) - 1
-        mine = offs_b == b
-        split = item - tl.sum(tl.where(mine, first_all, 0), axis=0)
-        chunk = tl.sum(tl.where(mine, chunk_all, 0), axis=0).to(tl.int32)
-        n_split_b = tl.sum(tl.where(mine, n_split_all, 0), axis=0)  # 1: the final output is written here
-    else:
-        pid_bh = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid_bh // Hkv
-        hk = pid_bh % Hkv
+def attend_split(
+    q_ptr, k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, out_ptr, lse_ptr, final_ptr,
+    b, hk, split, chunk, n_old, L, has_new, n_split_b, Hkv, num_splits, qk_scale,
+    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_NEW: tl.constexpr, SINGLE: tl.constexpr, BY_LENGTH: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """One work item: keys ``[split * chunk, min((split + 1) * chunk, L))`` of sequence b, kv head hk."""
     b64 = b.to(tl.int64)
-    n_old, L, has_new = valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW)
     start = split * chunk
     end = tl.minimum(start + chunk, L)
     stop_old = tl.minimum(end, n_old)
@@ -223,6 +170,94 @@ def decode_attention_split_kernel(
         row = (b64 * (Hkv * GROUP) + heads) * num_splits + split  # [G_PAD] index into [B, Hq, NS]
         tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out, mask=part[:, None])
         tl.store(lse_ptr + row, m + tl.log2(l_safe), mask=part)
+
+
+@triton.jit
+def decode_attention_split_kernel(
+    q_ptr,  # [B, Hq, D]
+    k_cache_ptr,  # [B, S_max, Hkv, D], rows n_old of kv head h written when HAS_NEW
+    v_cache_ptr,  # [B, S_max, Hkv, D]
+    k_new_ptr,  # [B, Hkv, D] or a dummy
+    v_new_ptr,  # [B, Hkv, D] or a dummy
+    seqlens_ptr,  # [B] int32
+    out_ptr,  # [B, Hq, D] dtype of q when SINGLE, else [B, Hq, NS, D] fp32 partials (contiguous)
+    lse_ptr,  # [B, Hq, NS] fp32 log2-sum-exp of each partial (unused when SINGLE)
+    final_ptr,  # [B, Hq, D] dtype of q: BY_LENGTH's one-split sequences (strides of out when SINGLE)
+    B,
+    S_max,
+    Hkv,
+    chunk,  # keys per split, a multiple of BLOCK_N (BY_LENGTH: per sequence, from the plan)
+    num_splits,  # NS: the grid's splits, or BY_LENGTH's partials per (sequence, head)
+    fill,  # BY_LENGTH: programs the plan aims for (the grid may hold fewer: each then loops over items)
+    min_chunk,  # BY_LENGTH: fewest keys per split
+    qk_scale,  # softmax_scale * log2(e)
+    stride_len,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_nkb,
+    stride_nkh,
+    stride_nvb,
+    stride_nvh,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_NEW: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BY_LENGTH: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
+    if BY_LENGTH:  # grid (Hkv, P): program p runs work items p, p + P, ... of kv head hk
+        hk = tl.program_id(0)
+        raw_all, n_split_all, chunk_all, first_all = length_split_plan(
+            seqlens_ptr, B, stride_len, S_max, Hkv, fill, min_chunk, num_splits, HAS_NEW, BLOCK_B, BLOCK_N
+        )
+        offs_b = tl.arange(0, BLOCK_B)
+        n_items = tl.sum(n_split_all, axis=0)
+        # At most one wave of programs (the launcher sizes P to what fits the GPU at once): a grid
+        # past that let the programs that only read the lengths and exit slow the working ones
+        # (bench/results/kv_split_plan_parts.md).
+        for item in range(tl.program_id(1), n_items, tl.num_programs(1)):
+            b = (
+                tl.sum(((first_all <= item) & (offs_b < B)).to(tl.int32), axis=0) - 1
+            )  # item is split item - first_b of b
+            mine = offs_b == b
+            split = item - tl.sum(tl.where(mine, first_all, 0), axis=0)
+            chunk_b = tl.sum(tl.where(mine, chunk_all, 0), axis=0).to(tl.int32)
+            n_split_b = tl.sum(tl.where(mine, n_split_all, 0), axis=0)  # 1: the final output is written here
+            # The plan's block already holds this length: a second load would add a dependent memory round trip.
+            n_old, L, has_new = clamp_lengths(tl.sum(tl.where(mine, raw_all, 0), axis=0), S_max, HAS_NEW)
+            attend_split(
+                q_ptr, k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, out_ptr, lse_ptr, final_ptr,
+                b, hk, split, chunk_b, n_old, L, has_new, n_split_b, Hkv, num_splits, qk_scale,
+                stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh,
+                GROUP, G_PAD, D, BLOCK_N, HAS_NEW, SINGLE, BY_LENGTH, DOT_PREC,
+            )  # fmt: skip
+    else:  # grid (B * Hkv, NS)
+        pid_bh = tl.program_id(0)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        n_old, L, has_new = valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW)
+        attend_split(
+            q_ptr, k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, out_ptr, lse_ptr, final_ptr,
+            b, hk, tl.program_id(1), chunk, n_old, L, has_new, 1, Hkv, num_splits, qk_scale,
+            stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh,
+            GROUP, G_PAD, D, BLOCK_N, HAS_NEW, SINGLE, BY_LENGTH, DOT_PREC,
+        )  # fmt: skip
 
 
 @triton.jit

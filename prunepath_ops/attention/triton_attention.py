@@ -34,19 +34,33 @@ MAX_CHUNK = 512
 #: only adds a partial write and the combine kernel, and a cache this short cannot leave one
 #: sequence's programs running long after the others. B = 32 x 8 kv heads, 1280 rows on the H200:
 #: 46.1 us in one split against 53.6 us in the three the fill rule made (CUDA graph replays,
-#: bench/results/kv_attention_cuda.md, sweep); SDPA given the exact prefix took 46.2 us.
+#: bench/results/kv_attention_cuda_static_sweep.md, sweep); SDPA given the exact prefix took 46.2 us.
 SHORT_CACHE = 2048
 #: The grid's second axis (the splits) is limited to 65535 programs.
 MAX_SPLITS = 65535
 #: Split each sequence by the batch's actual lengths on the device (kernels.length_split_plan)
-#: instead of by S_max: a batch whose sequences alone fill the GPU runs one split per sequence (no
-#: partials, no merge) while one long sequence among short ones is still cut into many. Why: on
-#: the H200 at B = 32 and 4k keys one split took 135.6 us against 148.9 us for the static plan's
-#: 9 x 512 (CUDA graph replays, bench/results/kv_attention_cuda.md, sweep), but the static plan
-#: cannot tell that batch from a ragged one with the same S_max. Off until timed on the GPU.
-SPLIT_BY_LENGTH = False
+#: instead of by S_max: True always, False never, None (default) for batches of more than one
+#: sequence with caches longer than LONG_CACHE.
+#: A batch whose sequences alone fill the GPU then runs one split per sequence (no partials, no
+#: merge) while one long sequence among short ones is still cut into many, and a cache allocated
+#: far longer than its sequences is cut by what they hold. On the H200 (CUDA graphs, B = 8 / 32 at
+#: 4k-16k keys; bench/results/kv_attention_cuda_by_length_nopdl.md against kv_attention_cuda_static_nopdl.md,
+#: one run) it took 1.01-1.04x SDPA's best where the static plan took 1.05-1.10x, and the ragged
+#: batch 80 us against 95.
+SPLIT_BY_LENGTH: bool | None = None
+#: Longest cache the default (SPLIT_BY_LENGTH None) still splits by S_max: up to 2k keys the static
+#: plan is as fast or faster (B = 32 / 1k: one split, 46 us against the length plan's 50). At B = 1
+#: the default keeps the static plan at any length: it cuts a cache that its sequence fills the way
+#: the length plan would, without the ~1-1.5 us of planning before the first key is loaded (B = 1 /
+#: 16k back to back: 24.6 us against 26.0, bench/results/kv_attention_cuda.md against
+#: kv_attention_cuda_length_at_b1.md); a single sequence far shorter than its cache is the case it
+#: serves less well (splits sized for S_max, most of them empty): SPLIT_BY_LENGTH = True there.
+LONG_CACHE = 2048
 #: Largest batch the length plan covers (every program reads all B lengths); larger ones split by S_max.
 MAX_LENGTH_PLAN_BATCH = 1024
+
+# Programs of the split kernel resident at once per launch configuration (see resident_programs).
+_RESIDENT: dict[tuple, int] = {}
 
 
 @functools.cache
@@ -132,6 +146,53 @@ def length_split_plan(
     return plan
 
 
+def programs_per_sm(shared_bytes: int, num_warps: int, n_regs: int | None, props) -> int:
+    """Programs of one kernel an SM holds at once: the least of the shared-memory, thread and register limits.
+
+    ``props`` is a ``torch.cuda.get_device_properties`` result (any object with its fields); a field
+    it lacks drops that limit. 1 KB of shared memory per program is reserved by the driver.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> h200 = SimpleNamespace(shared_memory_per_multiprocessor=233472, max_threads_per_multi_processor=2048,
+    ...                        regs_per_multiprocessor=65536)
+    >>> programs_per_sm(71680, 4, 86, h200)  # the attention kernel's 70 KB at D = 128: shared memory limits
+    3
+    """
+    limits = [max(1, getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps))]
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0)
+    if smem and shared_bytes:
+        limits.append(smem // (shared_bytes + 1024))
+    regs = getattr(props, "regs_per_multiprocessor", 0)
+    if regs and n_regs:
+        limits.append(regs // (n_regs * 32 * num_warps))
+    return max(1, min(limits))
+
+
+def resident_programs(kernel, args: tuple, kwargs: dict, device: torch.device, key: tuple) -> int:
+    """Programs of ``kernel`` (launched with ``args``/``kwargs``) resident on ``device`` at once, cached under ``key``.
+
+    Compiles (or finds in Triton's cache) the kernel without launching it and reads its shared
+    memory, warps and registers; the interpreter counts one program per nominal SM.
+    """
+    if key not in _RESIDENT:
+        if _interpreting() or device.type != "cuda":
+            _RESIDENT[key] = num_sms(device)
+        else:
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+            md = compiled.metadata
+            n_regs = getattr(compiled, "n_regs", None)  # set once the module is loaded; None before
+            props = torch.cuda.get_device_properties(device)
+            _RESIDENT[key] = num_sms(device) * programs_per_sm(md.shared, md.num_warps, n_regs, props)
+    return _RESIDENT[key]
+
+
+def programs_per_head(items: int, resident: int, Hkv: int) -> int:
+    """The length plan's programs per kv head: its ``items``, or as many as ``resident`` programs spread over Hkv heads."""
+    return max(1, min(items, resident // Hkv))
+
+
 def launch_config(
     B: int,
     Hkv: int,
@@ -144,6 +205,7 @@ def launch_config(
     num_warps: int | None = None,
     num_stages: int | None = None,
     split_by_length: bool | None = None,
+    resident: int | None = None,
 ) -> dict:
     """Tiles and splits the launcher uses for these static sizes; ``None`` arguments take the defaults.
 
@@ -152,10 +214,13 @@ def launch_config(
     dict
         ``block_n`` (keys per tile), ``num_splits`` and ``chunk`` (from :func:`split_plan`),
         ``num_warps`` and ``num_stages`` of the attention kernel (``None`` under the interpreter),
-        ``by_length`` (whether the kernels plan the splits from the lengths, :data:`SPLIT_BY_LENGTH`;
-        never with a forced ``num_splits``) and then ``fill`` (programs aimed for), ``min_chunk``,
-        ``items`` (grid items per kv head, ``B + cdiv(fill, Hkv)``) and ``num_splits`` (partials
-        per sequence and head, ``cdiv(fill, Hkv)``).
+        ``by_length`` (whether the kernels plan the splits from the lengths: ``split_by_length``, else
+        :data:`SPLIT_BY_LENGTH`, whose default None means ``B > 1 and S_max > LONG_CACHE``; never with a forced
+        ``num_splits``) and then ``fill`` (programs aimed for), ``min_chunk``,
+        ``items`` (most work items per kv head, ``B + cdiv(fill, Hkv)``), ``programs`` (the grid's
+        programs per kv head: ``items``, or fewer when ``resident``, the programs the GPU holds at
+        once, cannot take ``Hkv * items``; each program then loops over items) and ``num_splits``
+        (partials per sequence and head, ``cdiv(fill, Hkv)``).
     """
     interp = _interpreting()
     if block_n is None:
@@ -170,11 +235,16 @@ def launch_config(
         num_stages = num_stages or (3 if D <= 128 else 2)
     cfg = {"block_n": block_n, "num_splits": ns, "chunk": chunk, "num_warps": num_warps, "num_stages": num_stages}
     by_length = SPLIT_BY_LENGTH if split_by_length is None else split_by_length
+    if by_length is None:
+        by_length = B > 1 and S_max > LONG_CACHE
     cfg["by_length"] = bool(by_length) and num_splits is None and 0 < B <= MAX_LENGTH_PLAN_BATCH and S_max > 0
     if cfg["by_length"]:
         fill = PROGRAMS_PER_SM * num_sms(device)
         parts = triton.cdiv(fill, Hkv)
-        cfg.update(fill=fill, min_chunk=chunks.get("min_chunk", MIN_CHUNK), items=B + parts, num_splits=parts, chunk=0)
+        items = B + parts
+        programs = items if resident is None else programs_per_head(items, resident, Hkv)
+        cfg.update(fill=fill, min_chunk=chunks.get("min_chunk", MIN_CHUNK), items=items, programs=programs,
+                   num_splits=parts, chunk=0)  # fmt: skip
     return cfg
 
 
@@ -206,6 +276,7 @@ def kv_decode_attention_triton(
     block_s: int | None = None,
     pdl: bool | None = None,
     split_by_length: bool | None = None,
+    programs: int | None = None,
 ) -> Tensor:
     """Split-KV decode attention with the Triton kernels; arguments as :func:`prunepath_ops.attention.kv_decode_attention`.
 
@@ -215,9 +286,12 @@ def kv_decode_attention_triton(
     ``block_n`` keys per tile, ``num_splits`` splits of the key axis (1: one kernel, no combine),
     ``num_warps`` and ``num_stages`` of the attention kernel, ``block_s`` splits per step of the
     combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`),
-    ``split_by_length`` the device-side split plan from the lengths (default :data:`SPLIT_BY_LENGTH`;
-    ignored with ``num_splits``). With it a sequence's splits, and so the bits of its output, depend
-    on the other sequences' lengths; the same inputs still give the same bits.
+    ``split_by_length`` the device-side split plan from the lengths (default :data:`SPLIT_BY_LENGTH`:
+    for B > 1 and caches longer than :data:`LONG_CACHE`; ignored with ``num_splits``). Both kernels launch without PDL for
+    B > 1 unless ``pdl=True``. With it a sequence's splits, and so the bits of its output, depend
+    on the other sequences' lengths; the same inputs still give the same bits. ``programs`` sets the
+    length plan's programs per kv head (default: as many as fit the GPU at once, at most the work
+    items); it changes which program runs an item, never the bits.
 
     Returns
     -------
@@ -239,7 +313,6 @@ def kv_decode_attention_triton(
     # BY_LENGTH: a grid of Hkv x items, every program planning from all B lengths.
     # Zeros when unused, so that the static plan's kernels are not specialised on B.
     plan_b, fill, min_chunk = (B, cfg["fill"], cfg["min_chunk"]) if by_length else (0, 0, 0)
-    grid = (Hkv, cfg["items"]) if by_length else (B * Hkv, ns)
     block_b = max(16, triton.next_power_of_2(B)) if by_length else 1
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     has_new = k_new is not None
@@ -253,21 +326,43 @@ def kv_decode_attention_triton(
     else:
         o_part = torch.empty(B, Hq, ns, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device)
+    if B > 1 and pdl is None:
+        # Launched early beside the kernel before it, long programs land on whatever slots that
+        # kernel frees first and crowd some SMs. Back to back in one graph (the benchmark's steady
+        # column) the length plan took 164.7 us per call at B = 32 / 4k with PDL and 126.6 without,
+        # 47.3 and 40.0 at B = 8 / 4k; the static plan 44.3 and 34.6 at B = 32 / 1k, and never
+        # less without (bench/results/kv_attention_cuda_{by_length,static}_{pdl,nopdl}.md, one session).
+        # At B = 1 the one sequence is cut into ~2 programs per SM of a few hundred keys, and PDL's
+        # earlier start is worth more (B = 1 / 4k graphed: 17.7 us with it, 18.9 without).
+        pdl = False
     pdl = _pdl.resolve(pdl, q.device)
     launch = _pdl.launch_options(pdl)
     opts = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **launch}
+    args = (
+        q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse, out,
+        plan_b, S_max, Hkv, chunk, ns, fill, min_chunk, scale * math.log2(math.e), cache_seqlens.stride(0),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *nk_strides, *nv_strides, out.stride(0), out.stride(1),
+    )  # fmt: skip
+    meta = dict(
+        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=cfg["block_n"],
+        HAS_NEW=has_new, SINGLE=single, BY_LENGTH=by_length, BLOCK_B=block_b,
+        DOT_PREC=_dot_precision(q.dtype), PDL=pdl, **opts,
+    )  # fmt: skip
     with _device_guard(q.device):
-        kernels.decode_attention_split_kernel[grid](
-            q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse, out,
-            plan_b, S_max, Hkv, chunk, ns, fill, min_chunk, scale * math.log2(math.e), cache_seqlens.stride(0),
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            *nk_strides, *nv_strides, out.stride(0), out.stride(1),
-            GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=cfg["block_n"],
-            HAS_NEW=has_new, SINGLE=single, BY_LENGTH=by_length, BLOCK_B=block_b,
-            DOT_PREC=_dot_precision(q.dtype), PDL=pdl, **opts,
-        )  # fmt: skip
+        if by_length:
+            # No more programs than the GPU holds at once: a second wave of programs that only read
+            # the lengths slowed the working ones by ~15 % (bench/results/kv_split_plan_parts.md).
+            if programs is None:
+                key = (q.device, q.dtype, D, group, has_new, block_b, tuple(sorted(opts.items())))
+                resident = resident_programs(kernels.decode_attention_split_kernel, args, meta, q.device, key)
+                programs = programs_per_head(cfg["items"], resident, Hkv)
+            grid = (Hkv, max(1, min(programs, cfg["items"])))
+        else:
+            grid = (B * Hkv, ns)
+        kernels.decode_attention_split_kernel[grid](*args, **meta)
         if not single and not (by_length and ns == 1):  # one partial per sequence: every output written above
             bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)
             kernels.combine_splits_kernel[(B * Hq,)](
