@@ -228,8 +228,11 @@ def decode_attention_split_kernel(
         n_items = tl.sum(n_split_all, axis=0)
         # At most one wave of programs (the launcher sizes P to what fits the GPU at once): a grid
         # past that let the programs that only read the lengths and exit slow the working ones
-        # (bench/results/kv_split_plan_parts.md).
-        for item in range(tl.program_id(1), n_items, tl.num_programs(1)):
+        # (bench/results/kv_split_plan_parts_item_grid.md).
+        # No loop-invariant code motion out of this loop: hoisted, the append path's invariants stay live
+        # across the key loop (191 registers for sm_90, 2 programs per SM; 106 without, 3 per SM:
+        # bench/results/kv_attention_resources_sm90.md).
+        for item in tl.range(tl.program_id(1), n_items, tl.num_programs(1), disable_licm=True):
             b = (
                 tl.sum(((first_all <= item) & (offs_b < B)).to(tl.int32), axis=0) - 1
             )  # item is split item - first_b of b

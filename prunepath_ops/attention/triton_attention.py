@@ -159,6 +159,8 @@ def programs_per_sm(shared_bytes: int, num_warps: int, n_regs: int | None, props
     ...                        regs_per_multiprocessor=65536)
     >>> programs_per_sm(71680, 4, 86, h200)  # the attention kernel's 70 KB at D = 128: shared memory limits
     3
+    >>> programs_per_sm(71680, 4, 191, h200)  # 192 x 32 x 4 registers per program: registers limit
+    2
     """
     limits = [max(1, getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps))]
     smem = getattr(props, "shared_memory_per_multiprocessor", 0)
@@ -166,15 +168,19 @@ def programs_per_sm(shared_bytes: int, num_warps: int, n_regs: int | None, props
         limits.append(smem // (shared_bytes + 1024))
     regs = getattr(props, "regs_per_multiprocessor", 0)
     if regs and n_regs:
-        limits.append(regs // (n_regs * 32 * num_warps))
+        per_warp = -(-n_regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+        limits.append(regs // (per_warp * num_warps))
     return max(1, min(limits))
 
 
 def resident_programs(kernel, args: tuple, kwargs: dict, device: torch.device, key: tuple) -> int:
     """Programs of ``kernel`` (launched with ``args``/``kwargs``) resident on ``device`` at once, cached under ``key``.
 
-    Compiles (or finds in Triton's cache) the kernel without launching it and reads its shared
-    memory, warps and registers; the interpreter counts one program per nominal SM.
+    Compiles (or finds in Triton's cache) and loads the kernel without launching it, and reads its
+    shared memory, warps and registers (for sm_90 the length plan's kernel takes 138 registers
+    without an append and 106 with one, 3 programs per SM; before its loop kept its invariants,
+    191 with one: 2 per SM, ``bench/results/kv_attention_resources_sm90.md``); the interpreter
+    counts one program per nominal SM.
     """
     if key not in _RESIDENT:
         if _interpreting() or device.type != "cuda":
@@ -182,7 +188,12 @@ def resident_programs(kernel, args: tuple, kwargs: dict, device: torch.device, k
         else:
             compiled = kernel.warmup(*args, grid=(1,), **kwargs)
             md = compiled.metadata
-            n_regs = getattr(compiled, "n_regs", None)  # set once the module is loaded; None before
+            n_regs = None
+            try:  # the register count is known once the module is loaded (Triton's CompiledKernel, private)
+                compiled._init_handles()
+                n_regs = compiled.n_regs
+            except Exception:  # another Triton: shared memory and threads only
+                pass
             props = torch.cuda.get_device_properties(device)
             _RESIDENT[key] = num_sms(device) * programs_per_sm(md.shared, md.num_warps, n_regs, props)
     return _RESIDENT[key]
@@ -354,7 +365,7 @@ def kv_decode_attention_triton(
     with _device_guard(q.device):
         if by_length:
             # No more programs than the GPU holds at once: a second wave of programs that only read
-            # the lengths slowed the working ones by ~15 % (bench/results/kv_split_plan_parts.md).
+            # the lengths slowed the working ones by ~15 % (bench/results/kv_split_plan_parts_item_grid.md).
             if programs is None:
                 key = (q.device, q.dtype, D, group, has_new, block_b, tuple(sorted(opts.items())))
                 resident = resident_programs(kernels.decode_attention_split_kernel, args, meta, q.device, key)
