@@ -405,16 +405,22 @@ def c_is_cuda(case) -> bool:
 
 
 def sweep_configs(args: argparse.Namespace, B: int, S_max: int) -> list[dict]:
-    """Launcher overrides to try: tiles x warps x stages x {auto splits, half, double}."""
+    """Launcher overrides to try: tiles x warps x stages x {the static plan's splits, half, double, ...}.
+
+    A forced split count always runs the static plan; where the default is the length plan, the
+    default itself (no override, ``{}``) is timed as well.
+    """
     from prunepath_ops.attention.triton_attention import launch_config
 
     sh = args.shape
+    dev = torch.device(args.device)
+    default_by_length = launch_config(B, sh["Hkv"], S_max, sh["D"], dev)["by_length"]
     if args.tiny:
-        base = launch_config(B, sh["Hkv"], S_max, sh["D"], torch.device(args.device))["num_splits"]
-        return [{"num_splits": ns} for ns in sorted({1, 2, base})]
-    out = []
+        base = launch_config(B, sh["Hkv"], S_max, sh["D"], dev, split_by_length=False)["num_splits"]
+        return [{} for _ in range(default_by_length)] + [{"num_splits": ns} for ns in sorted({1, 2, base})]
+    out = [{}] if default_by_length else []
     for block_n in (64, 128):
-        auto = launch_config(B, sh["Hkv"], S_max, sh["D"], torch.device(args.device), block_n=block_n)["num_splits"]
+        auto = launch_config(B, sh["Hkv"], S_max, sh["D"], dev, block_n=block_n, split_by_length=False)["num_splits"]
         # Up to 8x the default split count: more programs per SM keep more KV bytes in flight.
         for ns in sorted({1, max(1, auto // 2), auto, 2 * auto, 4 * auto, 8 * auto}):
             for warps in (4, 8):
@@ -437,7 +443,12 @@ def run_sweep(args: argparse.Namespace, timer) -> list[dict]:
                 return kv_decode_attention_triton(c.q, c.k_cache, c.v_cache, c.seqlens, None, None, None, **cfg)
 
             row = {"case": case.name, **cfg}
-            row["is_default"] = all(default.get(k) == v for k, v in cfg.items())
+            # With the length plan as the default only the override-free row is the default.
+            row["is_default"] = cfg == {} or (
+                not default["by_length"] and all(default.get(k) == v for k, v in cfg.items())
+            )
+            if cfg == {}:
+                row["note"] = "splits from the lengths"
             try:
                 row["rel_err_vs_default"] = rel_err(fn(), expected.float())
                 if row["rel_err_vs_default"] > 2e-2:
@@ -508,7 +519,7 @@ def sweep_table(rows: list[dict]) -> str:
         out.append(
             f"| {r['case']} | {r.get('block_n', '-')} | {r.get('num_splits', '-')} | {r.get('num_warps', '-')} "
             f"| {r.get('num_stages', '-')} | {_us(r, 'us')} | {_f(r.get('TBps'), '.2f')} "
-            f"| {'yes' if r['is_default'] else ''} | {r.get('error', '')} |"
+            f"| {'yes' if r['is_default'] else ''} | {r.get('error', r.get('note', ''))} |"
         )
     return "\n".join(out)
 
