@@ -298,8 +298,8 @@ def kv_decode_attention_triton(
     ``num_warps`` and ``num_stages`` of the attention kernel, ``block_s`` splits per step of the
     combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`),
     ``split_by_length`` the device-side split plan from the lengths (default :data:`SPLIT_BY_LENGTH`:
-    for B > 1 and caches longer than :data:`LONG_CACHE`; ignored with ``num_splits``). Both kernels launch without PDL for
-    B > 1 unless ``pdl=True``. With it a sequence's splits, and so the bits of its output, depend
+    for B > 1 and caches longer than :data:`LONG_CACHE`; ignored with ``num_splits``). Both kernels
+    launch without PDL for B > 1 unless ``pdl=True``. With the length plan a sequence's splits, and so the bits of its output, depend
     on the other sequences' lengths; the same inputs still give the same bits. ``programs`` sets the
     length plan's programs per kv head (default: as many as fit the GPU at once, at most the work
     items); it changes which program runs an item, never the bits.
@@ -321,7 +321,7 @@ def kv_decode_attention_triton(
         num_stages=num_stages, split_by_length=split_by_length,
     )  # fmt: skip
     ns, chunk, by_length = cfg["num_splits"], cfg["chunk"], cfg["by_length"]
-    # BY_LENGTH: a grid of Hkv x items, every program planning from all B lengths.
+    # BY_LENGTH: a grid of Hkv x programs, every program planning from all B lengths.
     # Zeros when unused, so that the static plan's kernels are not specialised on B.
     plan_b, fill, min_chunk = (B, cfg["fill"], cfg["min_chunk"]) if by_length else (0, 0, 0)
     block_b = max(16, triton.next_power_of_2(B)) if by_length else 1
