@@ -5,7 +5,8 @@ Legend: B sequences, Hq query heads, Hkv kv heads, D head dim, S_max cache rows,
 
 Shapes (bf16, Hq = 32, Hkv = 8, D = 128, Llama-3-8B attention): B in {1, 8, 32} x context in
 {1024, 4096, 16384}, every sequence at that length, S_max = context + 256; plus a ragged batch
-(B = 32, one sequence at 16384, the others uniform in [128, 2048], seeded, S_max = 16640).
+(B = 32, one sequence at 16384, the others uniform in [128, 2048], seeded, S_max = 16640), and
+caches allocated far longer than their sequences (B = 1 and 8 at 1024 keys in S_max = 16640).
 
 For every case the script
 
@@ -72,10 +73,12 @@ TARGET_SDPA_SLACK = 1.05  # ours / SDPA best at most this
 TARGET_RAGGED_SPEEDUP = 2.0  # masked SDPA / ours at least this ("far faster")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# prealloc: (B, L, S_max) of caches allocated far longer than their sequences (a server's static cache).
 FULL = {"Hq": 32, "Hkv": 8, "D": 128, "batches": (1, 8, 32), "contexts": (1024, 4096, 16384), "slack": 256,
-        "ragged": (32, 16384, 128, 2048), "sweep": ((1, 16384), (32, 1024), (32, 4096))}  # fmt: skip
+        "ragged": (32, 16384, 128, 2048), "prealloc": ((1, 1024, 16640), (8, 1024, 16640)),
+        "sweep": ((1, 16384), (32, 1024), (32, 4096))}  # fmt: skip
 TINY = {"Hq": 8, "Hkv": 2, "D": 16, "batches": (1, 3), "contexts": (24, 40), "slack": 8,
-        "ragged": (3, 40, 3, 12), "sweep": ((1, 40),)}  # fmt: skip
+        "ragged": (3, 40, 3, 12), "prealloc": ((1, 12, 40),), "sweep": ((1, 40),)}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="B values (default 1 8 32)")
     ap.add_argument("--contexts", type=int, nargs="+", default=None, help="uniform lengths (default 1024 4096 16384)")
     ap.add_argument("--no-ragged", action="store_true", help="skip the ragged batch")
+    ap.add_argument("--no-prealloc", action="store_true", help="skip the caches allocated far longer than L")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of launcher configurations")
     ap.add_argument("--steady-calls", type=int, default=20, help="calls per graph of the steady-state timing (0: skip)")
     ap.add_argument("--steady-mb", type=float, default=256.0, help="KV cache copies the steady calls cycle over, MB")
@@ -575,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
                     for L in args.contexts for B in args.batches]  # fmt: skip
         if not args.no_ragged:
             builders.append(lambda: ragged_case(args))
+        if not args.no_prealloc:
+            builders += [lambda B=B, L=L, S=S: Case(f"B={B} L={L} in S_max={S}", [L] * B, S, args)
+                         for B, L, S in sh["prealloc"]]  # fmt: skip
         for build in builders:
             case = None
             try:
