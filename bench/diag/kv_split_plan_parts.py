@@ -28,6 +28,7 @@ import contextlib
 import functools
 import os
 import sys
+from unittest import mock
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -46,18 +47,6 @@ class _NoLaunch:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def patched(module, **values):
-    old = {k: getattr(module, k) for k in values}
-    for k, v in values.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(module, k, v)
 
 
 def inputs(B, L, seed=0):
@@ -106,14 +95,18 @@ def main() -> int:
         ref = kv_decode_attention_triton(q, k, v, seqlens, None, None, None, split_by_length=False)
         row = {"case": name}
         for label, (consts, kwargs, no_combine) in VARIANTS.items():
-            with patched(triton_attention, **consts):
+            with mock.patch.multiple(triton_attention, **consts) if consts else contextlib.nullcontext():
                 cfg = triton_attention.launch_config(len(lens), HKV, k.shape[1], D, q.device, **{
                     k_: v_ for k_, v_ in kwargs.items() if k_ in ("num_splits", "split_by_length")})  # fmt: skip
                 if kwargs.get("programs") == "items":
                     kwargs = {**kwargs, "programs": cfg["items"]}
                 elif kwargs.get("programs") == "fill":
                     kwargs = {**kwargs, "programs": cfg["fill"] // HKV}
-                with patched(kernels, combine_splits_kernel=_NoLaunch()) if no_combine else contextlib.nullcontext():
+                with (
+                    mock.patch.object(kernels, "combine_splits_kernel", _NoLaunch())
+                    if no_combine
+                    else contextlib.nullcontext()
+                ):
                     call = functools.partial(kv_decode_attention_triton, q, k, v, seqlens, None, None, None, **kwargs)
                     replay, out = capture(call)
             replay()

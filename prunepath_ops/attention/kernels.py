@@ -233,9 +233,8 @@ def decode_attention_split_kernel(
         # across the key loop (191 registers for sm_90, 2 programs per SM; 106 without, 3 per SM:
         # bench/results/kv_attention_resources_sm90.md).
         for item in tl.range(tl.program_id(1), n_items, tl.num_programs(1), disable_licm=True):
-            b = (
-                tl.sum(((first_all <= item) & (offs_b < B)).to(tl.int32), axis=0) - 1
-            )  # item is split item - first_b of b
+            # The item is split item - first_b of the last sequence b whose first item is at most it.
+            b = tl.sum(((first_all <= item) & (offs_b < B)).to(tl.int32), axis=0) - 1
             mine = offs_b == b
             split = item - tl.sum(tl.where(mine, first_all, 0), axis=0)
             chunk_b = tl.sum(tl.where(mine, chunk_all, 0), axis=0).to(tl.int32)

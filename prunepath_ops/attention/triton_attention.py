@@ -200,7 +200,15 @@ def resident_programs(kernel, args: tuple, kwargs: dict, device: torch.device, k
 
 
 def programs_per_head(items: int, resident: int, Hkv: int) -> int:
-    """The length plan's programs per kv head: its ``items``, or as many as ``resident`` programs spread over Hkv heads."""
+    """The length plan's programs per kv head: its ``items``, or as many as ``resident`` programs spread over Hkv heads.
+
+    Examples
+    --------
+    >>> programs_per_head(36, 396, 8)  # every item its own program: 288 of the 396 that fit
+    36
+    >>> programs_per_head(65, 396, 8)  # one wave: 49 programs per kv head, some loop over two items
+    49
+    """
     return max(1, min(items, resident // Hkv))
 
 
@@ -216,7 +224,6 @@ def launch_config(
     num_warps: int | None = None,
     num_stages: int | None = None,
     split_by_length: bool | None = None,
-    resident: int | None = None,
 ) -> dict:
     """Tiles and splits the launcher uses for these static sizes; ``None`` arguments take the defaults.
 
@@ -228,10 +235,9 @@ def launch_config(
         ``by_length`` (whether the kernels plan the splits from the lengths: ``split_by_length``, else
         :data:`SPLIT_BY_LENGTH`, whose default None means ``B > 1 and S_max > LONG_CACHE``; never with a forced
         ``num_splits``) and then ``fill`` (programs aimed for), ``min_chunk``,
-        ``items`` (most work items per kv head, ``B + cdiv(fill, Hkv)``), ``programs`` (the grid's
-        programs per kv head: ``items``, or fewer when ``resident``, the programs the GPU holds at
-        once, cannot take ``Hkv * items``; each program then loops over items) and ``num_splits``
-        (partials per sequence and head, ``cdiv(fill, Hkv)``).
+        ``items`` (most work items per kv head, ``B + cdiv(fill, Hkv)``; the launcher runs them in
+        :func:`programs_per_head` programs per kv head) and ``num_splits`` (partials per sequence
+        and head, ``cdiv(fill, Hkv)``).
     """
     interp = _interpreting()
     if block_n is None:
@@ -252,10 +258,7 @@ def launch_config(
     if cfg["by_length"]:
         fill = PROGRAMS_PER_SM * num_sms(device)
         parts = triton.cdiv(fill, Hkv)
-        items = B + parts
-        programs = items if resident is None else programs_per_head(items, resident, Hkv)
-        cfg.update(fill=fill, min_chunk=chunks.get("min_chunk", MIN_CHUNK), items=items, programs=programs,
-                   num_splits=parts, chunk=0)  # fmt: skip
+        cfg.update(fill=fill, min_chunk=chunks.get("min_chunk", MIN_CHUNK), items=B + parts, num_splits=parts, chunk=0)
     return cfg
 
 
@@ -299,8 +302,9 @@ def kv_decode_attention_triton(
     combine kernel, ``pdl`` the programmatic dependent launch (default :func:`prunepath_ops._pdl.use_pdl`),
     ``split_by_length`` the device-side split plan from the lengths (default :data:`SPLIT_BY_LENGTH`:
     for B > 1 and caches longer than :data:`LONG_CACHE`; ignored with ``num_splits``). Both kernels
-    launch without PDL for B > 1 unless ``pdl=True``. With the length plan a sequence's splits, and so the bits of its output, depend
-    on the other sequences' lengths; the same inputs still give the same bits. ``programs`` sets the
+    launch without PDL for B > 1 unless ``pdl=True``. With the length plan a sequence's splits, and
+    so the bits of its output, depend on the other sequences' lengths; the same inputs still give
+    the same bits. ``programs`` sets the
     length plan's programs per kv head (default: as many as fit the GPU at once, at most the work
     items); it changes which program runs an item, never the bits.
 
