@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", "length", "static"),
         default="auto",
         help="how the Triton kernels cut the key axis (triton_attention.SPLIT_BY_LENGTH): auto, the default (from "
-        "the batch's lengths on the device for caches longer than LONG_CACHE, else from S_max); length: always "
+        "the batch's lengths on the device for B > 1 and caches longer than LONG_CACHE, else from S_max); length: always "
         "from the lengths; static: always from S_max",
     )
     ap.add_argument(
@@ -419,10 +419,10 @@ def sweep_configs(args: argparse.Namespace, B: int, S_max: int) -> list[dict]:
     sh = args.shape
     dev = torch.device(args.device)
     default_by_length = launch_config(B, sh["Hkv"], S_max, sh["D"], dev)["by_length"]
+    out = [{}] if default_by_length else []
     if args.tiny:
         base = launch_config(B, sh["Hkv"], S_max, sh["D"], dev, split_by_length=False)["num_splits"]
-        return [{} for _ in range(default_by_length)] + [{"num_splits": ns} for ns in sorted({1, 2, base})]
-    out = [{}] if default_by_length else []
+        return out + [{"num_splits": ns} for ns in sorted({1, 2, base})]
     for block_n in (64, 128):
         auto = launch_config(B, sh["Hkv"], S_max, sh["D"], dev, block_n=block_n, split_by_length=False)["num_splits"]
         # Up to 8x the default split count: more programs per SM keep more KV bytes in flight.
@@ -626,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "- split plan: "
         + {
-            "auto": "the default: from the lengths on the device for caches longer than `LONG_CACHE`, else from S_max",
+            "auto": "the default: from the lengths on the device for B > 1 and caches longer than `LONG_CACHE`, "
+            "else from S_max",
             "length": "from the lengths on the device (`SPLIT_BY_LENGTH = True`)",
             "static": "from S_max (`SPLIT_BY_LENGTH = False`)",
         }[args.split_plan]
