@@ -101,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", "length", "static"),
         default="auto",
         help="how the Triton kernels cut the key axis (triton_attention.SPLIT_BY_LENGTH): auto, the default (from "
-        "the batch's lengths on the device for B > 1 and caches longer than LONG_CACHE, else from S_max); length: always "
-        "from the lengths; static: always from S_max",
+        "the batch's lengths on the device for B > 1 and caches longer than LONG_CACHE, else static); length: always "
+        "from the lengths; static: splits per sequence from S_max, each sequence cutting its own keys over them",
     )
     ap.add_argument(
         "--cache-layout",
@@ -342,7 +342,7 @@ def run_case(case: Case, args: argparse.Namespace, timer) -> dict:
            "uniform": case.uniform, "kv_bytes": case.kv_bytes,
            "floor_us": case.kv_bytes / (args.peak_tbps * 1e12) * 1e6}  # fmt: skip
     if args.backend == "triton" or (args.device == "cuda" and args.backend == "auto"):
-        from prunepath_ops.attention.triton_attention import launch_config, length_split_plan
+        from prunepath_ops.attention.triton_attention import launch_config, length_split_plan, sequence_split
 
         cfg = launch_config(case.B, case.Hkv, case.S_max, case.D, case.q.device)
         row.update({f"cfg_{k}": v for k, v in cfg.items()})
@@ -351,6 +351,9 @@ def run_case(case: Case, args: argparse.Namespace, timer) -> dict:
                                      cfg["block_n"])  # fmt: skip
             row["plan_max_splits"], row["plan_max_chunk"] = max(plan)
             row["plan_programs"] = case.Hkv * sum(ns for ns, _ in plan)
+        else:  # the static plan: each sequence cuts its own keys over the grid's splits
+            used = [sequence_split(n, cfg["num_splits"], cfg["min_chunk"], cfg["block_n"]) for n in case.lens]
+            row["plan_max_splits"], row["plan_max_chunk"] = max(used)
     op = case.op(args.backend)
     ref = sdpa_reference(case)
     out = op()
@@ -491,7 +494,9 @@ def case_table(rows: list[dict]) -> str:
             "| masked / ours | floor us | rel err |")  # fmt: skip
     out = [head, "|---|" + "---:|" * 17]
     for r in rows:
-        plan = f"{r['cfg_num_splits']} x {r['cfg_chunk']}" if "cfg_num_splits" in r else "-"
+        plan = "-"
+        if "cfg_num_splits" in r:  # the longest sequence's splits used x keys, of the grid's splits per sequence
+            plan = f"{r['plan_max_splits']} x {r['plan_max_chunk']} of {r['cfg_num_splits']}"
         if r.get("cfg_by_length"):  # the kernels' plan from the lengths: the most-split sequence's splits x keys
             plan = f"by length: {r['plan_max_splits']} x {r['plan_max_chunk']}"
         out.append(
@@ -627,11 +632,13 @@ def main(argv: list[str] | None = None) -> int:
         "- split plan: "
         + {
             "auto": "the default: from the lengths on the device for B > 1 and caches longer than `LONG_CACHE`, "
-            "else from S_max",
+            "else static",
             "length": "from the lengths on the device (`SPLIT_BY_LENGTH = True`)",
-            "static": "from S_max (`SPLIT_BY_LENGTH = False`)",
+            "static": "static (`SPLIT_BY_LENGTH = False`)",
         }[args.split_plan]
-        + " (a length-planned case shows its most-split sequence's splits x keys)",
+        + "; static: the grid's splits per sequence come from S_max and each sequence cuts its own keys over "
+        "them (`sequence_split`; the column shows the longest sequence's splits used x keys, of the grid's); "
+        "a length-planned case shows its most-split sequence's splits x keys",
         "- SDPA best (uniform lengths only): `F.scaled_dot_product_attention` on contiguous `[B, Hkv, L, D]` copies "
         "of exactly the valid prefix made before timing, with `enable_gqa=True` or with kv heads repeated to Hq "
         "(copies made before timing), the faster of the two; only the attention call is timed",

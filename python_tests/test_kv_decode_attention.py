@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from prunepath_ops import reference as R
 from prunepath_ops.attention import kv_decode_attention
 from prunepath_ops.attention.kernels import length_split_plan as device_length_split_plan
-from prunepath_ops.attention.triton_attention import MIN_CHUNK, SHORT_CACHE, split_plan
+from prunepath_ops.attention.kernels import sequence_chunk as device_sequence_chunk
+from prunepath_ops.attention.triton_attention import MIN_CHUNK, SHORT_CACHE, sequence_split, split_plan
 from prunepath_ops.testing import assert_close
 
 HAS_CUDA = torch.cuda.is_available()
@@ -137,12 +138,13 @@ def test_softmax_scale(backend, scale):
 
 
 @needs_triton
-@pytest.mark.parametrize("num_splits", [1, 2, 4])  # one kernel (no combine); 32-key chunks; one tile per chunk
+# one kernel (no combine); two chunks of half a sequence's keys in whole tiles; one 16-key tile per chunk
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
 @pytest.mark.parametrize(
     "lens,with_new",
     [
         ([0, 16, 64], False),  # empty, exactly one 16-key tile, the full cache
-        ([16, 31, 63], True),  # new row opens a chunk (its old range is empty), ends one, is the last row
+        ([16, 31, 63], True),  # new row opens a 16-key chunk (its old range is empty), ends one, is the last row
         ([32, 0, 47], True),  # new row at a 32-key chunk boundary; an empty cache that gets one key
     ],
 )
@@ -292,6 +294,74 @@ def _device_plan_kernel(
     offs = tl.arange(0, BLOCK_B)
     tl.store(out_ptr + offs, n_split, mask=offs < B)
     tl.store(out_ptr + BLOCK_B + offs, chunk.to(tl.int32), mask=offs < B)
+
+
+@needs_triton
+@pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
+@pytest.mark.parametrize(
+    "lens",
+    [
+        [5, 0, 23],  # short sequences: one or two 16-key tiles each, and an empty one
+        [40, 17, 1],  # a chunk boundary one key past a tile (17 = 16 + 1)
+    ],
+)
+def test_static_cut_follows_each_sequence_not_the_cache(lens, with_new):
+    """The same keys in a 64-row and a 256-row cache, four splits forced: the same cut, so the same bits.
+
+    A cut of S_max (the rule before) would put each of these sequences in split 0 of the longer cache
+    (64-key chunks) but spread the longer ones over 2-3 splits of the shorter cache (16-key chunks).
+    """
+    from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
+
+    device = device_for("triton")
+    Hq, Hkv, D = 4, 2, 16
+    q, k, v, seqlens, kn, vn = make_case(lens, Hq, Hkv, D, 64, torch.float32, device, with_new, seed=11)
+    k_long, v_long = (torch.cat([t, torch.full_like(t[:, :1], POISON).expand(-1, 192, -1, -1)], 1) for t in (k, v))
+    short = kv_decode_attention_triton(q, k, v, seqlens, kn, vn, None, block_n=16, num_splits=4)
+    long = kv_decode_attention_triton(q, k_long, v_long, seqlens, kn, vn, None, block_n=16, num_splits=4)
+    torch.testing.assert_close(long, short, atol=0, rtol=0)
+    torch.testing.assert_close(k_long[:, :64], k, atol=0, rtol=0, equal_nan=True)  # the same append in both
+    expected = R.kv_decode_attention(q.cpu(), k.cpu(), v.cpu(), seqlens.cpu(), *(t.cpu() if t is not None else None
+                                                                             for t in (kn, vn)))  # fmt: skip
+    assert_close(short.cpu(), expected)
+
+
+@triton.jit
+def _device_sequence_chunk_kernel(lens_ptr, out_ptr, n, num_splits, min_chunk, BLOCK: tl.constexpr,
+                                  BLOCK_N: tl.constexpr):  # fmt: skip
+    offs = tl.arange(0, BLOCK)
+    L = tl.load(lens_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + offs, device_sequence_chunk(L, num_splits, min_chunk, BLOCK_N), mask=offs < n)
+
+
+@needs_triton
+def test_device_sequence_chunk_equals_the_host_mirror():
+    g = torch.Generator().manual_seed(9)
+    device = device_for("triton")
+    for num_splits, min_chunk, block_n in [(33, 64, 64), (12, 64, 64), (5, 16, 16), (1, 64, 64), (7, 1, 1)]:
+        lens = torch.randint(0, 20000, (64,), generator=g)
+        lens[:4] = torch.tensor([0, 1, num_splits * block_n, num_splits * block_n + 1])  # edges of the rounding
+        out = torch.zeros(64, dtype=torch.int32, device=device)
+        _device_sequence_chunk_kernel[(1,)](lens.to(torch.int32).to(device), out, 64, num_splits, min_chunk, 64,
+                                            block_n)  # fmt: skip
+        host = [sequence_split(int(n), num_splits, min_chunk, block_n)[1] for n in lens]
+        assert out.cpu().tolist() == host, (num_splits, min_chunk, block_n)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    length=st.integers(0, 70000),
+    num_splits=st.integers(1, 65535),
+    block_n=st.sampled_from([16, 32, 64, 128]),
+    min_tiles=st.integers(1, 8),
+)
+def test_sequence_split_fits_the_grid(length, num_splits, block_n, min_tiles):
+    used, chunk = sequence_split(length, num_splits, min_tiles * block_n, block_n)
+    assert chunk % block_n == 0 and chunk >= min_tiles * block_n
+    assert used <= num_splits  # the partial buffer holds num_splits per (sequence, head)
+    assert used * chunk >= length > (used - 1) * chunk  # every key in exactly one used split
+    if length >= num_splits * min_tiles * block_n:  # long enough: every split used but the rounding's last
+        assert used >= num_splits - (num_splits * block_n - 1) // chunk
 
 
 @needs_triton

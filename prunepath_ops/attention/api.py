@@ -33,10 +33,12 @@ def kv_decode_attention(
     :func:`prunepath_ops.reference.kv_decode_attention` and flash-attn's ``flash_attn_with_kvcache``
     for one query token.
 
-    On CUDA the key axis is cut into splits merged in a fixed order; for B > 1 and caches longer
-    than 2048 rows the cut follows the batch's lengths (``triton_attention.SPLIT_BY_LENGTH``), so a
-    sequence's last bits may change with the other sequences' lengths (not batch-invariant; set
-    ``SPLIT_BY_LENGTH = False`` for a cut by ``S_max`` alone). The same inputs give the same bits.
+    On CUDA the key axis is cut into splits merged in a fixed order. By default each sequence cuts
+    its own keys over a number of splits fixed by ``S_max`` and the batch size; for B > 1 and caches
+    longer than 2048 rows the cut follows the whole batch's lengths instead
+    (``triton_attention.SPLIT_BY_LENGTH``), so a sequence's last bits may change with the other
+    sequences' lengths (not batch-invariant; set ``SPLIT_BY_LENGTH = False`` for the per-sequence
+    cut). The same inputs give the same bits.
 
     Parameters
     ----------

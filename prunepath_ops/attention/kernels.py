@@ -6,13 +6,16 @@ rows, L_b valid keys of sequence b, NS splits of the key axis, CHUNK keys per sp
 
 Flash-decoding in two kernels:
   1. ``decode_attention_split_kernel``: one program per (sequence b, kv head, split s) reads keys
-     ``[s * CHUNK, min((s + 1) * CHUNK, L_b))`` of kv head h in BLOCK_N-row tiles, once for all
+     ``[s * CHUNK_b, min((s + 1) * CHUNK_b, L_b))`` of kv head h in BLOCK_N-row tiles, once for all
      G query heads that share it (GQA packing: the group's query rows form the M dimension of the
      dot), with an online softmax in fp32 (base 2, the scale folded into one multiply). With one
      split it writes the normalised output directly; otherwise a normalised fp32 partial output
-     and its log2-sum-exp. Programs whose chunk starts at or past L_b write nothing.
+     and its log2-sum-exp. The grid has NS splits per sequence (from S_max); sequence b cuts its own
+     L_b keys over them (``sequence_chunk``: CHUNK_b keys each, whole tiles, at least ``min_chunk``), so
+     a sequence far shorter than its cache is still spread over many programs, and its cut (hence its
+     bits) depends on nothing but its own length. Programs whose chunk starts at or past L_b write nothing.
   2. ``combine_splits_kernel``: one program per (sequence, query head) merges the partials of the
-     valid splits ``s < cdiv(L_b, CHUNK)`` in split order (bitwise reproducible, no atomics).
+     valid splits ``s < cdiv(L_b, CHUNK_b)`` in split order (bitwise reproducible, no atomics).
 
 With ``BY_LENGTH`` (``triton_attention.SPLIT_BY_LENGTH``) the split of each sequence comes from the
 batch's lengths instead of S_max (``length_split_plan``): at most B + cdiv(fill, Hkv) work items
@@ -56,6 +59,15 @@ def clamp_lengths(n, S_max, HAS_NEW: tl.constexpr):
 def valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW: tl.constexpr):
     """:func:`clamp_lengths` of sequence ``b``."""
     return clamp_lengths(tl.load(seqlens_ptr + b * stride_len), S_max, HAS_NEW)
+
+
+@triton.jit
+def sequence_chunk(L, num_splits, min_chunk, BLOCK_N: tl.constexpr):
+    """Keys per split of a sequence with ``L`` keys in the static plan: ``cdiv(L, num_splits)`` in whole
+    BLOCK_N tiles, at least ``min_chunk`` (> 0), so ``cdiv(L, chunk) <= num_splits`` (host mirror:
+    ``triton_attention.sequence_split``)."""
+    per = (L + num_splits - 1) // num_splits
+    return tl.maximum((per + BLOCK_N - 1) // BLOCK_N * BLOCK_N, min_chunk)
 
 
 @triton.jit
@@ -186,10 +198,9 @@ def decode_attention_split_kernel(
     B,
     S_max,
     Hkv,
-    chunk,  # keys per split, a multiple of BLOCK_N (BY_LENGTH: per sequence, from the plan)
     num_splits,  # NS: the grid's splits, or BY_LENGTH's partials per (sequence, head)
     fill,  # BY_LENGTH: programs the plan aims for (the grid may hold fewer: each then loops over items)
-    min_chunk,  # BY_LENGTH: fewest keys per split
+    min_chunk,  # fewest keys per split (> 0)
     qk_scale,  # softmax_scale * log2(e)
     stride_len,
     stride_qb,
@@ -255,7 +266,8 @@ def decode_attention_split_kernel(
         n_old, L, has_new = valid_lengths(seqlens_ptr, b, stride_len, S_max, HAS_NEW)
         attend_split(
             q_ptr, k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, out_ptr, lse_ptr, final_ptr,
-            b, hk, tl.program_id(1), chunk, n_old, L, has_new, 1, Hkv, num_splits, qk_scale,
+            b, hk, tl.program_id(1), sequence_chunk(L, num_splits, min_chunk, BLOCK_N), n_old, L, has_new, 1,
+            Hkv, num_splits, qk_scale,
             stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh,
             GROUP, G_PAD, D, BLOCK_N, HAS_NEW, SINGLE, BY_LENGTH, DOT_PREC,
@@ -272,7 +284,6 @@ def combine_splits_kernel(
     S_max,
     Hq,
     Hkv,
-    chunk,
     num_splits,
     fill,  # BY_LENGTH: as the split kernel's
     min_chunk,
@@ -300,6 +311,8 @@ def combine_splits_kernel(
         mine = tl.arange(0, BLOCK_B) == b
         chunk = tl.sum(tl.where(mine, chunk_all, 0), axis=0).to(tl.int32)
         merge = tl.sum(tl.where(mine, n_split_all, 0), axis=0) != 1
+    else:
+        chunk = sequence_chunk(L, num_splits, min_chunk, BLOCK_N)
     pdl_wait(PDL)
     n_valid = (L + chunk - 1) // chunk  # splits the attention kernel wrote
     if BY_LENGTH:

@@ -50,11 +50,10 @@ MAX_SPLITS = 65535
 SPLIT_BY_LENGTH: bool | None = None
 #: Longest cache the default (SPLIT_BY_LENGTH None) still splits by S_max: up to 2k keys the static
 #: plan is as fast or faster (B = 32 / 1k: one split, 46 us against the length plan's 50). At B = 1
-#: the default keeps the static plan at any length: it cuts a cache that its sequence fills the way
-#: the length plan would, without the ~1-1.5 us of planning before the first key is loaded (B = 1 /
-#: 16k back to back: 24.6 us against 26.0, bench/results/kv_attention_cuda.md against
-#: kv_attention_cuda_length_at_b1.md); a single sequence far shorter than its cache is the case it
-#: serves less well (splits sized for S_max, most of them empty): SPLIT_BY_LENGTH = True there.
+#: the default keeps the static plan at any length: its one sequence cuts its own keys over the
+#: grid's splits (sequence_split) the way the length plan would, without the ~1-1.5 us of planning
+#: before the first key is loaded (B = 1 / 16k back to back: 24.6 us against 26.0,
+#: bench/results/kv_attention_cuda.md against kv_attention_cuda_length_at_b1.md).
 LONG_CACHE = 2048
 #: Largest batch the length plan covers (every program reads all B lengths); larger ones split by S_max.
 MAX_LENGTH_PLAN_BATCH = 1024
@@ -118,6 +117,27 @@ def split_plan(
     num_splits = max(1, min(num_splits, triton.cdiv(S_max, block_n), MAX_SPLITS))
     chunk = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
     return triton.cdiv(S_max, chunk), chunk
+
+
+def sequence_split(length: int, num_splits: int, min_chunk: int, block_n: int) -> tuple[int, int]:
+    """``(splits used, chunk)`` of one sequence in the static plan (host mirror of ``kernels.sequence_chunk``).
+
+    The grid gives each sequence ``num_splits`` programs (:func:`split_plan`, from S_max); the sequence
+    cuts its own ``length`` keys (appended key included) over them: ``cdiv(length, num_splits)`` keys per
+    split in whole ``block_n`` tiles, at least ``min_chunk``. A sequence far shorter than its cache is
+    then still spread over many programs, and its cut depends on nothing but its own length.
+
+    Examples
+    --------
+    >>> sequence_split(16384, 33, 64, 64)  # a cache its sequence fills: as the cut of S_max = 16640
+    (32, 512)
+    >>> sequence_split(1024, 33, 64, 64)  # 1k keys in the same cache: 16 programs of one tile, not 2 of 512
+    (16, 64)
+    >>> sequence_split(0, 33, 64, 64)  # nothing to read: no split
+    (0, 64)
+    """
+    chunk = max(triton.cdiv(triton.cdiv(max(length, 0), num_splits), block_n) * block_n, min_chunk)
+    return triton.cdiv(max(length, 0), chunk), chunk
 
 
 def length_split_plan(
@@ -230,11 +250,13 @@ def launch_config(
     Returns
     -------
     dict
-        ``block_n`` (keys per tile), ``num_splits`` and ``chunk`` (from :func:`split_plan`),
-        ``num_warps`` and ``num_stages`` of the attention kernel (``None`` under the interpreter),
+        ``block_n`` (keys per tile), ``num_splits`` and ``chunk`` (from :func:`split_plan`: the grid's
+        splits per sequence and the longest chunk), ``min_chunk`` (fewest keys per split: a sequence
+        cuts its own keys over the splits, :func:`sequence_split`; ``block_n`` with a forced
+        ``num_splits``), ``num_warps`` and ``num_stages`` of the attention kernel (``None`` under the interpreter),
         ``by_length`` (whether the kernels plan the splits from the lengths: ``split_by_length``, else
         :data:`SPLIT_BY_LENGTH`, whose default None means ``B > 1 and S_max > LONG_CACHE``; never with a forced
-        ``num_splits``) and then ``fill`` (programs aimed for), ``min_chunk``,
+        ``num_splits``) and then ``fill`` (programs aimed for), ``min_chunk`` (the plan's),
         ``items`` (most work items per kv head, ``B + cdiv(fill, Hkv)``; the launcher runs them in
         :func:`programs_per_head` programs per kv head) and ``num_splits`` (partials per sequence
         and head, ``cdiv(fill, Hkv)``).
@@ -250,7 +272,10 @@ def launch_config(
     else:
         num_warps = num_warps or 4
         num_stages = num_stages or (3 if D <= 128 else 2)
-    cfg = {"block_n": block_n, "num_splits": ns, "chunk": chunk, "num_warps": num_warps, "num_stages": num_stages}
+    plan_min = chunks.get("min_chunk", MIN_CHUNK)
+    min_chunk = block_n if num_splits is not None else triton.cdiv(plan_min, block_n) * block_n
+    cfg = {"block_n": block_n, "num_splits": ns, "chunk": chunk, "min_chunk": min_chunk, "num_warps": num_warps,
+           "num_stages": num_stages}  # fmt: skip
     by_length = SPLIT_BY_LENGTH if split_by_length is None else split_by_length
     if by_length is None:
         by_length = B > 1 and S_max > LONG_CACHE
@@ -258,7 +283,7 @@ def launch_config(
     if cfg["by_length"]:
         fill = PROGRAMS_PER_SM * num_sms(device)
         parts = triton.cdiv(fill, Hkv)
-        cfg.update(fill=fill, min_chunk=chunks.get("min_chunk", MIN_CHUNK), items=B + parts, num_splits=parts, chunk=0)
+        cfg.update(fill=fill, min_chunk=plan_min, items=B + parts, num_splits=parts, chunk=0)
     return cfg
 
 
@@ -324,10 +349,10 @@ def kv_decode_attention_triton(
         B, Hkv, S_max, D, q.device, block_n=block_n, num_splits=num_splits, num_warps=num_warps,
         num_stages=num_stages, split_by_length=split_by_length,
     )  # fmt: skip
-    ns, chunk, by_length = cfg["num_splits"], cfg["chunk"], cfg["by_length"]
+    ns, by_length, min_chunk = cfg["num_splits"], cfg["by_length"], cfg["min_chunk"]
     # BY_LENGTH: a grid of Hkv x programs, every program planning from all B lengths.
     # Zeros when unused, so that the static plan's kernels are not specialised on B.
-    plan_b, fill, min_chunk = (B, cfg["fill"], cfg["min_chunk"]) if by_length else (0, 0, 0)
+    plan_b, fill = (B, cfg["fill"]) if by_length else (0, 0)
     block_b = max(16, triton.next_power_of_2(B)) if by_length else 1
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     has_new = k_new is not None
@@ -355,7 +380,7 @@ def kv_decode_attention_triton(
     opts = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **launch}
     args = (
         q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse, out,
-        plan_b, S_max, Hkv, chunk, ns, fill, min_chunk, scale * math.log2(math.e), cache_seqlens.stride(0),
+        plan_b, S_max, Hkv, ns, fill, min_chunk, scale * math.log2(math.e), cache_seqlens.stride(0),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -381,7 +406,7 @@ def kv_decode_attention_triton(
         if not single and not (by_length and ns == 1):  # one partial per sequence: every output written above
             bs = block_s or min(triton.next_power_of_2(ns), 16 if interp else 32)
             kernels.combine_splits_kernel[(B * Hq,)](
-                o_part, lse, out, cache_seqlens, plan_b, S_max, Hq, Hkv, chunk, ns, fill, min_chunk,
+                o_part, lse, out, cache_seqlens, plan_b, S_max, Hq, Hkv, ns, fill, min_chunk,
                 cache_seqlens.stride(0), out.stride(0), out.stride(1), D=D, BLOCK_S=bs, HAS_NEW=has_new,
                 BY_LENGTH=by_length, BLOCK_B=block_b, BLOCK_N=cfg["block_n"], PDL=pdl,
                 **({} if interp else {"num_warps": 4 if D >= 128 else 2, **launch}),
