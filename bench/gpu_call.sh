@@ -46,6 +46,7 @@ for part in "$@"; do
     convert) t ${CONVERT_TIMEOUT:-300} python3 bench/convert_gpu.py --out "$out" > "$out/convert_gpu.log" 2>&1 ;;  # issue 5: k-means at 7B/70B shapes
     stashmodel) mkdir -p /tmp/prunepath_model && cp .qa/gguf_part_00 /tmp/prunepath_model/ ;;  # half 1: bench/quality_gpu.sh
     routersplit) t 90 .prebuilt/router_split > "$out/router_split.md" 2>&1 ;;  # built here first: bench/diag/router_split.sh
+    readceiling) t 200 python3 bench/diag/read_ceiling.py --out "$out" > "$out/read_ceiling.log" 2>&1 ;;
     kvcases) t 150 python3 bench/kv_attention_gpu.py --out "$out" > "$out/kv_attention.log" 2>&1 ;;
     # The same table with every split plan from the lengths, or every one from S_max (triton_attention.SPLIT_BY_LENGTH)
     kvbylength) t 150 python3 bench/kv_attention_gpu.py --split-plan length --name kv_attention_cuda_by_length --out "$out" \
