@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from prunepath_ops import reference as R
 from prunepath_ops.attention import kv_decode_attention
@@ -297,6 +298,24 @@ def _device_plan_kernel(
 
 
 @needs_triton
+# one split per block: every block after the first rescales the running sums; two per block; all in one block
+@pytest.mark.parametrize("block_s", [1, 2, 4])
+# 1/sqrt(D): blocks of similar mass; 40: scores in the hundreds, the maximum moves by far between blocks
+@pytest.mark.parametrize("scale", [None, 40.0])
+def test_combine_merges_splits_in_blocks(block_s, scale):
+    from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
+
+    device = device_for("triton")
+    lens = [64, 49, 16, 0]  # 4, 4, 1 and 0 splits of 16 keys to merge
+    q, k, v, seqlens, kn, vn = make_case(lens, 4, 2, 16, 64, torch.float32, device, False, seed=13)
+    expected = R.kv_decode_attention(q.cpu(), k.cpu(), v.cpu(), seqlens.cpu(), softmax_scale=scale)
+    out = kv_decode_attention_triton(q, k, v, seqlens, None, None, scale, block_n=16, num_splits=4, block_s=block_s)
+    assert_close(out.cpu(), expected)
+    assert torch.equal(out, kv_decode_attention_triton(q, k, v, seqlens, None, None, scale, block_n=16, num_splits=4,
+                                                       block_s=block_s))  # fmt: skip
+
+
+@needs_triton
 @pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
 @pytest.mark.parametrize(
     "lens",
@@ -570,6 +589,28 @@ def _good():
         (lambda a: {"k_new": None}, ValueError, "v_new was given without k_new"),
         (lambda a: {"k_new": a["k_new"][:, :1]}, ValueError, r"k_new must have shape \[B, Hkv, D\]"),
         (lambda a: {"v_new": a["v_new"].double()}, TypeError, "v_new must have the dtype of q"),
+        (lambda a: {"rotary_cos": torch.ones(2, 16)}, ValueError, "rotary_cos was given without rotary_sin"),
+        (lambda a: {"rotary_sin": torch.ones(2, 16)}, ValueError, "rotary_sin was given without rotary_cos"),
+        (
+            lambda a: {"rotary_cos": torch.ones(2, 8), "rotary_sin": torch.ones(2, 8)},
+            ValueError,
+            r"rotary_cos must have shape \[B, D\] = \[2, 16\]",
+        ),
+        (
+            lambda a: {"rotary_cos": torch.ones(2, 16), "rotary_sin": torch.ones(2, 16).half()},
+            TypeError,
+            "rotary_sin must have the dtype of q",
+        ),
+        (
+            lambda a: {"rotary_cos": torch.ones(16, 2).t(), "rotary_sin": torch.ones(2, 16)},
+            ValueError,
+            "rotary_cos must be contiguous in its last dim",
+        ),
+        (
+            lambda a: {"rotary_cos": torch.ones(2, 16, 1), "rotary_sin": torch.ones(2, 16)},
+            ValueError,
+            r"rotary_cos must be 2-D \[B, D\]",
+        ),
     ],
 )
 def test_bad_input_raises_before_any_write(change, exc, match):
@@ -614,11 +655,76 @@ def test_mixed_devices():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_new", [False, True], ids=["no-append", "append"])
-def test_opcheck(backend, with_new):
+@pytest.mark.parametrize("rotary", [False, True], ids=["no-rope", "rope"])
+def test_opcheck(backend, with_new, rotary):
     device = device_for(backend)
     q, k, v, seqlens, kn, vn = make_case([3, 0, 12], 4, 2, 16, 16, torch.float32, device, with_new)
     k, v = k.nan_to_num(), v.nan_to_num()  # opcheck compares outputs with equal_nan off
-    torch.library.opcheck(torch.ops.prunepath.kv_decode_attention.default, (q, k, v, seqlens, kn, vn, None, backend))
+    cos, sin = rope_rows(seqlens, 16, q.dtype) if rotary else (None, None)
+    torch.library.opcheck(
+        torch.ops.prunepath.kv_decode_attention.default, (q, k, v, seqlens, kn, vn, None, cos, sin, backend)
+    )
+
+
+def rope_rows(seqlens: Tensor, D: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(cos, signed sin) [B, D]`` of each sequence's position (clamped into the table), as the model gathers them."""
+    from prunepath_ops.models.llama import rope_tables
+
+    cos, sin = rope_tables(D, 4096, 10000.0)  # [4096, D]
+    pos = seqlens.long().clamp(0, 4095).cpu()
+    return cos[pos].to(dtype).to(seqlens.device), sin[pos].to(dtype).to(seqlens.device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "lens,with_new",
+    [
+        ([7, 0, 63], True),  # append: the rotated key lands in the cache; an empty cache; the last row
+        ([64, 1, 30], False),  # no append: only q rotates; a full cache
+        ([-2, 70, 16], True),  # lengths outside [0, S_max]: no row written, q still rotated
+    ],
+)
+def test_rotary_equals_rope_then_attention(backend, dtype, lens, with_new):
+    """RoPE inside the op gives the bits of ``rope_qkv`` then the op, cache included."""
+    check_rotary(backend, dtype, lens, with_new, Hq=4, Hkv=2, D=16, S_max=64)
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "lens,S_max",
+    [
+        ([600], 768),  # the end-to-end benchmark's decode step: one sequence, 12 splits of 64
+        ([16383, 5, 0, 2047], 16640),  # a long and short ones (B > 1, long cache: the length plan)
+    ],
+)
+def test_gpu_rotary_equals_rope_then_attention(lens, S_max):
+    check_rotary("triton", torch.bfloat16, lens, True, Hq=32, Hkv=8, D=128, S_max=S_max)
+
+
+def check_rotary(backend, dtype, lens, with_new, Hq, Hkv, D, S_max):
+    """``kv_decode_attention(..., rotary_cos, rotary_sin)`` against ``rope_qkv`` then the op (bits, cache
+    included; rope_qkv on the same backend: Triton's kernel, or the reference the CPU composite also
+    uses) and against the reference with the same rotary arguments."""
+    from prunepath_ops.decode_step import rope_qkv
+
+    device = device_for(backend)
+    q, k, v, seqlens, kn, vn = make_case(lens, Hq, Hkv, D, S_max, dtype, device, with_new, seed=21)
+    cos, sin = rope_rows(seqlens, D, dtype)
+    ref = R.kv_decode_attention(*(t.cpu().clone() if t is not None else None for t in (q, k, v, seqlens, kn, vn)),
+                                rotary_cos=cos.cpu(), rotary_sin=sin.cpu())  # fmt: skip
+    B = len(lens)
+    kn_, vn_ = (kn, vn) if with_new else (torch.zeros(B, Hkv, D, dtype=dtype, device=device),) * 2
+    heads = rope_qkv(torch.cat((q, kn_, vn_), dim=1).flatten(1), cos, sin, Hq, Hkv, backend=backend)
+    q_rot, k_rot = heads[:, :Hq], heads[:, Hq : Hq + Hkv]
+    k2, v2 = k.clone(), v.clone()
+    expected = kv_decode_attention(q_rot, k2, v2, seqlens, k_rot if with_new else None, vn if with_new else None,
+                                   backend=backend)  # fmt: skip
+    out = kv_decode_attention(q, k, v, seqlens, kn, vn, rotary_cos=cos, rotary_sin=sin, backend=backend)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(k, k2, atol=0, rtol=0, equal_nan=True)  # the same rotated row appended
+    torch.testing.assert_close(v, v2, atol=0, rtol=0, equal_nan=True)
+    assert_close(out.cpu().float(), ref.float(), dtype)  # and the readable semantics
 
 
 def test_schema_declares_the_cache_mutation():

@@ -77,10 +77,10 @@ def main(argv=None) -> int:
         "empty op, registered on the dispatcher": lambda: ops.direct(q, k, None, None, "auto"),
         "empty body called directly": lambda: body(q, k, None, None, "auto"),
         "kv_decode_attention through torch.ops": lambda: torch.ops.prunepath.kv_decode_attention(
-            q, k, v, lens, None, None, None, "auto"
+            q, k, v, lens, None, None, None, None, None, "auto"
         ),
         "kv_decode_attention kernel called directly (checks + body)": lambda: kv_decode_attention_op(
-            q, k, v, lens, None, None, None, "auto"
+            q, k, v, lens, None, None, None, None, None, "auto"
         ),
         "kv_decode_attention CPU body alone": lambda: kv_decode_attention_cpu(q, k, v, lens, None, None, None),
         "sparse_ffn through torch.ops (C++ CPU kernel inside)": lambda: torch.ops.prunepath.sparse_ffn(

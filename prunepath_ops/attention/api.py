@@ -21,6 +21,8 @@ def kv_decode_attention(
     v_new: Tensor | None = None,
     *,
     softmax_scale: float | None = None,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention of one new query token per sequence over its KV cache (decode), appending the new key/value in place.
@@ -60,6 +62,14 @@ def kv_decode_attention(
         bounds is ever read or written). No other cache row changes.
     softmax_scale : float, optional
         Multiplies the scores; default ``1 / sqrt(D)``.
+    rotary_cos, rotary_sin : Tensor, optional
+        ``[B, D]``, both or neither, dtype and device of ``q``, last dim contiguous: the rotary
+        embedding of each sequence's position (``cos``, and ``sin`` with its first half negated:
+        :func:`prunepath_ops.models.llama.rope_tables` rows). ``q`` and ``k_new`` are then
+        passed unrotated and rotated inside the kernel (``x * cos + swap_halves(x) * sin``, the
+        same bits as :func:`prunepath_ops.decode_step.rope_qkv` before the call), so the appended
+        cache row holds the rotated key; one launch less per layer in a decode step (as
+        flash-attn's ``flash_attn_with_kvcache(rotary_cos=...)``, non-interleaved).
     backend : {"auto", "triton", "cpu"}
         ``auto``: the Triton split-KV kernels (flash-decoding) on CUDA, the vectorised PyTorch
         composite on the CPU. ``triton`` on CPU tensors runs the kernels under
@@ -93,5 +103,5 @@ def kv_decode_attention(
     True
     """
     return torch.ops.prunepath.kv_decode_attention(
-        q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, backend
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, rotary_cos, rotary_sin, backend
     )

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from prunepath_ops.reference.decode_step import rotate_rows
+
 
 def append_and_lengths(
     k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Tensor | None, v_new: Tensor | None
@@ -43,6 +45,8 @@ def kv_decode_attention_cpu(
     k_new: Tensor | None,
     v_new: Tensor | None,
     softmax_scale: float | None,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
 ) -> Tensor:
     """Decode attention over the batch padded to its longest valid prefix; arguments as :func:`prunepath_ops.attention.kv_decode_attention`.
 
@@ -62,6 +66,9 @@ def kv_decode_attention_cpu(
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if rotary_cos is not None:
+        q = rotate_rows(q, rotary_cos, rotary_sin)
+        k_new = rotate_rows(k_new, rotary_cos, rotary_sin) if k_new is not None else None
     L = append_and_lengths(k_cache, v_cache, cache_seqlens, k_new, v_new)  # [B]
     S = int(L.max()) if B > 0 else 0
     if S == 0:

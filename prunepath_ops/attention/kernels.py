@@ -30,7 +30,10 @@ A length outside ``[0, S_max]`` is clamped into it. With ``k_new``/``v_new``, th
 chunk holds row ``n = cache_seqlens[b]`` scores the new key from registers and writes both rows
 into the caches itself: no other program reads row n, so there is no read-after-write hazard
 across programs and no separate append kernel. The row is written only when ``0 <= n < S_max``;
-the sequence then attends to ``n + 1`` keys, otherwise to the clamped ``n`` (no new key).
+the sequence then attends to ``n + 1`` keys, otherwise to the clamped ``n`` (no new key). With
+``HAS_ROPE`` every program rotates its query rows, and the appending program the new key, by the
+sequence's ``cos``/``sin`` row as ``rope_qkv`` does (same rounding, same bits), so a decode step
+needs no separate RoPE launch.
 """
 
 from __future__ import annotations
@@ -103,13 +106,22 @@ def length_split_plan(
 
 
 @triton.jit
+def rotate(x, x_swap, cos, sin):
+    """RoPE of ``x`` (any shape ending in D) as ``rope_qkv``: ``x * cos`` rounded to x's dtype, plus
+    ``swap_halves(x) * sin`` (``sin`` signed, first half negated), rounded once: the same bits."""
+    xc = (x.to(tl.float32) * cos).to(x.dtype).to(tl.float32)
+    return (xc + x_swap.to(tl.float32) * sin).to(x.dtype)
+
+
+@triton.jit
 def attend_split(
     q_ptr, k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, out_ptr, lse_ptr, final_ptr,
     b, hk, split, chunk, n_old, L, has_new, n_split_b, Hkv, num_splits, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh, cos_ptr, sin_ptr, stride_cos, stride_sin,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_NEW: tl.constexpr, SINGLE: tl.constexpr, BY_LENGTH: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
 ):  # fmt: skip
     """One work item: keys ``[split * chunk, min((split + 1) * chunk, L))`` of sequence b, kv head hk."""
     b64 = b.to(tl.int64)
@@ -124,9 +136,13 @@ def attend_split(
     # A split past the end (start >= L) loads nothing and stores nothing: it costs a length read.
     g_act = offs_g < tl.where(start < L, GROUP, 0)
     heads = hk * GROUP + offs_g
-    q = tl.load(
-        q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_act[:, None], other=0.0
-    )  # [G_PAD, D]
+    q_rows = q_ptr + b64 * stride_qb + heads[:, None] * stride_qh  # [G_PAD, 1]
+    q = tl.load(q_rows + offs_d[None, :], mask=g_act[:, None], other=0.0)  # [G_PAD, D]
+    if HAS_ROPE:  # the rows of sequence b's position, as rope_qkv applies them
+        cos = tl.load(cos_ptr + b64 * stride_cos + offs_d).to(tl.float32)  # [D]
+        sin = tl.load(sin_ptr + b64 * stride_sin + offs_d).to(tl.float32)  # [D] signed
+        q_swap = tl.load(q_rows + ((offs_d + D // 2) % D)[None, :], mask=g_act[:, None], other=0.0)
+        q = rotate(q, q_swap, cos, sin)
     m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_sum = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, D], dtype=tl.float32)
@@ -152,7 +168,10 @@ def attend_split(
 
     if HAS_NEW:
         if has_new & (n_old >= start) & (n_old < end):
-            kn = tl.load(k_new_ptr + b64 * stride_nkb + hk * stride_nkh + offs_d)  # [D]
+            kn_row = k_new_ptr + b64 * stride_nkb + hk * stride_nkh
+            kn = tl.load(kn_row + offs_d)  # [D]
+            if HAS_ROPE:
+                kn = rotate(kn, tl.load(kn_row + (offs_d + D // 2) % D), cos, sin)
             vn = tl.load(v_new_ptr + b64 * stride_nvb + hk * stride_nvh + offs_d)  # [D]
             s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1) * qk_scale  # [G_PAD]
             m_upd = tl.maximum(m, s_new)
@@ -195,6 +214,8 @@ def decode_attention_split_kernel(
     out_ptr,  # [B, Hq, D] dtype of q when SINGLE, else [B, Hq, NS, D] fp32 partials (contiguous)
     lse_ptr,  # [B, Hq, NS] fp32 log2-sum-exp of each partial (unused when SINGLE)
     final_ptr,  # [B, Hq, D] dtype of q: BY_LENGTH's one-split sequences (strides of out when SINGLE)
+    cos_ptr,  # [B, D] RoPE cos of each sequence's position (HAS_ROPE), or a dummy
+    sin_ptr,  # [B, D] signed sin (first half negated), or a dummy
     B,
     S_max,
     Hkv,
@@ -217,6 +238,8 @@ def decode_attention_split_kernel(
     stride_nvh,
     stride_ob,
     stride_oh,
+    stride_cos,
+    stride_sin,
     GROUP: tl.constexpr,
     G_PAD: tl.constexpr,
     D: tl.constexpr,
@@ -226,6 +249,7 @@ def decode_attention_split_kernel(
     BY_LENGTH: tl.constexpr,
     BLOCK_B: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_ROPE: tl.constexpr,  # rotate q and k_new by cos / sin before attending (and appending)
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -256,8 +280,8 @@ def decode_attention_split_kernel(
                 q_ptr, k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, out_ptr, lse_ptr, final_ptr,
                 b, hk, split, chunk_b, n_old, L, has_new, n_split_b, Hkv, num_splits, qk_scale,
                 stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh,
-                GROUP, G_PAD, D, BLOCK_N, HAS_NEW, SINGLE, BY_LENGTH, DOT_PREC,
+                stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh, cos_ptr, sin_ptr, stride_cos,
+                stride_sin, GROUP, G_PAD, D, BLOCK_N, HAS_NEW, SINGLE, BY_LENGTH, DOT_PREC, HAS_ROPE,
             )  # fmt: skip
     else:  # grid (B * Hkv, NS)
         pid_bh = tl.program_id(0)
@@ -269,8 +293,8 @@ def decode_attention_split_kernel(
             b, hk, tl.program_id(1), sequence_chunk(L, num_splits, min_chunk, BLOCK_N), n_old, L, has_new, 1,
             Hkv, num_splits, qk_scale,
             stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh,
-            GROUP, G_PAD, D, BLOCK_N, HAS_NEW, SINGLE, BY_LENGTH, DOT_PREC,
+            stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_ob, stride_oh, cos_ptr, sin_ptr, stride_cos,
+            stride_sin, GROUP, G_PAD, D, BLOCK_N, HAS_NEW, SINGLE, BY_LENGTH, DOT_PREC, HAS_ROPE,
         )  # fmt: skip
 
 
@@ -321,24 +345,26 @@ def combine_splits_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
 
-    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, n_valid, BLOCK_S):
-        sel = s0 + offs_s
-        lse = tl.load(lse_ptr + base + sel, mask=sel < n_valid, other=float("-inf"))
-        m_vec = tl.maximum(m_vec, lse)
-    m = tl.max(m_vec, axis=0)
-
+    # One pass: a block's log-sum-exps and partials are loaded together (one memory round trip, not
+    # a first one for the maximum), and the running sums rescaled when a later block raises the
+    # maximum. With one block (n_valid <= BLOCK_S: up to 32 splits) the rescale multiplies zeros
+    # and the bits are those of the two-pass merge. Splits in index order, one fixed reduction tree
+    # per block: the same bits on every run.
+    m = tl.full([], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([D], dtype=tl.float32)
     w_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
-    # Splits in index order, one fixed reduction tree per block: the same bits on every run.
     for s0 in range(0, n_valid, BLOCK_S):
         sel = s0 + offs_s
         ok = sel < n_valid
         lse = tl.load(lse_ptr + base + sel, mask=ok, other=float("-inf"))
-        w = tl.where(ok, tl.exp2(lse - m), 0.0)
         o = tl.load(o_part_ptr + (base + sel)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.sum(w[:, None] * o, axis=0)
-        w_vec += w
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite score yet: keep exp2's argument finite
+        scale = tl.exp2(m - m_ref)
+        w = tl.where(ok, tl.exp2(lse - m_ref), 0.0)
+        acc = acc * scale + tl.sum(w[:, None] * o, axis=0)
+        w_vec = w_vec * scale + w
+        m = m_new
     w_sum = tl.sum(w_vec, axis=0)
     out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)  # no valid split (L_b = 0): zeros
     dst = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d

@@ -43,6 +43,8 @@ def check_kv_decode_attention_args(
     v_new: Tensor | None,
     softmax_scale: float | None,
     backend: str,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
 ) -> None:
     """Raise on inconsistent shapes, dtypes, devices or layouts (shared by the real and the fake kernel).
 
@@ -89,6 +91,14 @@ def check_kv_decode_attention_args(
                 raise ValueError(f"{_OP}: {name} must have shape [B, Hkv, D] = {[B, Hkv, D]}; got {list(t.shape)}")
     if softmax_scale is not None and softmax_scale != softmax_scale:
         raise ValueError(f"{_OP}: softmax_scale must be a number; got {softmax_scale}")
+    if (rotary_cos is None) != (rotary_sin is None):
+        given, missing = ("rotary_cos", "rotary_sin") if rotary_sin is None else ("rotary_sin", "rotary_cos")
+        raise ValueError(f"{_OP}: {given} was given without {missing}; pass both or neither")
+    if rotary_cos is not None:
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            _check_tensor(name, t, 2, "[B, D]", q.dtype, q.device)
+            if tuple(t.shape) != (B, D):
+                raise ValueError(f"{_OP}: {name} must have shape [B, D] = {[B, D]}; got {list(t.shape)}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -104,26 +114,34 @@ def kv_decode_attention_op(
     k_new: Tensor | None,
     v_new: Tensor | None,
     softmax_scale: float | None,
+    rotary_cos: Tensor | None,
+    rotary_sin: Tensor | None,
     backend: str,
 ) -> Tensor:
     """Decode attention over a KV cache with an in-place append; see :func:`prunepath_ops.attention.kv_decode_attention`."""
     args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
-    check_kv_decode_attention_args(*args, backend)
+    rotary = {"rotary_cos": rotary_cos, "rotary_sin": rotary_sin}
+    check_kv_decode_attention_args(*args, backend, **rotary)
     if resolve_backend(backend, q.device) == "cpu":
-        return kv_decode_attention_cpu(*args)
+        return kv_decode_attention_cpu(*args, **rotary)
     from prunepath_ops.attention.triton_attention import kv_decode_attention_triton
 
-    return kv_decode_attention_triton(*args)
+    return kv_decode_attention_triton(*args, **rotary)
 
 
-def _kv_decode_attention_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, backend):
-    check_kv_decode_attention_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, backend)
+def _kv_decode_attention_fake(
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, rotary_cos, rotary_sin, backend
+):  # fmt: skip
+    check_kv_decode_attention_args(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, backend, rotary_cos, rotary_sin
+    )
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 define_op(
     "kv_decode_attention(Tensor q, Tensor(a1!) k_cache, Tensor(a2!) v_cache, Tensor cache_seqlens, "
-    "Tensor? k_new, Tensor? v_new, float? softmax_scale, str backend) -> Tensor",
+    "Tensor? k_new, Tensor? v_new, float? softmax_scale, Tensor? rotary_cos, Tensor? rotary_sin, "
+    "str backend) -> Tensor",
     kv_decode_attention_op,
     _kv_decode_attention_fake,
 )

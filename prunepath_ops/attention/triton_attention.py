@@ -316,6 +316,8 @@ def kv_decode_attention_triton(
     pdl: bool | None = None,
     split_by_length: bool | None = None,
     programs: int | None = None,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
 ) -> Tensor:
     """Split-KV decode attention with the Triton kernels; arguments as :func:`prunepath_ops.attention.kv_decode_attention`.
 
@@ -331,7 +333,8 @@ def kv_decode_attention_triton(
     so the bits of its output, depend on the other sequences' lengths; the same inputs still give
     the same bits. ``programs`` sets the
     length plan's programs per kv head (default: as many as fit the GPU at once, at most the work
-    items); it changes which program runs an item, never the bits.
+    items); it changes which program runs an item, never the bits. ``rotary_cos``/``rotary_sin``
+    (``[B, D]``, both or neither) rotate q and ``k_new`` in the kernel, as ``rope_qkv`` would before it.
 
     Returns
     -------
@@ -360,6 +363,9 @@ def kv_decode_attention_triton(
     kn, vn = (k_new, v_new) if has_new else (dummy, dummy)
     nk_strides = (kn.stride(0), kn.stride(1)) if has_new else (0, 0)
     nv_strides = (vn.stride(0), vn.stride(1)) if has_new else (0, 0)
+    has_rope = rotary_cos is not None
+    cos, sin = (rotary_cos, rotary_sin) if has_rope else (dummy, dummy)
+    rope_strides = (rotary_cos.stride(0), rotary_sin.stride(0)) if has_rope else (0, 0)
     single = ns == 1 and not by_length
     if single:
         o_part, lse = out, out  # the lse pointer is never used with one split
@@ -379,24 +385,24 @@ def kv_decode_attention_triton(
     launch = _pdl.launch_options(pdl)
     opts = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **launch}
     args = (
-        q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse, out,
+        q, k_cache, v_cache, kn, vn, cache_seqlens, o_part, lse, out, cos, sin,
         plan_b, S_max, Hkv, ns, fill, min_chunk, scale * math.log2(math.e), cache_seqlens.stride(0),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *nk_strides, *nv_strides, out.stride(0), out.stride(1),
+        *nk_strides, *nv_strides, out.stride(0), out.stride(1), *rope_strides,
     )  # fmt: skip
     meta = dict(
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=cfg["block_n"],
         HAS_NEW=has_new, SINGLE=single, BY_LENGTH=by_length, BLOCK_B=block_b,
-        DOT_PREC=_dot_precision(q.dtype), PDL=pdl, **opts,
+        DOT_PREC=_dot_precision(q.dtype), HAS_ROPE=has_rope, PDL=pdl, **opts,
     )  # fmt: skip
     with _device_guard(q.device):
         if by_length:
             # No more programs than the GPU holds at once: a second wave of programs that only read
             # the lengths slowed the working ones by ~15 % (bench/results/kv_split_plan_parts_item_grid.md).
             if programs is None:
-                key = (q.device, q.dtype, D, group, has_new, block_b, tuple(sorted(opts.items())))
+                key = (q.device, q.dtype, D, group, has_new, has_rope, block_b, tuple(sorted(opts.items())))
                 resident = resident_programs(kernels.decode_attention_split_kernel, args, meta, q.device, key)
                 programs = programs_per_head(cfg["items"], resident, Hkv)
             grid = (Hkv, max(1, min(programs, cfg["items"])))

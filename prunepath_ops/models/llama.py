@@ -272,9 +272,11 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, self.n_heads * self.head_dim))
 
     def decode_fused(self, x: Tensor, cos: Tensor, sin: Tensor, cache_seqlens: Tensor) -> Tensor:
-        """:meth:`decode` through ``kv_decode_attention`` with the RoPE of q and k in one launch (:func:`rope_qkv`).
+        """:meth:`decode` through ``kv_decode_attention`` with the RoPE of q and k inside it (its ``rotary_cos``).
 
-        ``x [B, d]`` -> ``[B, d]``; ``cos, sin [B, D]`` in the dtype of ``x``.
+        ``x [B, d]`` -> ``[B, d]``; ``cos, sin [B, D]`` in the dtype of ``x``. The q/k/v heads are
+        views of one projection; with a cache of another dtype than ``x`` they are rotated first
+        (:func:`rope_qkv`, one launch) and cast, as :meth:`decode` does.
         """
         B = x.shape[0]
         H, Hkv = self.n_heads, self.n_kv_heads
@@ -284,19 +286,29 @@ class Attention(nn.Module):
             qkv = (decode_linear if gemv else F.linear)(x, self.qkv_weight)  # [B, (H + 2 Hkv) D]
         else:
             qkv = torch.cat(self.project_qkv(x), dim=-1)
-        heads = rope_qkv(qkv, cos, sin, H, Hkv)  # [B, H + 2 Hkv, D]: q, k rotated; v
-        q, k, v = heads.split((H, Hkv, Hkv), dim=1)
-        y = self._attend_cached(q, k, v, cache_seqlens).reshape(B, H * self.head_dim)  # [B, H D]
+        if qkv.dtype == self.kv_cache.k.dtype:  # the attention kernel rotates q and k as rope_qkv would
+            q, k, v = qkv.view(B, H + 2 * Hkv, self.head_dim).split((H, Hkv, Hkv), dim=1)  # [B, H|Hkv, D] views
+            y = self._attend_cached(q, k, v, cache_seqlens, rotary=(cos, sin))  # [B, H, D]
+        else:
+            heads = rope_qkv(qkv, cos, sin, H, Hkv)  # [B, H + 2 Hkv, D]: q, k rotated; v
+            y = self._attend_cached(*heads.split((H, Hkv, Hkv), dim=1), cache_seqlens)  # [B, H, D]
+        y = y.reshape(B, H * self.head_dim)  # [B, H D]
         if gemv and self.o_proj.bias is None and self.o_proj.weight.is_contiguous():
             return decode_linear(y, self.o_proj.weight)
         return self.o_proj(y)
 
-    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor) -> Tensor:
-        """``kv_decode_attention`` over the cache, appending ``k, v [B, Hkv, D]``: ``q [B, H, D]`` -> ``[B, H, D]``."""
+    def _attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor, rotary: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """``kv_decode_attention`` over the cache, appending ``k, v [B, Hkv, D]``: ``q [B, H, D]`` -> ``[B, H, D]``.
+
+        ``rotary``: ``(cos, sin) [B, D]`` for the op to rotate q and k with (both then in the cache's dtype).
+        """
         cache = self.kv_cache
         kv_dtype = cache.k.dtype
+        rope = {} if rotary is None else {"rotary_cos": rotary[0], "rotary_sin": rotary[1]}
         return _decode_attention_op()(
-            q.to(kv_dtype), cache.k, cache.v, cache_seqlens, k.to(kv_dtype), v.to(kv_dtype)
+            q.to(kv_dtype), cache.k, cache.v, cache_seqlens, k.to(kv_dtype), v.to(kv_dtype), **rope
         ).to(q.dtype)
 
 

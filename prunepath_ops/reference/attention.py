@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from prunepath_ops.reference.decode_step import rotate_rows
+
 
 def kv_decode_attention(
     q: Tensor,
@@ -21,6 +23,8 @@ def kv_decode_attention(
     v_new: Tensor | None = None,
     *,
     softmax_scale: float | None = None,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
 ) -> Tensor:
     """One query token per sequence attending to its valid cache prefix (loop over sequences).
 
@@ -40,6 +44,10 @@ def kv_decode_attention(
         written and it attends to the clamped ``n``). ``cache_seqlens`` is not changed.
     softmax_scale : float, optional
         Default ``1 / sqrt(D)``.
+    rotary_cos, rotary_sin : Tensor, optional
+        ``[B, D]``, both or neither: RoPE rows of each sequence's position (``sin`` signed, first
+        half negated); ``q`` and ``k_new`` are rotated by them first
+        (:func:`prunepath_ops.reference.decode_step.rotate_rows`), as ``rope_qkv`` would.
 
     Returns
     -------
@@ -58,6 +66,9 @@ def kv_decode_attention(
     Hkv = k_cache.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     S_max = k_cache.shape[1]
+    if rotary_cos is not None:
+        q = rotate_rows(q, rotary_cos, rotary_sin)
+        k_new = rotate_rows(k_new, rotary_cos, rotary_sin) if k_new is not None else None
     requested = cache_seqlens.long().tolist()
     lens = [min(max(n, 0), S_max) for n in requested]
     if k_new is not None:

@@ -34,6 +34,18 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
     return weight * y.to(h.dtype), h
 
 
+def rotate_rows(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE of one position per row: ``x [B, H, D]`` by ``cos, sin [B, D]`` (``sin`` signed, first half negated).
+
+    ``x * cos + swap_halves(x) * sin`` with ``x * cos`` rounded to the dtype first (as
+    ``torch.addcmul(x * cos, ...)``, Hugging Face's ``rotate_half`` convention); ``[B, H, D]``,
+    dtype of ``x``.
+    """
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos[:, None, :], swapped, sin[:, None, :])
+
+
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int) -> Tensor:
     """Rotary embedding of the q and k heads of a fused projection; v copied.
 
@@ -54,9 +66,7 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: in
     """
     B, D = qkv.shape[0], cos.shape[-1]
     heads = qkv.view(B, n_heads + 2 * n_kv_heads, D)  # [B, H + 2 Hkv, D]
-    qk = heads[:, : n_heads + n_kv_heads]
-    swapped = torch.cat((qk[..., D // 2 :], qk[..., : D // 2]), dim=-1)
-    rotated = torch.addcmul(qk * cos[:, None, :], swapped, sin[:, None, :])
+    rotated = rotate_rows(heads[:, : n_heads + n_kv_heads], cos, sin)
     return torch.cat((rotated, heads[:, n_heads + n_kv_heads :]), dim=1).contiguous()
 
 
