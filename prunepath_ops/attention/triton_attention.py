@@ -52,8 +52,8 @@ SPLIT_BY_LENGTH: bool | None = None
 #: plan is as fast or faster (B = 32 / 1k: one split, 46 us against the length plan's 50). At B = 1
 #: the default keeps the static plan at any length: its one sequence cuts its own keys over the
 #: grid's splits (sequence_split) the way the length plan would, without the ~1-1.5 us of planning
-#: before the first key is loaded (B = 1 / 16k back to back: 24.6 us against 26.0,
-#: bench/results/kv_attention_cuda.md against kv_attention_cuda_length_at_b1.md).
+#: before the first key is loaded (B = 1 / 16k back to back: 24.5 us against 25.8, one run:
+#: bench/results/kv_attention_cuda_per_sequence_cut.md against kv_attention_cuda_length_prealloc.md).
 LONG_CACHE = 2048
 #: Largest batch the length plan covers (every program reads all B lengths); larger ones split by S_max.
 MAX_LENGTH_PLAN_BATCH = 1024
