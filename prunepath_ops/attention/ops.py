@@ -34,6 +34,21 @@ def _check_tensor(name: str, t: Tensor, rank: int, layout: str, dtype: torch.dty
         raise ValueError(f"{_OP}: {name} must be contiguous in its last dim (stride 1); got strides {t.stride()}")
 
 
+def _check_pair(first: tuple[str, Tensor | None], second: tuple[str, Tensor | None], layout: str,
+                shape: tuple[int, ...], q: Tensor) -> None:  # fmt: skip
+    """Two optional tensors given together or not at all, each of ``shape`` with q's dtype and device."""
+    (name_a, a), (name_b, b) = first, second
+    if (a is None) != (b is None):
+        given, missing = (name_a, name_b) if b is None else (name_b, name_a)
+        raise ValueError(f"{_OP}: {given} was given without {missing}; pass both or neither")
+    if a is None:
+        return
+    for name, t in (first, second):
+        _check_tensor(name, t, len(shape), layout, q.dtype, q.device)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{_OP}: {name} must have shape {layout} = {list(shape)}; got {list(t.shape)}")
+
+
 def check_kv_decode_attention_args(
     q: Tensor,
     k_cache: Tensor,
@@ -81,24 +96,10 @@ def check_kv_decode_attention_args(
         raise ValueError(f"{_OP}: cache_seqlens must have shape [B] = [{B}]; got {list(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"{_OP}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
-    if (k_new is None) != (v_new is None):
-        given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
-        raise ValueError(f"{_OP}: {given} was given without {missing}; pass both or neither")
-    if k_new is not None:
-        for name, t in (("k_new", k_new), ("v_new", v_new)):
-            _check_tensor(name, t, 3, "[B, Hkv, D]", q.dtype, q.device)
-            if tuple(t.shape) != (B, Hkv, D):
-                raise ValueError(f"{_OP}: {name} must have shape [B, Hkv, D] = {[B, Hkv, D]}; got {list(t.shape)}")
+    _check_pair(("k_new", k_new), ("v_new", v_new), "[B, Hkv, D]", (B, Hkv, D), q)
     if softmax_scale is not None and softmax_scale != softmax_scale:
         raise ValueError(f"{_OP}: softmax_scale must be a number; got {softmax_scale}")
-    if (rotary_cos is None) != (rotary_sin is None):
-        given, missing = ("rotary_cos", "rotary_sin") if rotary_sin is None else ("rotary_sin", "rotary_cos")
-        raise ValueError(f"{_OP}: {given} was given without {missing}; pass both or neither")
-    if rotary_cos is not None:
-        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-            _check_tensor(name, t, 2, "[B, D]", q.dtype, q.device)
-            if tuple(t.shape) != (B, D):
-                raise ValueError(f"{_OP}: {name} must have shape [B, D] = {[B, D]}; got {list(t.shape)}")
+    _check_pair(("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), "[B, D]", (B, D), q)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
