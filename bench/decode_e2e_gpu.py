@@ -131,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "cuBLAS (Attention.decode_gemv False) instead of decode_linear's CUDA kernel (the default at batch 1)",
     )
     ap.add_argument(
+        "--ropeop",
+        action="store_true",
+        help="also time the graphed kernel-attention steps with RoPE as its own launch (rope_qkv, "
+        "Attention.rope_in_attention False) instead of inside kv_decode_attention; rows -ropeop",
+    )
+    ap.add_argument(
         "--attn-min-chunk",
         type=int,
         default=None,
@@ -468,6 +474,9 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
     def opbyop(fn):  # the decode step's elementwise work op by op (Llama.fused_decode False), as before
         return with_attr([model], "fused_decode", False, fn)
 
+    def ropeop(fn):  # RoPE as rope_qkv's own launch before the attention op
+        return with_attr([layer.attn for layer in model.layers], "rope_in_attention", False, fn)
+
     with torch.no_grad():
         attempt(lambda: dense("dense-eager-sdpa", "sdpa", False, split_attn="sdpa"), "dense-eager-sdpa")
         for compiled in args.modes:
@@ -486,6 +495,8 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                 if args.cublasproj and not compiled:
                     attempt(lambda: cublasproj(lambda: dense("dense-graph-kernel-cublasproj", "kernel", True)),
                             "cublasproj")  # fmt: skip
+                if args.ropeop and not compiled:
+                    attempt(lambda: ropeop(lambda: dense("dense-graph-kernel-ropeop", "kernel", True)), "ropeop")
         mlps = convert(model, args)
         decoders = {}
         for frac in args.fractions:
@@ -532,6 +543,11 @@ def run_all(args, timer) -> tuple[list[dict], dict, LlamaConfig, bool]:
                 if args.cublasproj and False in args.modes:
                     row, _, _ = cublasproj(lambda: run_config(name + "-cublasproj", model, prompt, sparse_attn, True,
                                                             args, timer, None, extra, False))  # fmt: skip
+                    rows.append(row)
+                    _print_row(row)
+                if args.ropeop and False in args.modes:
+                    row, _, _ = ropeop(lambda: run_config(name + "-ropeop", model, prompt, sparse_attn, True, args,
+                                                          timer, None, extra, False))  # fmt: skip
                     rows.append(row)
                     _print_row(row)
                 if args.routernorm and False in args.modes:  # the FFN's norm inside the router kernel
@@ -618,12 +634,12 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
         if not r["config"].startswith("prunepath"):
             continue
         # Against the dense oracle run the same way (graphed, same attention, compiled or not).
-        suffix = next((x for x in ("-compiled", "-opbyop", "-cublasproj") if r["config"].endswith(x)), "")
+        suffix = next((x for x in ("-compiled", "-opbyop", "-cublasproj", "-ropeop") if r["config"].endswith(x)), "")
         dense_kernel = "dense-graph-kernel" + suffix
         dense_same = by.get(dense_kernel if fused or args.device != "cuda" else "dense-graph-sdpa" + suffix)
         if dense_same:
             ratio = r["decode_tok_s"] / dense_same["decode_tok_s"]
-            default_path = suffix not in ("-opbyop", "-cublasproj") and not r["config"].endswith("-routerop")
+            default_path = suffix not in ("-opbyop", "-cublasproj", "-ropeop") and not r["config"].endswith("-routerop")
             verdict = " (target >= 1.7x)" if r.get("target_fraction") == 0.3 and default_path else ""
             lines.append(f"- {r['config']} / {dense_same['config']}: **{ratio:.2f}x**{verdict}; ideal "
                          f"{ideal[r['config']]['tok_s'] / ideal[dense_same['config']]['tok_s']:.2f}x (bytes per token)")  # fmt: skip
@@ -639,6 +655,10 @@ def report(args, env, rows, splits, cfg, fused, ideal, elapsed) -> str:
             gemv_row, cublas_row = by[r["config"].removesuffix("-cublasproj")], r
             lines.append(f"- {gemv_row['config']} / {cublas_row['config']} (attention projections by decode_linear "
                          f"instead of cuBLAS): {gemv_row['decode_tok_s'] / cublas_row['decode_tok_s']:.2f}x")  # fmt: skip
+        if r["config"].endswith("-ropeop") and r["config"].removesuffix("-ropeop") in by:
+            base_row = by[r["config"].removesuffix("-ropeop")]
+            lines.append(f"- {base_row['config']} / {r['config']} (RoPE inside kv_decode_attention instead of "
+                         f"rope_qkv's launch): {base_row['decode_tok_s'] / r['decode_tok_s']:.2f}x")  # fmt: skip
         if r["config"].endswith("-routerop") and r["config"].removesuffix("-routerop") in by:
             fused_row = by[r["config"].removesuffix("-routerop")]
             lines.append(f"- {fused_row['config']} / {r['config']} (fused router, linear_topp_route): "

@@ -103,6 +103,34 @@ def test_fused_decode_step_matches_the_op_by_op_step(cfg, dtype, prunepath, gemv
         assert torch.equal(b.argmax(-1), a.argmax(-1))
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_cuda)]
+)  # bf16: the Triton kernels on the GPU
+@torch.no_grad()
+def test_rope_inside_attention_gives_the_bits_of_rope_qkv(dtype):
+    # Attention.rope_in_attention (the default): kv_decode_attention rotates q and k itself; False:
+    # rope_qkv's launch first. Same logits and the same cache, bit for bit, over ragged positions.
+    device = "cuda" if dtype == torch.bfloat16 else "cpu"
+    cfg = LlamaConfig.tiny()
+    model = random_llama(cfg, dtype=dtype, device=device)
+    B, T = 3, 6
+    tokens = torch.randint(0, cfg.vocab, (B, T), generator=torch.Generator().manual_seed(4)).to(device)
+    lengths = torch.tensor([6, 3, 5], dtype=torch.int32, device=device)
+    outs, caches = {}, {}
+    for inside in (True, False):
+        for layer in model.layers:
+            layer.attn.rope_in_attention = inside
+        model.setup_cache(B, 16)
+        model(tokens, 0)  # prefill (SDPA): the same cache for both
+        outs[inside] = [model.decode_step(tokens[:, t], lengths + t - 1, attn="kernel") for t in range(1, 4)]
+        caches[inside] = model.layers[0].attn.kv_cache.k.clone()
+    for layer in model.layers:
+        layer.attn.rope_in_attention = True
+    for a, b in zip(outs[True], outs[False], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(caches[True], caches[False])
+
+
 @pytest.mark.parametrize("attn", ATTN)
 @torch.no_grad()
 def test_ragged_batch_matches_unbatched_sequences(attn):

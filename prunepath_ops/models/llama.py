@@ -174,6 +174,10 @@ class Attention(nn.Module):
         # PrunePath 30 % 331.2 -> 331.5, bench/results/decode_e2e_cuda_gemv_default.md), while the
         # Triton one lost (0.94x the step). True: decode_linear whatever its backend; False: cuBLAS.
         self.decode_gemv: bool | None = None
+        # decode_fused's RoPE inside kv_decode_attention (rotary_cos / rotary_sin: the same bits as
+        # rope_qkv, one launch less per layer) when the cache has the activations' dtype; False:
+        # rope_qkv, then the op (for A/B timing, bench/decode_e2e_gpu.py --ropeop).
+        self.rope_in_attention = True
 
     # -- one GEMV for q, k and v ---------------------------------------------------------------
     # At decode each projection is a GEMV, and cuBLAS runs the small ones split-K with a reduction
@@ -286,7 +290,8 @@ class Attention(nn.Module):
             qkv = (decode_linear if gemv else F.linear)(x, self.qkv_weight)  # [B, (H + 2 Hkv) D]
         else:
             qkv = torch.cat(self.project_qkv(x), dim=-1)
-        if qkv.dtype == self.kv_cache.k.dtype:  # the attention kernel rotates q and k as rope_qkv would
+        in_attention = getattr(self, "rope_in_attention", True)  # modules pickled before it existed: True
+        if in_attention and qkv.dtype == self.kv_cache.k.dtype:  # the kernel rotates q and k as rope_qkv would
             q, k, v = qkv.view(B, H + 2 * Hkv, self.head_dim).split((H, Hkv, Hkv), dim=1)  # [B, H|Hkv, D] views
             y = self._attend_cached(q, k, v, cache_seqlens, rotary=(cos, sin))  # [B, H, D]
         else:
