@@ -27,6 +27,7 @@ from prunepath_ops.attention import kv_decode_attention
 from prunepath_ops.decode_step import add_rms_norm, decode_linear, rope_qkv
 from prunepath_ops.decode_step.ops import cuda_gemv_built
 from prunepath_ops.modules import PrunePathMLP
+from prunepath_ops.reference.decode_step import rotate_rows
 
 
 @dataclass
@@ -119,10 +120,8 @@ def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     ``x [B, H, D]`` with tables ``[B, D]`` gives the same layout. Tables in another dtype than
     ``x`` are cast (callers that apply them to several tensors cast once instead).
     """
-    cos, signed_sin = cos.to(x.dtype)[:, None, :], signed_sin.to(x.dtype)[:, None, :]  # [T|B, 1, D]
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, swapped, signed_sin)
+    # rotate_rows broadcasts the tables as [T|B, 1, D]: the same formula for prefill and decode.
+    return rotate_rows(x, cos.to(x.dtype), signed_sin.to(x.dtype))
 
 
 class KVCache(nn.Module):

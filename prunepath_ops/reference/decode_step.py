@@ -37,6 +37,9 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
 def rotate_rows(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE of one position per row: ``x [B, H, D]`` by ``cos, sin [B, D]`` (``sin`` signed, first half negated).
 
+    Also ``x [B, T, H, D]`` with tables ``[T, D]`` (one position per token; the tables broadcast as
+    ``[T, 1, D]``), as :func:`prunepath_ops.models.llama.apply_rope` calls it for prefill.
+
     ``x * cos + swap_halves(x) * sin`` with ``x * cos`` rounded to the dtype first (as
     ``torch.addcmul(x * cos, ...)``, Hugging Face's ``rotate_half`` convention); ``[B, H, D]``,
     dtype of ``x``.
