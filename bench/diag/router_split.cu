@@ -83,19 +83,22 @@ struct ClockProbe {
   }
 };
 
+template <bool kBuckets>
 __global__ void __launch_bounds__(kWarps * 32, 1)
     rank_probe_kernel(const ToppRouteParams p, const void* logits) {
   if (threadIdx.x == 0) g_marks[0] = clock64();
-  topp_route_rank_row<kWarps, true, ClockProbe>(p, logits, LogitDType::kBFloat16, 0);
+  topp_route_rank_row<kWarps, true, ClockProbe, kRankCountMax, kBuckets>(p, logits, LogitDType::kBFloat16, 0);
 }
 
-// kCountMax: the rank's cut-over from counting to the bitonic sort (kRankCountMax in production).
-template <int kCountMax = kRankCountMax>
+// kCountMax: the rank's cut-over from counting to the bitonic sort (kRankCountMax in production);
+// kBuckets: rank by bucket where the bins allow it (the default) or always compact and count.
+template <int kCountMax = kRankCountMax, bool kBuckets = true>
 __global__ void __launch_bounds__(kWarps * 32, 1)
     rank_only_kernel(const ToppRouteParams p, const void* logits) {
   detail::grid_dependency_wait();
   detail::grid_launch_dependents();
-  topp_route_rank_row<kWarps, true, NoRankProbe, kCountMax>(p, logits, LogitDType::kBFloat16, blockIdx.x);
+  topp_route_rank_row<kWarps, true, NoRankProbe, kCountMax, kBuckets>(p, logits, LogitDType::kBFloat16,
+                                                                      blockIdx.x);
 }
 
 __global__ void empty_kernel(int* sink) {
@@ -219,15 +222,24 @@ int main() {
   show("+ last block reloads the row", 0.f, time_graph([&](int i) {
          return detail::launch_maybe_pdl(router_part_kernel<3>, grid, block, stream, true, with_weights(i));
        }));
-  for (float tau : {0.3f, 0.6f, 0.9f}) {
+  // Session 21: bucket ranking (the default) against compaction + counting, the same bits.
+  for (float tau : {0.3f, 0.6f, 0.7f, 0.9f}) {
     p.route.tau = tau;
     show("full fused kernel", tau, time_graph([&](int i) {
            return detail::launch_maybe_pdl(linear_topp_route_kernel<kWarps, T, true, false>, grid, block,
                                            stream, true, with_weights(i), LogitDType::kBFloat16);
          }));
+    show("full fused kernel, counting (no buckets)", tau, time_graph([&](int i) {
+           return detail::launch_maybe_pdl(linear_topp_route_kernel<kWarps, T, true, false, false>, grid,
+                                           block, stream, true, with_weights(i), LogitDType::kBFloat16);
+         }));
     show("rank only (1 block, logits in L2)", tau, time_graph([&](int) {
            return detail::launch_maybe_pdl(rank_only_kernel<>, dim3(1), block, stream, true, p.route,
                                            static_cast<const void*>(logits));
+         }));
+    show("rank only, counting (no buckets)", tau, time_graph([&](int) {
+           return detail::launch_maybe_pdl(rank_only_kernel<kRankCountMax, false>, dim3(1), block, stream,
+                                           true, p.route, static_cast<const void*>(logits));
          }));
   }
   // The rank's cut-over from counting to the bitonic sort: 256 (the default until session 15),
@@ -253,31 +265,38 @@ int main() {
   CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
   std::printf(
       "\n# rank phases (topp_route_rank_row, one block), SM cycles of thread 0; nominal clock %.2f GHz; "
-      "median of 9 launches\n\n| tau | softmax | threshold | compaction | rank | cumsum | outputs | "
-      "total cycles | num_active |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+      "median of 9 launches; phase 3 is the compaction (counting) or the bucket scatter\n\n| ranking | tau | "
+      "softmax | threshold | compaction / scatter | rank | cumsum | outputs | total cycles | num_active "
+      "|\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
       khz / 1e6);
-  for (float tau : {0.3f, 0.6f, 0.9f}) {
-    p.route.tau = tau;
-    std::vector<std::vector<long long>> runs;
-    for (int r = 0; r < 9; ++r) {
-      rank_probe_kernel<<<1, block, 0, stream>>>(p.route, logits);
-      CHECK(cudaStreamSynchronize(stream));
-      std::vector<long long> m(8);
-      CHECK(cudaMemcpyFromSymbol(m.data(), g_marks, sizeof(long long) * 7));
-      runs.push_back(m);
+  for (bool buckets : {true, false}) {
+    for (float tau : {0.3f, 0.6f, 0.7f, 0.9f}) {
+      p.route.tau = tau;
+      std::vector<std::vector<long long>> runs;
+      for (int r = 0; r < 9; ++r) {
+        if (buckets) {
+          rank_probe_kernel<true><<<1, block, 0, stream>>>(p.route, logits);
+        } else {
+          rank_probe_kernel<false><<<1, block, 0, stream>>>(p.route, logits);
+        }
+        CHECK(cudaStreamSynchronize(stream));
+        std::vector<long long> m(8);
+        CHECK(cudaMemcpyFromSymbol(m.data(), g_marks, sizeof(long long) * 7));
+        runs.push_back(m);
+      }
+      std::printf("| %s | %.2f |", buckets ? "buckets" : "counting", tau);
+      long long total = 0;
+      for (int k = 1; k <= 6; ++k) {
+        std::vector<long long> d;
+        for (auto& m : runs) d.push_back(m[k] - m[k - 1]);
+        std::sort(d.begin(), d.end());
+        total += d[d.size() / 2];
+        std::printf(" %lld |", d[d.size() / 2]);
+      }
+      int n = -1;
+      CHECK(cudaMemcpy(&n, num_active, 4, cudaMemcpyDeviceToHost));
+      std::printf(" %lld | %d |\n", total, n);
     }
-    std::printf("| %.2f |", tau);
-    long long total = 0;
-    for (int k = 1; k <= 6; ++k) {
-      std::vector<long long> d;
-      for (auto& m : runs) d.push_back(m[k] - m[k - 1]);
-      std::sort(d.begin(), d.end());
-      total += d[d.size() / 2];
-      std::printf(" %lld |", d[d.size() / 2]);
-    }
-    int n = -1;
-    CHECK(cudaMemcpy(&n, num_active, 4, cudaMemcpyDeviceToHost));
-    std::printf(" %lld | %d |\n", total, n);
   }
   CHECK(cudaDeviceSynchronize());
   return 0;

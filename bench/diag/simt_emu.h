@@ -196,9 +196,33 @@ inline unsigned __reduce_min_sync(unsigned, unsigned v) {
   emu::barrier(w.g);
   return r;
 }
-inline unsigned atomicAdd(unsigned* a, unsigned v) {
-  const unsigned old = *a;
+inline unsigned __reduce_max_sync(unsigned, unsigned v) {
+  emu::Warp& w = emu::warp();
+  w.slot[emu::lane()] = v;
+  emu::barrier(w.g);
+  unsigned r = 0u;
+  for (int l = 0; l < 32; ++l)
+    r = static_cast<unsigned>(w.slot[l]) > r ? static_cast<unsigned>(w.slot[l]) : r;
+  emu::barrier(w.g);
+  return r;
+}
+// Fibers switch only at barriers, so a read-modify-write is atomic.
+template <typename T>
+T atomicAdd(T* a, T v) {
+  const T old = *a;
   *a = old + v;
+  return old;
+}
+template <typename T>
+T atomicMin(T* a, T v) {
+  const T old = *a;
+  *a = v < old ? v : old;
+  return old;
+}
+template <typename T>
+T atomicMax(T* a, T v) {
+  const T old = *a;
+  *a = v > old ? v : old;
   return old;
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }

@@ -165,7 +165,8 @@ __device__ __forceinline__ float row_dot(const T* __restrict__ w_row, Src& src, 
 
 }  // namespace detail
 
-template <int NWARPS, typename T, bool kVec, bool kNorm>
+// kBuckets: topp_route_rank_row's ranking (false only for bench/diag/router_split.cu's A/B).
+template <int NWARPS, typename T, bool kVec, bool kNorm, bool kBuckets = true>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
     linear_topp_route_kernel(const LinearRouteParams p, LogitDType dtype) {
   using Traits = detail::VecTraits<T>;
@@ -233,7 +234,8 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
   detail::grid_launch_dependents();
   if (!last_smem) return;
   __threadfence();
-  topp_route_rank_row<NWARPS, /*kBypassL1=*/true>(p.route, p.logits, dtype, t);
+  topp_route_rank_row<NWARPS, /*kBypassL1=*/true, NoRankProbe, kRankCountMax, kBuckets>(p.route, p.logits,
+                                                                                        dtype, t);
 }
 
 namespace detail {
