@@ -186,25 +186,24 @@ inline unsigned __ballot_sync(unsigned, int pred) {
   return bits;
 }
 inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
-inline unsigned __reduce_min_sync(unsigned, unsigned v) {
-  emu::Warp& w = emu::warp();
-  w.slot[emu::lane()] = v;
-  emu::barrier(w.g);
-  unsigned r = 0xffffffffu;
-  for (int l = 0; l < 32; ++l)
-    r = static_cast<unsigned>(w.slot[l]) < r ? static_cast<unsigned>(w.slot[l]) : r;
-  emu::barrier(w.g);
+namespace emu {
+// The warp's 32 values folded with `pick` (the __reduce_*_sync collectives).
+template <typename Pick>
+unsigned reduce_sync(unsigned v, unsigned init, Pick pick) {
+  Warp& w = warp();
+  w.slot[lane()] = v;
+  barrier(w.g);
+  unsigned r = init;
+  for (int l = 0; l < 32; ++l) r = pick(static_cast<unsigned>(w.slot[l]), r);
+  barrier(w.g);
   return r;
 }
+}  // namespace emu
+inline unsigned __reduce_min_sync(unsigned, unsigned v) {
+  return emu::reduce_sync(v, 0xffffffffu, [](unsigned a, unsigned b) { return a < b ? a : b; });
+}
 inline unsigned __reduce_max_sync(unsigned, unsigned v) {
-  emu::Warp& w = emu::warp();
-  w.slot[emu::lane()] = v;
-  emu::barrier(w.g);
-  unsigned r = 0u;
-  for (int l = 0; l < 32; ++l)
-    r = static_cast<unsigned>(w.slot[l]) > r ? static_cast<unsigned>(w.slot[l]) : r;
-  emu::barrier(w.g);
-  return r;
+  return emu::reduce_sync(v, 0u, [](unsigned a, unsigned b) { return a > b ? a : b; });
 }
 // Fibers switch only at barriers, so a read-modify-write is atomic.
 template <typename T>
