@@ -9,10 +9,9 @@
 //    below the top probability x 32), each bin also counting its experts
 //    (two 32-bit shared-memory atomics per expert: a 64-bit one compiles to a
 //    compare-and-swap loop). Integer atomics, so the result does not depend on
-//    their order. A block
-//    scan over the bins (one thread per bin at N = 512) gives the first bin
-//    whose cumulative mass reaches tau and, for every bin, how many experts lie
-//    in the bins above it. The candidates {p >= theta} hold just over tau of
+//    their order. A block scan over the bins (one thread per bin at N = 512)
+//    gives the first bin whose cumulative mass reaches tau and, for every bin,
+//    how many experts lie in the bins above it. The candidates {p >= theta} hold just over tau of
 //    the mass and are closed under ties: an exact prefix of the order.
 // 3. Ranking the candidates. By bucket (the default): every candidate's rank
 //    is the count of the bins above its own plus its rank among its bin's few
@@ -151,7 +150,7 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
   bool all = !(tau < 1.0f) || p.min_experts > kRankCountMax;  // block-uniform
   unsigned theta = 0u;
   const unsigned top = (__float_as_uint(1.0f / total) >> 18) | 31u;
-  const unsigned bin = top - (__float_as_uint(prob) >> 18);  // < kRankHistBins: a tracked bin
+  const unsigned bin = top - (__float_as_uint(prob) >> 18);  // bins from kRankHistBins on are not tracked
   bool buckets = false;                                      // rank by bucket (block-uniform)
   if (!all) {
     if (tid < E && bin < kRankHistBins) {
