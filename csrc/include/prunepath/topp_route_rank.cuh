@@ -60,19 +60,6 @@ struct NoRankProbe {
   __device__ static void mark(int) {}
 };
 
-namespace detail {
-
-__device__ __forceinline__ unsigned long long warp_inclusive_scan_u64(unsigned long long v, int lane) {
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const unsigned long long up = __shfl_up_sync(kFullMask, v, d);
-    if (lane >= d) v += up;
-  }
-  return v;
-}
-
-}  // namespace detail
-
 // Routes token t with the whole block: NWARPS * 32 >= E threads, thread e
 // routes expert e. kBypassL1 reads the logits through L2 only: the fused router
 // (linear_topp_route.cuh) routes logits that other blocks of the same launch wrote.
@@ -171,7 +158,7 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
                     : 0ull;
       own += mine[i];
     }
-    const unsigned long long inclusive = detail::warp_inclusive_scan_u64(own, lane);
+    const unsigned long long inclusive = detail::warp_inclusive_scan(own, lane);
     if (lane == 31) warp_bins_smem[warp] = inclusive;
     __syncthreads();
     unsigned long long before = inclusive - own;
@@ -230,13 +217,8 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
       const unsigned ballot = __ballot_sync(detail::kFullMask, take);
       if (lane == 0) warp_count_smem[warp] = __popc(ballot);
       __syncthreads();  // also: the previous pass is done with key_smem and ranked_smem
-      int warp_count = lane < NWARPS ? warp_count_smem[lane] : 0;
-      int warp_incl = warp_count;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int up = __shfl_up_sync(detail::kFullMask, warp_incl, d);
-        if (lane >= d) warp_incl += up;
-      }
+      const int warp_count = lane < NWARPS ? warp_count_smem[lane] : 0;
+      const int warp_incl = detail::warp_inclusive_scan(warp_count, lane);
       count = __shfl_sync(detail::kFullMask, warp_incl, 31);
       const int offset = __shfl_sync(detail::kFullMask, warp_incl - warp_count, warp);
       if (take) key_smem[offset + __popc(ballot & ((1u << lane) - 1u))] = key;
@@ -288,12 +270,7 @@ __device__ __forceinline__ void topp_route_rank_row(const ToppRouteParams& p, co
     // 4. Inclusive cumulative sum in sorted order (position r = tid), in double.
     const Key mine = tid < count ? sorted[tid] : 0ull;
     const float q = __uint_as_float(static_cast<unsigned>(mine >> 32));
-    double inclusive = q;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const double up = __shfl_up_sync(detail::kFullMask, inclusive, d);
-      if (lane >= d) inclusive += up;
-    }
+    const double inclusive = detail::warp_inclusive_scan(static_cast<double>(q), lane);
     if (lane == 31) warp_total_smem[warp] = inclusive;
     __syncthreads();
     const double before = detail::warp_exclusive_scan(lane < NWARPS ? warp_total_smem[lane] : 0.0, lane);

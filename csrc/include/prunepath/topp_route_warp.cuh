@@ -35,13 +35,19 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
-__device__ __forceinline__ double warp_exclusive_scan(double v, int lane) {
-  double inclusive = v;  // Kogge-Stone: a fixed shape, so the same bits every run
+// Inclusive scan over the warp's lanes (Kogge-Stone: a fixed shape, so the same bits every run).
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_scan(T v, int lane) {
 #pragma unroll
   for (int d = 1; d < 32; d <<= 1) {
-    const double up = __shfl_up_sync(kFullMask, inclusive, d);
-    if (lane >= d) inclusive += up;
+    const T up = __shfl_up_sync(kFullMask, v, d);
+    if (lane >= d) v += up;
   }
+  return v;
+}
+
+__device__ __forceinline__ double warp_exclusive_scan(double v, int lane) {
+  const double inclusive = warp_inclusive_scan(v, lane);
   const double previous = __shfl_up_sync(kFullMask, inclusive, 1);
   return lane == 0 ? 0.0 : previous;
 }
@@ -351,12 +357,7 @@ __device__ __forceinline__ int threshold_bucket(const float (&prob)[IPL], const 
 #pragma unroll 8
   for (int l = 0; l < 32; ++l) mass += hist[lane * 32 + ((l + lane) & 31)];
   __syncwarp();
-  float inclusive = mass;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const float up = __shfl_up_sync(kFullMask, inclusive, d);
-    if (lane >= d) inclusive += up;
-  }
+  const float inclusive = warp_inclusive_scan(mass, lane);
   const unsigned reached = __ballot_sync(kFullMask, mass_before + inclusive >= target);
   const int chosen = reached ? __ffs(reached) - 1 : 32;
   mass_above = mass_before + __shfl_sync(kFullMask, inclusive - mass, chosen & 31);
