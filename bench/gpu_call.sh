@@ -88,6 +88,9 @@ for part in "$@"; do
     ncutopp) t 200 ncu --clock-control none -k "regex:topp_route_lean" --launch-skip 1 --launch-count 1 --set full \
                python3 bench/diag/ncu_topp.py > "$out/ncu_topp_lean.log" 2>&1 ;;
     trace) t 150 python3 bench/diag/decode_expert_trace.py --out "$out" > "$out/decode_expert_trace.log" 2>&1 ;;
+    prefilldiag) t ${PREFILLDIAG_TIMEOUT:-300} python3 bench/diag/prefill_up_diag.py --out "$out" > "$out/prefill_up_diag.log" 2>&1 ;;
+    ncuup) t 200 ncu --clock-control none -k "regex:grouped_up_kernel" --launch-skip 2 --launch-count 1 --set full \
+             python3 bench/diag/prefill_up_diag.py --ncu > "$out/ncu_prefill_up.log" 2>&1 ;;
     profile) t 180 python3 bench/diag/kernel_profile.py --out "$out" > "$out/kernel_profile.log" 2>&1 ;;
     ffnbench) t 240 python3 bench/sparse_ffn_gpu.py --out "$out" > "$out/sparse_ffn_gpu.log" 2>&1 ;;
     ffn8b) t 150 python3 bench/sparse_ffn_gpu.py --shapes llama3-8b --batches 1 4 16 --prefill 4096 \
@@ -124,7 +127,7 @@ for part in "$@"; do
     effsweep) t 200 python3 bench/diag/expert_ffn_cuda_sweep.py --out "$out" > "$out/expert_ffn_cuda_sweep.log" 2>&1 ;;
     densetests) t ${DENSETESTS_TIMEOUT:-150} python3 -m pytest python_tests/test_sparse_ffn.py -k dense_group -q -p no:cacheprovider \
                   > "$out/gpu_tests_dense_groups.log" 2>&1 ;;
-    ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
+    ffntests) t ${FFNTESTS_TIMEOUT:-240} python3 -m pytest "${pytest_n[@]}" python_tests/test_sparse_ffn.py -q -p no:cacheprovider > "$out/gpu_tests_ffn.log" 2>&1 ;;
     toppvariants) t 300 python3 bench/topp_route_gpu.py --variants auto,warp,lean,rank,block --out "$out" \
                     > "$out/topp_route_gpu.log" 2>&1 ;;
     toppcheck) t 120 python3 bench/diag/topp_variants_check.py > "$out/topp_variants_check.log" 2>&1 ;;

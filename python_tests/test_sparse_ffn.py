@@ -235,6 +235,53 @@ def test_prefill_down_variants(down, gated, bias):
         sparse_ffn_prefill_triton(x, *route, *args, down="dense")
 
 
+def _gappy_rows(T, E):
+    """Expert 1 by every third token from 4 to T - 6 (gaps before, between, across blocks, after)."""
+    return [[0, 1] if 4 <= t <= T - 6 and t % 3 == 1 else [0] for t in range(T)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("swap_ab", [False, True])  # tokens as the MMA's M, or as its N
+@pytest.mark.parametrize(
+    "routing",
+    [
+        "gappy",  # one expert with gaps at the start, between blocks and at the end; 3 idle experts
+        "one expert",  # every token to expert 2: the other experts have no blocks at all
+        "nothing",  # no token selected anything: every cell written by the idle-expert loop
+        "all",  # every token keeps every expert: no gap anywhere
+        "random",  # topp_route at tau 0.6
+    ],
+)
+def test_prefill_writes_every_cell_of_h(routing, swap_ab, dtype):
+    """The up kernel zeroes the intermediate's unselected cells itself (no fill beforehand):
+    filled with NaN first, a cell it failed to write would reach the output."""
+    from prunepath_ops.ffn.triton_ffn import _prefill_tiles, sparse_ffn_prefill_triton
+
+    E, S, d = 5, 16, 24
+    block_m = _prefill_tiles(dtype.itemsize, 2 * S, not HAS_CUDA)[0]
+    T = 2 * block_m + 7  # experts span three blocks
+    rows = {
+        "gappy": _gappy_rows(T, E),
+        "one expert": [[2]] * T,
+        "nothing": [[]] * T,
+        "all": [list(range(E))] * T,
+    }.get(routing)
+    w, _, packed = make_ffn(d, E * S, S, device=DEVICE, dtype=dtype)
+    x = torch.randn(T, d, device=DEVICE).to(dtype)
+    if rows is None:
+        route = pp.topp_route(torch.randn(T, E, device=DEVICE), 0.6)
+    else:
+        route = tuple(r.to(DEVICE) for r in _custom_route(T, E, E, rows))
+    ref = R.sparse_ffn(x.float(), *route, packed.w_in.float(), packed.w_down.float(), gated=True, act="silu")
+    args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, True, "silu")
+    for down in ("mm", "blocksparse"):  # blocksparse: unselected cells must never be read
+        out = sparse_ffn_prefill_triton(
+            x, *poison_padding(route, E, E), *args, down=down, swap_ab=swap_ab, h_fill=float("nan")
+        )
+        check(out, ref, dtype)
+
+
 @needs_triton
 @pytest.mark.parametrize(
     "fraction, gated, bias, down, dtype",
@@ -267,7 +314,7 @@ def test_prefill_dense_groups(fraction, gated, bias, down, dtype):
     route = poison_padding(pp.topp_route(logits, 0.95), E, E)
     ref, mask_ref = oracles(x, w, perm, packed, route, S, act)
     args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, gated, act)
-    out = sparse_ffn_prefill_triton(x, *route, *args, down=down, dense_group_fraction=fraction)
+    out = sparse_ffn_prefill_triton(x, *route, *args, down=down, dense_group_fraction=fraction, h_fill=float("nan"))
     check(out, ref, dtype)
     check(out, mask_ref, dtype)
     # The flags against a direct count of the selected cells per expert group, the slot map
@@ -284,7 +331,7 @@ def test_prefill_dense_groups(fraction, gated, bias, down, dtype):
     want = (per_group > 0) & (per_group.float() >= min(fraction, 1.0) * (T * width).float())
     assert torch.equal(flags.cpu().bool(), want)
     dense_cols = want.repeat_interleave(group)[:E]
-    assert torch.equal(slot_map.cpu(), cells * dense_cols)
+    assert torch.equal(slot_map.cpu()[:, dense_cols], cells[:, dense_cols])  # the only cells written
     if fraction == 0.5:
         assert 0 < int(flags.sum()) < flags.numel()  # the case really mixes both kinds of groups
 

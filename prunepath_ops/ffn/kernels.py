@@ -67,6 +67,7 @@ def grouped_up_kernel(
     block_expert_ptr,  # [B_max] int32, -1 past the end
     expert_offsets_ptr,  # [E + 1] int32
     group_flags_ptr,  # [ceil(E / G)] int8, 1 = the group's experts done by dense_group_up_kernel; read if DENSE_GROUPS
+    expert_counts_ptr,  # [E] int32 pairs per expert (align_experts); read if ZERO_REST
     T,
     d,
     K,
@@ -83,6 +84,8 @@ def grouped_up_kernel(
     DOT_PREC: tl.constexpr,
     DENSE_GROUPS: tl.constexpr,
     G: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    ZERO_REST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -101,8 +104,83 @@ def grouped_up_kernel(
         if done == 0:
             _grouped_up_block(
                 x_ptr, w_in_ptr, b_in_ptr, gates_ptr, h_ptr, pair, valid, tok, e, d, stride_x, F,
-                S, GATED, HAS_BIAS, ACT, GATE_IN_H, ONE_DOT, BLOCK_M, BLOCK_K, DOT_PREC,
+                S, GATED, HAS_BIAS, ACT, GATE_IN_H, ONE_DOT, BLOCK_M, BLOCK_K, DOT_PREC, SWAP_AB,
             )  # fmt: skip
+            if ZERO_REST:
+                _zero_unselected_around(
+                    h_ptr,
+                    sorted_pairs_ptr,
+                    expert_offsets_ptr,
+                    expert_counts_ptr,
+                    b,
+                    e,
+                    valid,
+                    tok,
+                    T,
+                    K,
+                    F,
+                    S,
+                    BLOCK_M,
+                )
+    if ZERO_REST:
+        # Experts that no token selected have no blocks: their columns are zeroed whole here.
+        offs_s = tl.arange(0, S)
+        zero = tl.zeros((BLOCK_M, S), dtype=h_ptr.dtype.element_ty)
+        for e in range(pid, E, num_programs):
+            idle = tl.load(expert_counts_ptr + e) == 0
+            if DENSE_GROUPS:
+                idle = idle & (tl.load(group_flags_ptr + e // G) == 0)
+            if idle:
+                for r0 in range(0, T, BLOCK_M):
+                    rows = (r0 + offs_m).to(tl.int64)
+                    tl.store(h_ptr + rows[:, None] * F + e * S + offs_s[None, :], zero, mask=(rows < T)[:, None])
+
+
+@triton.jit
+def _zero_unselected_around(
+    h_ptr,
+    sorted_pairs_ptr,
+    expert_offsets_ptr,
+    expert_counts_ptr,
+    b,
+    e,
+    valid,
+    tok,
+    T,
+    K,
+    F,
+    S: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Zeros in expert ``e``'s columns of ``H`` for the tokens that did not select it, around block ``b``.
+
+    Within an expert the pairs ascend by token (``align_experts``' order), so the tokens that did
+    not select ``e`` are the gaps between consecutive selected ones: each block zeroes the gap
+    before each of its tokens (the first gap starting after the previous block's last token, or at
+    row 0 for the expert's first block) and, if it holds the expert's last pair, the rows after it.
+    With the kernel's loop over experts without blocks, every unselected cell is written once, by
+    the kernel that is already there: the ``[T, F]`` intermediate needs no fill beforehand (a
+    35-40 us memset at T = 4096 on the Llama-3-8B shape, against writes that here cost L2 traffic
+    of a kernel bound by its gathered reads).
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_s = tl.arange(0, S)
+    row = b * BLOCK_M + offs_m
+    first = tl.load(expert_offsets_ptr + e)
+    end = first + tl.load(expert_counts_ptr + e)
+    prev_pair = tl.load(sorted_pairs_ptr + row - 1, mask=valid & (row > first), other=-1)
+    prev_tok = tl.where(prev_pair >= 0, prev_pair // K, -1).to(tl.int64)
+    gap = tl.where(valid, tok - prev_tok - 1, 0)
+    cols = e * S + offs_s
+    zero = tl.zeros((BLOCK_M, S), dtype=h_ptr.dtype.element_ty)
+    for j in range(0, tl.max(gap, axis=0).to(tl.int32)):
+        rows = prev_tok + 1 + j
+        tl.store(h_ptr + rows[:, None] * F + cols[None, :], zero, mask=(j < gap)[:, None])
+    # T unless this block holds the expert's last pair.
+    tail = tl.min(tl.where(valid & (row == end - 1), tok + 1, T), axis=0).to(tl.int32)
+    for r0 in range(tail, T, BLOCK_M):
+        rows = (r0 + offs_m).to(tl.int64)
+        tl.store(h_ptr + rows[:, None] * F + cols[None, :], zero, mask=(rows < T)[:, None])
 
 
 @triton.jit
@@ -128,13 +206,27 @@ def _grouped_up_block(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """One ``BLOCK_M``-pair block of expert ``e``: ``H[tok, e*S:(e+1)*S]`` for its valid rows."""
     rows_in = 2 * S if GATED else S
     offs_k = tl.arange(0, BLOCK_K)
     offs_s = tl.arange(0, S)
     w_base = w_in_ptr + e * rows_in * d
-    if GATED and ONE_DOT:
+    if GATED and ONE_DOT and SWAP_AB:
+        # The transposed product, [2S, BLOCK_M] = W_e x^T: the weight rows are the MMA's M (64 for
+        # S = 32) and the gathered tokens its N (up to 256), so each wgmma reads its shared-memory
+        # operands once instead of re-reading the weight tile for every 64 rows of tokens.
+        offs_2s = tl.arange(0, 2 * S)
+        acc_t = tl.zeros((2 * S, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < d
+            xt = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + offs_2s[:, None] * d + kk[None, :], mask=k_ok[None, :], other=0.0)
+            acc_t = tl.dot(w, tl.trans(xt), acc_t, input_precision=DOT_PREC)
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc_t, (2, S, BLOCK_M)), (2, 1, 0)))  # [BLOCK_M, S] each
+    elif GATED and ONE_DOT:
         # Gate and up rows are adjacent in w_in: one N = 2S dot fills the tensor cores better
         # than two N = S dots; the accumulator is split in registers afterwards.
         offs_2s = tl.arange(0, 2 * S)
@@ -197,26 +289,40 @@ def slot_map_kernel(
     expert_ids_ptr,  # [T, K] int32
     num_active_ptr,  # [T] int32
     group_flags_ptr,  # [ceil(E / G)] int8
-    slot_map_ptr,  # [T, E] int32, zero-filled: 1 + the slot of (t, e) for e in a dense group
+    slot_map_ptr,  # [T, E] int32 out: 1 + the slot of (t, e) for e in a dense group, 0 if t did not select it
     K,
     E,
+    num_groups,  # ceil(E / G)
     G: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
-    """Token ``t``'s active slots of experts in dense groups into its row of the slot map.
+    """Token ``t``'s row of the slot map, in the cells of dense groups (the only ones read).
 
-    Ids outside ``[0, E)`` are skipped. An atomic max, so a routing that breaks the contract (an
-    expert twice among a token's active slots) still gives the same map every run (the later slot).
+    Nothing to do, and nothing written, when no group is dense (the common case at moderate
+    densities), so the map needs no fill beforehand. Ids outside ``[0, E)`` are skipped. An
+    atomic max, so a routing that breaks the contract (an expert twice among a token's active
+    slots) still gives the same map every run (the later slot).
     """
     t = tl.program_id(0).to(tl.int64)
-    n = tl.minimum(tl.maximum(tl.load(num_active_ptr + t), 0), K)
-    for j0 in range(0, K, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        ok = j < n
-        e = tl.load(expert_ids_ptr + t * K + j, mask=ok, other=-1)
-        ok = ok & (e >= 0) & (e < E)
-        ok = ok & (tl.load(group_flags_ptr + e // G, mask=ok, other=0) != 0)
-        tl.atomic_max(slot_map_ptr + t * E + e, j + 1, mask=ok, sem="relaxed")
+    offs_g = tl.arange(0, BLOCK_G)
+    any_dense = tl.max(tl.load(group_flags_ptr + offs_g, mask=offs_g < num_groups, other=0).to(tl.int32), axis=0)
+    if any_dense > 0:
+        for e0 in range(0, E, BLOCK_J):
+            e = e0 + tl.arange(0, BLOCK_J)
+            ok = e < E
+            ok = ok & (tl.load(group_flags_ptr + e // G, mask=ok, other=0) != 0)
+            tl.store(slot_map_ptr + t * E + e, tl.zeros((BLOCK_J,), dtype=tl.int32), mask=ok)
+        # The zeros above before the atomics below (other threads of this program may own them).
+        tl.debug_barrier()
+        n = tl.minimum(tl.maximum(tl.load(num_active_ptr + t), 0), K)
+        for j0 in range(0, K, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            ok = j < n
+            e = tl.load(expert_ids_ptr + t * K + j, mask=ok, other=-1)
+            ok = ok & (e >= 0) & (e < E)
+            ok = ok & (tl.load(group_flags_ptr + e // G, mask=ok, other=0) != 0)
+            tl.atomic_max(slot_map_ptr + t * E + e, j + 1, mask=ok, sem="relaxed")
 
 
 @triton.jit

@@ -96,21 +96,23 @@ def dense_group_flags(
     ``expert_counts [E]``: pairs per expert (``align_experts``). Returns ``group_flags
     [ceil(E / group)]`` int8 (1 where at least ``fraction`` of the group's T x (experts in it)
     cells are selected, and at least one) and ``slot_map [T, E]`` int32 (for experts of flagged
-    groups: 1 + the slot of (t, e) among t's active slots, 0 where t did not select e; 0 elsewhere).
+    groups: 1 + the slot of (t, e) among t's active slots, 0 where t did not select e; other
+    cells are not written).
     """
     T, K = expert_ids.shape
     E = expert_counts.shape[0]
     dev = expert_ids.device
-    slot_map = torch.zeros(T, E, dtype=torch.int32, device=dev)
-    flags = torch.zeros(triton.cdiv(E, group), dtype=torch.int8, device=dev)
+    slot_map = torch.empty(T, E, dtype=torch.int32, device=dev)
+    flags = torch.empty(triton.cdiv(E, group), dtype=torch.int8, device=dev)
     if T == 0:
-        return flags, slot_map
+        return flags.zero_(), slot_map
     kernels.dense_group_flags_kernel[(1,)](
         expert_counts, flags, T, E, flags.numel(), float(fraction), G=group, BLOCK_G=max(2, 256 // group)
     )
     kernels.slot_map_kernel[(T,)](
-        expert_ids, num_active, flags, slot_map, K, E, G=group, BLOCK_J=min(512, triton.next_power_of_2(K))
-    )
+        expert_ids, num_active, flags, slot_map, K, E, flags.numel(), G=group,
+        BLOCK_J=min(512, triton.next_power_of_2(max(K, E))), BLOCK_G=triton.next_power_of_2(flags.numel()),
+    )  # fmt: skip
     return flags, slot_map
 
 
@@ -133,6 +135,8 @@ def sparse_ffn_prefill_triton(
     num_stages: int | None = None,
     one_dot: bool = True,
     dense_group_fraction: float | None = None,
+    swap_ab: bool | None = None,
+    h_fill: float | None = None,
 ) -> Tensor:
     """Routed FFN for many tokens: grouped up/gate GEMM, then the down projection.
 
@@ -145,6 +149,10 @@ def sparse_ffn_prefill_triton(
     ``dense_group_fraction`` (default ``DENSE_GROUP_FRACTION``; above 1 turns them off): groups
     of G experts with at least this fraction of their (token, expert) cells selected run as a
     plain GEMM over all tokens (:func:`dense_group_flags`, :func:`kernels.dense_group_up_kernel`).
+    ``swap_ab``: the up kernel computes ``W_e x^T`` (weight rows as the MMA's M, tokens as its N;
+    default: for gated FFNs in 2-byte dtypes, the measured case). ``h_fill`` (tests): fill the
+    intermediate with this value before the kernels run (the ``"mm"`` path writes every cell
+    itself, so NaN there must not reach the output).
     Active slots must hold distinct experts (``topp_route``'s contract; the grouped kernel would
     add a repeated expert twice, a dense group once). Returns ``[T, d]`` in the dtype of ``x``.
     """
@@ -162,9 +170,13 @@ def sparse_ffn_prefill_triton(
     sorted_pairs, block_expert, expert_offsets, expert_counts = _align(expert_ids, num_active, E, bm)
     _, b_max = align_bounds(T * K, E, bm)
     mm = down == "mm"
-    # [T, F]: the GEMM reads every cell, so unselected cells must be zeros; the block-sparse
-    # kernel reads only selected cells.
-    h = (torch.zeros if mm else torch.empty)(T, E * S, dtype=x.dtype, device=x.device)
+    # [T, F]: the GEMM reads every cell, so unselected cells must be zeros: the up kernels write
+    # them (ZERO_REST, dense groups). The block-sparse kernel reads only selected cells.
+    h = torch.empty(T, E * S, dtype=x.dtype, device=x.device)
+    if h_fill is not None:
+        h.fill_(h_fill)
+    if swap_ab is None:
+        swap_ab = gated and one_dot and x.element_size() <= 2
     dummy = w_down
     fraction = DENSE_GROUP_FRACTION if dense_group_fraction is None else dense_group_fraction
     dense = fraction <= 1.0
@@ -182,10 +194,10 @@ def sparse_ffn_prefill_triton(
     grid_up = (max(1, min(b_max, _num_sms(x.device) * 4)),)
     kernels.grouped_up_kernel[grid_up](
         x, w_in, b_in if b_in is not None else dummy, gates, h, sorted_pairs, block_expert, expert_offsets, flags,
-        T, d, K, E, x.stride(0),
+        expert_counts, T, d, K, E, x.stride(0),
         S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=mm,
         ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=bk, DOT_PREC=_dot_precision(x.dtype),
-        DENSE_GROUPS=dense, G=group,
+        DENSE_GROUPS=dense, G=group, SWAP_AB=swap_ab, ZERO_REST=mm,
         **({} if interp else {"num_warps": warps, "num_stages": stages}),
     )  # fmt: skip
     if mm:

@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Where the prefill FFN's time goes at 30 % active, and what bounds its up kernel (H200, issue 3).
+
+Llama-3-8B FFN (d 4096, F 14336, S 32, E 448), bf16, T = 4096, every token keeping 30 % of the
+experts at random (``bench/sparse_ffn_gpu.py``'s routing). Three tables, every time from
+``triton.testing.do_bench`` (L2 flushed, median) in one process:
+
+1. The whole call (``sparse_ffn_prefill_triton``) under several tile and dense-group settings,
+   eager and replayed from one CUDA graph (the difference is what the launches cost when nothing
+   else keeps the GPU busy), beside the dense FFN.
+2. Its parts alone: alignment, the zero fill of ``H``, the dense-group flags, the up kernel, the
+   cuBLAS down projection.
+3. What bounds the up kernel: ``gather_dot_kernel`` repeats its loop (the same gathered rows of x,
+   the same tiles and pipeline) against N = 16, 32, 64 or 128 weight columns per row and sums
+   the accumulator per row instead of writing ``H``. If N = 16 takes about as long as N = 64, the
+   gathered bytes bound the kernel (fewer L2 bytes per row is the only lever); if N = 128 takes
+   about as long as N = 64, the tensor cores have room for more columns per gathered row. The
+   same loop over contiguous rows (no gather) tells what the row indexing costs.
+
+    python3 bench/diag/prefill_up_diag.py --out /tmp/out      # on the H200, ~2 minutes
+    python3 bench/diag/prefill_up_diag.py --ncu                # the default call only, for ncu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from common import capture, environment, header_lines, write_results  # noqa: E402
+from sparse_ffn_gpu import Weights, dense_fn, fixed_fraction_route  # noqa: E402
+
+from prunepath_ops.ffn import kernels, triton_ffn  # noqa: E402
+from prunepath_ops.ffn.triton_ffn import sparse_ffn_prefill_triton  # noqa: E402
+from prunepath_ops.reference.sparse_ffn import align_bounds  # noqa: E402
+
+
+@triton.jit
+def gather_dot_kernel(
+    x_ptr,  # [T, d]
+    w_ptr,  # [E, N, d]
+    out_ptr,  # [P_max] fp32: sum over the N columns of each pair's row
+    sorted_pairs_ptr,
+    block_expert_ptr,
+    expert_offsets_ptr,
+    T,
+    d,
+    K,
+    E,
+    stride_x,
+    N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    """The grouped up kernel's loop (persistent over blocks, gathered rows, one N-wide dot per step)."""
+    pid = tl.program_id(0)
+    num_blocks = tl.load(expert_offsets_ptr + E) // BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, N)
+    for b in range(pid, num_blocks, tl.num_programs(0)):
+        e = tl.load(block_expert_ptr + b).to(tl.int64)
+        pair = tl.load(sorted_pairs_ptr + b * BLOCK_M + offs_m)
+        valid = pair >= 0
+        if GATHER:
+            tok = tl.where(valid, pair // K, 0).to(tl.int64)
+        else:
+            tok = ((b * BLOCK_M + offs_m) % T).to(tl.int64)
+        w_base = w_ptr + e * N * d
+        acc = tl.zeros((BLOCK_M, N), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + offs_k
+            xt = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None], other=0.0)
+            w = tl.load(w_base + offs_n[None, :] * d + kk[:, None])
+            acc = tl.dot(xt, w, acc)
+        tl.store(out_ptr + b * BLOCK_M + offs_m, tl.sum(acc, axis=1), mask=valid)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--active", type=float, default=0.3)
+    ap.add_argument("--warmup", type=float, default=25)
+    ap.add_argument("--rep", type=float, default=150)
+    ap.add_argument("--ncu", action="store_true", help="run the default call 3 times and exit (for ncu)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--timer", default="do_bench")
+    ap.add_argument("--peak-tbps", type=float, default=4.24)
+    args = ap.parse_args()
+    from triton.testing import do_bench
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    T, d = args.tokens, 4096
+    w = Weights(d, 14336, 32, torch.bfloat16, dev, 0)
+    p, E, S = w.packed, w.E, w.S
+    x = torch.randn(T, d, device=dev).to(torch.bfloat16)
+    route = fixed_fraction_route(T, E, args.active, dev, 0)
+    K = route.expert_ids.shape[1]
+
+    def call(**kw):
+        return sparse_ffn_prefill_triton(x, *route, p.w_in, p.b_in, p.w_down, p.b_out, True, "silu", **kw)
+
+    if args.ncu:
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        return 0
+
+    def timed(fn) -> float:
+        return 1e3 * do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    env = environment(args, "triton.testing.do_bench (L2 flushed, median)")
+    lines = header_lines(
+        f"Prefill FFN at {args.active:.0%} active: parts and bounds, {torch.cuda.get_device_name()}", env, args
+    )
+    lines += [f"- T = {T}, Llama-3-8B FFN (d 4096, F 14336, S 32, E 448), bf16, random routing "
+              f"(bench/sparse_ffn_gpu.py's fixed_fraction_route, seed 0)", ""]  # fmt: skip
+    payload: dict = {"env": env, "calls": {}, "parts": {}, "gather": {}}
+
+    ref = call()
+    dense = dense_fn(w)
+    dense_us = timed(lambda: dense(x))
+    settings = {
+        "default": {},
+        "tokens as the MMA's M (swap_ab off)": {"swap_ab": False},
+        "dense groups off": {"dense_group_fraction": 2.0},
+        "bm256 bk64 s3 w8": {"num_stages": 3},
+        "bm256 bk32 s6 w8": {"block_k": 32, "num_stages": 6},
+        "bm128 bk64 s4 w4": {"block_m": 128, "num_warps": 4},
+    }
+    lines += ["## 1. The whole call", "", f"dense FFN (3 x F.linear): {dense_us:.1f} us", "",
+              "| setting | eager us | graphed us | vs dense (eager) | vs dense (graphed) | max abs diff vs default |",
+              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, kw in settings.items():
+        try:
+            out = call(**kw)
+            diff = float((out.float() - ref.float()).abs().max())
+            eager = timed(lambda kw=kw: call(**kw))
+            graphed = timed(capture(lambda kw=kw: call(**kw))[0])
+        except Exception as exc:  # a tile that does not fit in shared memory
+            lines.append(f"| {name} | {type(exc).__name__}: {str(exc)[:80]} | | | | |")
+            continue
+        payload["calls"][name] = {"eager_us": eager, "graphed_us": graphed, "max_abs_diff": diff}
+        lines.append(
+            f"| {name} | {eager:.1f} | {graphed:.1f} | {dense_us / eager:.2f}x | {dense_us / graphed:.2f}x | {diff:.2e} |"
+        )
+    payload["dense_us"] = dense_us
+
+    # 2. parts alone, with the default tiles
+    bm, bk, stages, warps = triton_ffn._prefill_tiles(2, 2 * S, False)
+    align = triton_ffn._align(route.expert_ids, route.num_active, E, bm)
+    sorted_pairs, block_expert, expert_offsets, expert_counts = align
+    _, b_max = align_bounds(T * K, E, bm)
+    h = torch.empty(T, E * S, dtype=x.dtype, device=dev)
+    gbm, group, *_ = triton_ffn._dense_group_config(2, 2 * S, False)
+    flags, _ = triton_ffn.dense_group_flags(route.expert_ids, route.num_active, expert_counts, group, 0.9)
+    grid_up = (max(1, min(b_max, triton_ffn._num_sms(dev) * 4)),)
+
+    def up():
+        kernels.grouped_up_kernel[grid_up](
+            x, p.w_in, p.w_down, route.gates, h, sorted_pairs, block_expert, expert_offsets, flags, expert_counts,
+            T, d, K, E, x.stride(0), S=S, GATED=True, HAS_BIAS=False, ACT=0, GATE_IN_H=True, ONE_DOT=True,
+            BLOCK_M=bm, BLOCK_K=bk, DOT_PREC="tf32", DENSE_GROUPS=True, G=group, SWAP_AB=True, ZERO_REST=True,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    y = torch.empty(T, d, dtype=x.dtype, device=dev)
+    parts = {
+        "align_experts (4 kernels + memset)": lambda: triton_ffn._align(route.expert_ids, route.num_active, E, bm),
+        "zero fill of H [T, F] (before: now written by the up kernel)": lambda: torch.zeros(
+            T, E * S, dtype=x.dtype, device=dev
+        ),
+        "dense-group flags + slot map": lambda: triton_ffn.dense_group_flags(
+            route.expert_ids, route.num_active, expert_counts, group, 0.9
+        ),
+        "grouped_up_kernel (swap_ab, zeroes the rest of H)": up,
+        "down: torch.mm(H, Wd) (cuBLAS)": lambda: torch.mm(h, p.w_down.view(E * S, d), out=y),
+    }
+    pairs = int(expert_counts.sum())
+    blocks = int(expert_offsets[E]) // bm
+    lines += ["", "## 2. The parts alone (default tiles)", "",
+              f"pairs {pairs}, blocks of {bm} rows {blocks} (padding {blocks * bm / pairs - 1:.1%})", "",
+              "| part | eager us | graphed us |", "|---|---:|---:|"]  # fmt: skip
+    for name, fn in parts.items():
+        eager = timed(fn)
+        graphed = timed(capture(fn)[0])
+        payload["parts"][name] = {"eager_us": eager, "graphed_us": graphed}
+        lines.append(f"| {name} | {eager:.1f} | {graphed:.1f} |")
+    up_us = payload["parts"]["grouped_up_kernel (swap_ab, zeroes the rest of H)"]["graphed_us"]
+    x_bytes = pairs * d * 2
+    w_bytes = blocks * 2 * S * d * 2
+    lines += ["", f"up kernel: gathered x {x_bytes / 1e9:.2f} GB + weight tiles {w_bytes / 1e9:.2f} GB "
+              f"-> {(x_bytes + w_bytes) / up_us / 1e6:.2f} TB/s from L2; "
+              f"{2 * pairs * 2 * S * d / up_us / 1e6:.0f} TFLOP/s on the selected pairs"]  # fmt: skip
+
+    # 3. what bounds the up kernel
+    lines += ["", "## 3. The up kernel's loop against N weight columns per gathered row", "",
+              "| N | rows | block_m | stages | us | x + W GB | TB/s (x + W) | TFLOP/s (valid rows) |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    cases = [(16, True, 256, 4), (32, True, 256, 4), (64, True, 256, 4), (128, True, 256, 3), (64, False, 256, 4)]
+    wn = {}
+    for n, gather, cbm, cst in cases:
+        if n not in wn:
+            wn[n] = (torch.randn(E, n, d, device=dev) * 0.02).to(torch.bfloat16)
+        al = triton_ffn._align(route.expert_ids, route.num_active, E, cbm)
+        sp, be, eo, _ = al
+        _, cb_max = align_bounds(T * K, E, cbm)
+        out = torch.empty(sp.numel(), dtype=torch.float32, device=dev)
+        grid = (max(1, min(cb_max, triton_ffn._num_sms(dev) * 4)),)
+
+        def g(n=n, gather=gather, cbm=cbm, cst=cst, sp=sp, be=be, eo=eo, out=out, grid=grid):
+            gather_dot_kernel[grid](x, wn[n], out, sp, be, eo, T, d, K, E, x.stride(0), N=n, BLOCK_M=cbm,
+                                    BLOCK_K=64, GATHER=gather, num_warps=8, num_stages=cst)  # fmt: skip
+
+        try:
+            us = timed(capture(g)[0])
+        except Exception as exc:
+            lines.append(
+                f"| {n} | {'gathered' if gather else 'contiguous'} | {cbm} | {cst} | {type(exc).__name__} | | | |"
+            )
+            continue
+        nb = int(eo[E]) // cbm
+        gb = (pairs * d * 2 + nb * n * d * 2) / 1e9
+        payload["gather"][f"N{n}_{'g' if gather else 'c'}_bm{cbm}_s{cst}"] = {"us": us, "gb": gb}
+        lines.append(f"| {n} | {'gathered' if gather else 'contiguous'} | {cbm} | {cst} | {us:.1f} | {gb:.2f} | "
+                     f"{gb / us * 1e3:.2f} | {2 * pairs * n * d / us / 1e6:.0f} |")  # fmt: skip
+    report = "\n".join(lines) + "\n"
+    print(report)
+    write_results(args.out, "prefill_up_diag", report, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
