@@ -228,58 +228,13 @@ def test_prefill_down_variants(down, gated, bias):
         x, *route, packed.w_in, packed.w_down, b_in=packed.b_in, b_out=packed.b_out, gated=gated, act=act
     )
     args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, gated, act)
-    for one_dot in (True, False):  # gate and up in one N = 2S dot, or two N = S dots
-        out = sparse_ffn_prefill_triton(x, *route, *args, down=down, one_dot=one_dot)
+    # Gate and up in one N = 2S dot with the tokens as the MMA's M or as its N (swap_ab), or two
+    # N = S dots (swap_ab applies to the one-dot gated path only).
+    for one_dot, swap_ab in ((True, False), (True, True), (False, False)):
+        out = sparse_ffn_prefill_triton(x, *route, *args, down=down, one_dot=one_dot, swap_ab=swap_ab)
         check(out, ref, torch.float32)
     with pytest.raises(ValueError, match="down"):
         sparse_ffn_prefill_triton(x, *route, *args, down="dense")
-
-
-def _gappy_rows(T, E):
-    """Expert 1 by every third token from 4 to T - 6 (gaps before, between, across blocks, after)."""
-    return [[0, 1] if 4 <= t <= T - 6 and t % 3 == 1 else [0] for t in range(T)]
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("swap_ab", [False, True])  # tokens as the MMA's M, or as its N
-@pytest.mark.parametrize(
-    "routing",
-    [
-        "gappy",  # one expert with gaps at the start, between blocks and at the end; 3 idle experts
-        "one expert",  # every token to expert 2: the other experts have no blocks at all
-        "nothing",  # no token selected anything: every cell written by the idle-expert loop
-        "all",  # every token keeps every expert: no gap anywhere
-        "random",  # topp_route at tau 0.6
-    ],
-)
-def test_prefill_writes_every_cell_of_h(routing, swap_ab, dtype):
-    """The up kernel zeroes the intermediate's unselected cells itself (no fill beforehand):
-    filled with NaN first, a cell it failed to write would reach the output."""
-    from prunepath_ops.ffn.triton_ffn import _prefill_tiles, sparse_ffn_prefill_triton
-
-    E, S, d = 5, 16, 24
-    block_m = _prefill_tiles(dtype.itemsize, 2 * S, not HAS_CUDA)[0]
-    T = 2 * block_m + 7  # experts span three blocks
-    rows = {
-        "gappy": _gappy_rows(T, E),
-        "one expert": [[2]] * T,
-        "nothing": [[]] * T,
-        "all": [list(range(E))] * T,
-    }.get(routing)
-    w, _, packed = make_ffn(d, E * S, S, device=DEVICE, dtype=dtype)
-    x = torch.randn(T, d, device=DEVICE).to(dtype)
-    if rows is None:
-        route = pp.topp_route(torch.randn(T, E, device=DEVICE), 0.6)
-    else:
-        route = tuple(r.to(DEVICE) for r in _custom_route(T, E, E, rows))
-    ref = R.sparse_ffn(x.float(), *route, packed.w_in.float(), packed.w_down.float(), gated=True, act="silu")
-    args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, True, "silu")
-    for down in ("mm", "blocksparse"):  # blocksparse: unselected cells must never be read
-        out = sparse_ffn_prefill_triton(
-            x, *poison_padding(route, E, E), *args, down=down, swap_ab=swap_ab, h_fill=float("nan")
-        )
-        check(out, ref, dtype)
 
 
 @needs_triton
@@ -314,7 +269,7 @@ def test_prefill_dense_groups(fraction, gated, bias, down, dtype):
     route = poison_padding(pp.topp_route(logits, 0.95), E, E)
     ref, mask_ref = oracles(x, w, perm, packed, route, S, act)
     args = (packed.w_in, packed.b_in, packed.w_down, packed.b_out, gated, act)
-    out = sparse_ffn_prefill_triton(x, *route, *args, down=down, dense_group_fraction=fraction, h_fill=float("nan"))
+    out = sparse_ffn_prefill_triton(x, *route, *args, down=down, dense_group_fraction=fraction)
     check(out, ref, dtype)
     check(out, mask_ref, dtype)
     # The flags against a direct count of the selected cells per expert group, the slot map

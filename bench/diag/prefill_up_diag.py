@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -89,6 +90,7 @@ def main() -> int:
     ap.add_argument("--active", type=float, default=0.3)
     ap.add_argument("--warmup", type=float, default=25)
     ap.add_argument("--rep", type=float, default=150)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the whole-call settings")
     ap.add_argument("--ncu", action="store_true", help="run the default call 3 times and exit (for ncu)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--timer", default="do_bench")
@@ -127,61 +129,74 @@ def main() -> int:
 
     ref = call()
     dense = dense_fn(w)
-    dense_us = timed(lambda: dense(x))
     settings = {
         "default": {},
-        "tokens as the MMA's M (swap_ab off)": {"swap_ab": False},
+        "swap_ab off": {"swap_ab": False},
+        "w16": {"num_warps": 16},
+        "w16, swap_ab off": {"num_warps": 16, "swap_ab": False},
         "dense groups off": {"dense_group_fraction": 2.0},
-        "bm256 bk64 s3 w8": {"num_stages": 3},
-        "bm256 bk32 s6 w8": {"block_k": 32, "num_stages": 6},
-        "bm128 bk64 s4 w4": {"block_m": 128, "num_warps": 4},
     }
-    lines += ["## 1. The whole call", "", f"dense FFN (3 x F.linear): {dense_us:.1f} us", "",
-              "| setting | eager us | graphed us | vs dense (eager) | vs dense (graphed) | max abs diff vs default |",
-              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    # Settings timed in interleaved rounds (machine drift and do_bench's spread fall on all alike);
+    # each cell: the median over the rounds, and the range.
+    fns, diffs = {}, {}
     for name, kw in settings.items():
         try:
             out = call(**kw)
-            diff = float((out.float() - ref.float()).abs().max())
-            eager = timed(lambda kw=kw: call(**kw))
-            graphed = timed(capture(lambda kw=kw: call(**kw))[0])
+            diffs[name] = float((out.float() - ref.float()).abs().max())
+            fns[name] = (lambda kw=kw: call(**kw), capture(lambda kw=kw: call(**kw))[0])
         except Exception as exc:  # a tile that does not fit in shared memory
-            lines.append(f"| {name} | {type(exc).__name__}: {str(exc)[:80]} | | | | |")
+            diffs[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
+    times = {name: ([], []) for name in fns}
+    dense_times = []
+    for _ in range(args.rounds):
+        dense_times.append(timed(lambda: dense(x)))
+        for name, (eager_fn, graph_fn) in fns.items():
+            times[name][0].append(timed(eager_fn))
+            times[name][1].append(timed(graph_fn))
+    dense_us = statistics.median(dense_times)
+    lines += ["## 1. The whole call", "",
+              f"{args.rounds} interleaved rounds; median (min-max) over the rounds. Dense FFN (3 x F.linear): "
+              f"{dense_us:.1f} us ({min(dense_times):.1f}-{max(dense_times):.1f})", "",
+              "| setting | eager us | graphed us | vs dense (eager) | vs dense (graphed) | max abs diff vs default |",
+              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name in settings:
+        if name not in fns:
+            lines.append(f"| {name} | {diffs[name]} | | | | |")
             continue
-        payload["calls"][name] = {"eager_us": eager, "graphed_us": graphed, "max_abs_diff": diff}
+        eager, graphed = (statistics.median(v) for v in times[name])
+        cell = [f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" for v in times[name]]
+        payload["calls"][name] = {"eager_us": times[name][0], "graphed_us": times[name][1], "max_abs_diff": diffs[name]}
         lines.append(
-            f"| {name} | {eager:.1f} | {graphed:.1f} | {dense_us / eager:.2f}x | {dense_us / graphed:.2f}x | {diff:.2e} |"
+            f"| {name} | {cell[0]} | {cell[1]} | {dense_us / eager:.2f}x | {dense_us / graphed:.2f}x | {diffs[name]:.2e} |"
         )
-    payload["dense_us"] = dense_us
+    payload["dense_us"] = dense_times
 
     # 2. parts alone, with the default tiles
     bm, bk, stages, warps = triton_ffn._prefill_tiles(2, 2 * S, False)
     align = triton_ffn._align(route.expert_ids, route.num_active, E, bm)
     sorted_pairs, block_expert, expert_offsets, expert_counts = align
     _, b_max = align_bounds(T * K, E, bm)
-    h = torch.empty(T, E * S, dtype=x.dtype, device=dev)
+    h = torch.zeros(T, E * S, dtype=x.dtype, device=dev)
     gbm, group, *_ = triton_ffn._dense_group_config(2, 2 * S, False)
     flags, _ = triton_ffn.dense_group_flags(route.expert_ids, route.num_active, expert_counts, group, 0.9)
     grid_up = (max(1, min(b_max, triton_ffn._num_sms(dev) * 4)),)
 
     def up():
         kernels.grouped_up_kernel[grid_up](
-            x, p.w_in, p.w_down, route.gates, h, sorted_pairs, block_expert, expert_offsets, flags, expert_counts,
+            x, p.w_in, p.w_down, route.gates, h, sorted_pairs, block_expert, expert_offsets, flags,
             T, d, K, E, x.stride(0), S=S, GATED=True, HAS_BIAS=False, ACT=0, GATE_IN_H=True, ONE_DOT=True,
-            BLOCK_M=bm, BLOCK_K=bk, DOT_PREC="tf32", DENSE_GROUPS=True, G=group, SWAP_AB=True, ZERO_REST=True,
+            BLOCK_M=bm, BLOCK_K=bk, DOT_PREC="tf32", DENSE_GROUPS=True, G=group, SWAP_AB=True,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
     parts = {
         "align_experts (4 kernels + memset)": lambda: triton_ffn._align(route.expert_ids, route.num_active, E, bm),
-        "zero fill of H [T, F] (before: now written by the up kernel)": lambda: torch.zeros(
-            T, E * S, dtype=x.dtype, device=dev
-        ),
+        "zero fill of H [T, F]": lambda: torch.zeros(T, E * S, dtype=x.dtype, device=dev),
         "dense-group flags + slot map": lambda: triton_ffn.dense_group_flags(
             route.expert_ids, route.num_active, expert_counts, group, 0.9
         ),
-        "grouped_up_kernel (swap_ab, zeroes the rest of H)": up,
+        "grouped_up_kernel (swap_ab)": up,
         "down: torch.mm(H, Wd) (cuBLAS)": lambda: torch.mm(h, p.w_down.view(E * S, d), out=y),
     }
     pairs = int(expert_counts.sum())
@@ -194,7 +209,7 @@ def main() -> int:
         graphed = timed(capture(fn)[0])
         payload["parts"][name] = {"eager_us": eager, "graphed_us": graphed}
         lines.append(f"| {name} | {eager:.1f} | {graphed:.1f} |")
-    up_us = payload["parts"]["grouped_up_kernel (swap_ab, zeroes the rest of H)"]["graphed_us"]
+    up_us = payload["parts"]["grouped_up_kernel (swap_ab)"]["graphed_us"]
     x_bytes = pairs * d * 2
     w_bytes = blocks * 2 * S * d * 2
     lines += ["", f"up kernel: gathered x {x_bytes / 1e9:.2f} GB + weight tiles {w_bytes / 1e9:.2f} GB "

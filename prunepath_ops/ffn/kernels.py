@@ -67,7 +67,6 @@ def grouped_up_kernel(
     block_expert_ptr,  # [B_max] int32, -1 past the end
     expert_offsets_ptr,  # [E + 1] int32
     group_flags_ptr,  # [ceil(E / G)] int8, 1 = the group's experts done by dense_group_up_kernel; read if DENSE_GROUPS
-    expert_counts_ptr,  # [E] int32 pairs per expert (align_experts); read if ZERO_REST
     T,
     d,
     K,
@@ -85,7 +84,6 @@ def grouped_up_kernel(
     DENSE_GROUPS: tl.constexpr,
     G: tl.constexpr,
     SWAP_AB: tl.constexpr,
-    ZERO_REST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -106,81 +104,6 @@ def grouped_up_kernel(
                 x_ptr, w_in_ptr, b_in_ptr, gates_ptr, h_ptr, pair, valid, tok, e, d, stride_x, F,
                 S, GATED, HAS_BIAS, ACT, GATE_IN_H, ONE_DOT, BLOCK_M, BLOCK_K, DOT_PREC, SWAP_AB,
             )  # fmt: skip
-            if ZERO_REST:
-                _zero_unselected_around(
-                    h_ptr,
-                    sorted_pairs_ptr,
-                    expert_offsets_ptr,
-                    expert_counts_ptr,
-                    b,
-                    e,
-                    valid,
-                    tok,
-                    T,
-                    K,
-                    F,
-                    S,
-                    BLOCK_M,
-                )
-    if ZERO_REST:
-        # Experts that no token selected have no blocks: their columns are zeroed whole here.
-        offs_s = tl.arange(0, S)
-        zero = tl.zeros((BLOCK_M, S), dtype=h_ptr.dtype.element_ty)
-        for e in range(pid, E, num_programs):
-            idle = tl.load(expert_counts_ptr + e) == 0
-            if DENSE_GROUPS:
-                idle = idle & (tl.load(group_flags_ptr + e // G) == 0)
-            if idle:
-                for r0 in range(0, T, BLOCK_M):
-                    rows = (r0 + offs_m).to(tl.int64)
-                    tl.store(h_ptr + rows[:, None] * F + e * S + offs_s[None, :], zero, mask=(rows < T)[:, None])
-
-
-@triton.jit
-def _zero_unselected_around(
-    h_ptr,
-    sorted_pairs_ptr,
-    expert_offsets_ptr,
-    expert_counts_ptr,
-    b,
-    e,
-    valid,
-    tok,
-    T,
-    K,
-    F,
-    S: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """Zeros in expert ``e``'s columns of ``H`` for the tokens that did not select it, around block ``b``.
-
-    Within an expert the pairs ascend by token (``align_experts``' order), so the tokens that did
-    not select ``e`` are the gaps between consecutive selected ones: each block zeroes the gap
-    before each of its tokens (the first gap starting after the previous block's last token, or at
-    row 0 for the expert's first block) and, if it holds the expert's last pair, the rows after it.
-    With the kernel's loop over experts without blocks, every unselected cell is written once, by
-    the kernel that is already there: the ``[T, F]`` intermediate needs no fill beforehand (a
-    35-40 us memset at T = 4096 on the Llama-3-8B shape, against writes that here cost L2 traffic
-    of a kernel bound by its gathered reads).
-    """
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_s = tl.arange(0, S)
-    row = b * BLOCK_M + offs_m
-    first = tl.load(expert_offsets_ptr + e)
-    end = first + tl.load(expert_counts_ptr + e)
-    prev_pair = tl.load(sorted_pairs_ptr + row - 1, mask=valid & (row > first), other=-1)
-    prev_tok = tl.where(prev_pair >= 0, prev_pair // K, -1).to(tl.int64)
-    gap = tl.where(valid, tok - prev_tok - 1, 0)
-    cols = e * S + offs_s
-    zero = tl.zeros((BLOCK_M, S), dtype=h_ptr.dtype.element_ty)
-    for j in range(0, tl.max(gap, axis=0).to(tl.int32)):
-        rows = prev_tok + 1 + j
-        tl.store(h_ptr + rows[:, None] * F + cols[None, :], zero, mask=(j < gap)[:, None])
-    # T unless this block holds the expert's last pair.
-    tail = tl.min(tl.where(valid & (row == end - 1), tok + 1, T), axis=0).to(tl.int32)
-    for r0 in range(tail, T, BLOCK_M):
-        rows = (r0 + offs_m).to(tl.int64)
-        tl.store(h_ptr + rows[:, None] * F + cols[None, :], zero, mask=(rows < T)[:, None])
 
 
 @triton.jit

@@ -136,7 +136,6 @@ def sparse_ffn_prefill_triton(
     one_dot: bool = True,
     dense_group_fraction: float | None = None,
     swap_ab: bool | None = None,
-    h_fill: float | None = None,
 ) -> Tensor:
     """Routed FFN for many tokens: grouped up/gate GEMM, then the down projection.
 
@@ -150,9 +149,7 @@ def sparse_ffn_prefill_triton(
     of G experts with at least this fraction of their (token, expert) cells selected run as a
     plain GEMM over all tokens (:func:`dense_group_flags`, :func:`kernels.dense_group_up_kernel`).
     ``swap_ab``: the up kernel computes ``W_e x^T`` (weight rows as the MMA's M, tokens as its N;
-    default: for gated FFNs in 2-byte dtypes, the measured case). ``h_fill`` (tests): fill the
-    intermediate with this value before the kernels run (the ``"mm"`` path writes every cell
-    itself, so NaN there must not reach the output).
+    default: for gated FFNs in 2-byte dtypes, the measured case).
     Active slots must hold distinct experts (``topp_route``'s contract; the grouped kernel would
     add a repeated expert twice, a dense group once). Returns ``[T, d]`` in the dtype of ``x``.
     """
@@ -170,11 +167,9 @@ def sparse_ffn_prefill_triton(
     sorted_pairs, block_expert, expert_offsets, expert_counts = _align(expert_ids, num_active, E, bm)
     _, b_max = align_bounds(T * K, E, bm)
     mm = down == "mm"
-    # [T, F]: the GEMM reads every cell, so unselected cells must be zeros: the up kernels write
-    # them (ZERO_REST, dense groups). The block-sparse kernel reads only selected cells.
-    h = torch.empty(T, E * S, dtype=x.dtype, device=x.device)
-    if h_fill is not None:
-        h.fill_(h_fill)
+    # [T, F]: the GEMM reads every cell, so unselected cells must be zeros; the block-sparse
+    # kernel reads only selected cells.
+    h = (torch.zeros if mm else torch.empty)(T, E * S, dtype=x.dtype, device=x.device)
     if swap_ab is None:
         swap_ab = gated and one_dot and x.element_size() <= 2
     dummy = w_down
@@ -194,10 +189,10 @@ def sparse_ffn_prefill_triton(
     grid_up = (max(1, min(b_max, _num_sms(x.device) * 4)),)
     kernels.grouped_up_kernel[grid_up](
         x, w_in, b_in if b_in is not None else dummy, gates, h, sorted_pairs, block_expert, expert_offsets, flags,
-        expert_counts, T, d, K, E, x.stride(0),
+        T, d, K, E, x.stride(0),
         S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=mm,
         ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=bk, DOT_PREC=_dot_precision(x.dtype),
-        DENSE_GROUPS=dense, G=group, SWAP_AB=swap_ab, ZERO_REST=mm,
+        DENSE_GROUPS=dense, G=group, SWAP_AB=swap_ab,
         **({} if interp else {"num_warps": warps, "num_stages": stages}),
     )  # fmt: skip
     if mm:
