@@ -139,7 +139,9 @@ def _grouped_up_block(
     if GATED and ONE_DOT and SWAP_AB:
         # The transposed product, [2S, BLOCK_M] = W_e x^T: the weight rows are the MMA's M (64 for
         # S = 32) and the gathered tokens its N (up to 256), so each wgmma reads its shared-memory
-        # operands once instead of re-reading the weight tile for every 64 rows of tokens.
+        # operands once instead of re-reading the weight tile for every 64 rows of tokens: -28 to
+        # -64 us of a ~1.45 ms call at T = 4096, 30 % (bench/results/prefill_up_diag.md, "Session 22"
+        # in bench/results/README.md).
         offs_2s = tl.arange(0, 2 * S)
         acc_t = tl.zeros((2 * S, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, d, BLOCK_K):
