@@ -36,7 +36,7 @@ import triton.language as tl  # noqa: E402
 from common import capture, environment, header_lines, write_results  # noqa: E402
 from sparse_ffn_gpu import Weights, dense_fn, fixed_fraction_route  # noqa: E402
 
-from prunepath_ops.ffn import kernels, triton_ffn  # noqa: E402
+from prunepath_ops.ffn import triton_ffn  # noqa: E402
 from prunepath_ops.ffn.triton_ffn import sparse_ffn_prefill_triton  # noqa: E402
 from prunepath_ops.reference.sparse_ffn import align_bounds  # noqa: E402
 
@@ -177,16 +177,14 @@ def main() -> int:
     sorted_pairs, block_expert, expert_offsets, expert_counts = align
     _, b_max = align_bounds(T * K, E, bm)
     h = torch.zeros(T, E * S, dtype=x.dtype, device=dev)
-    gbm, group, *_ = triton_ffn._dense_group_config(2, 2 * S, False)
+    group = triton_ffn._dense_group_config(2, 2 * S, False)[1]
     flags, _ = triton_ffn.dense_group_flags(route.expert_ids, route.num_active, expert_counts, group, 0.9)
-    grid_up = (max(1, min(b_max, triton_ffn._num_sms(dev) * 4)),)
 
     def up():
-        kernels.grouped_up_kernel[grid_up](
-            x, p.w_in, p.w_down, route.gates, h, sorted_pairs, block_expert, expert_offsets, flags,
-            T, d, K, E, x.stride(0), S=S, GATED=True, HAS_BIAS=False, ACT=0, GATE_IN_H=True, ONE_DOT=True,
-            BLOCK_M=bm, BLOCK_K=bk, DOT_PREC="tf32", DENSE_GROUPS=True, G=group, SWAP_AB=True,
-            num_warps=warps, num_stages=stages,
+        triton_ffn.launch_grouped_up(
+            x, p.w_in, None, route.gates, h, (sorted_pairs, block_expert, expert_offsets), flags, b_max,
+            gated=True, act="silu", gate_in_h=True, one_dot=True, swap_ab=True, group=group,
+            tiles=(bm, bk, stages, warps),
         )  # fmt: skip
 
     y = torch.empty(T, d, dtype=x.dtype, device=dev)

@@ -136,33 +136,30 @@ def _grouped_up_block(
     offs_k = tl.arange(0, BLOCK_K)
     offs_s = tl.arange(0, S)
     w_base = w_in_ptr + e * rows_in * d
-    if GATED and ONE_DOT and SWAP_AB:
-        # The transposed product, [2S, BLOCK_M] = W_e x^T: the weight rows are the MMA's M (64 for
-        # S = 32) and the gathered tokens its N (up to 256), so each wgmma reads its shared-memory
-        # operands once instead of re-reading the weight tile for every 64 rows of tokens: -28 to
-        # -64 us of a ~1.45 ms call at T = 4096, 30 % (bench/results/prefill_up_diag.md, "Session 22"
-        # in bench/results/README.md).
-        offs_2s = tl.arange(0, 2 * S)
-        acc_t = tl.zeros((2 * S, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < d
-            xt = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_base + offs_2s[:, None] * d + kk[None, :], mask=k_ok[None, :], other=0.0)
-            acc_t = tl.dot(w, tl.trans(xt), acc_t, input_precision=DOT_PREC)
-        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc_t, (2, S, BLOCK_M)), (2, 1, 0)))  # [BLOCK_M, S] each
-    elif GATED and ONE_DOT:
+    if GATED and ONE_DOT:
         # Gate and up rows are adjacent in w_in: one N = 2S dot fills the tensor cores better
         # than two N = S dots; the accumulator is split in registers afterwards.
+        # SWAP_AB: the transposed product, [2S, BLOCK_M] = W_e x^T: the weight rows are the MMA's
+        # M (64 for S = 32) and the gathered tokens its N (up to 256), so each wgmma reads its
+        # shared-memory operands once instead of re-reading the weight tile for every 64 rows of
+        # tokens: -28 to -64 us of a ~1.45 ms call at T = 4096, 30 % (bench/results/
+        # prefill_up_diag.md, "Session 22" in bench/results/README.md).
         offs_2s = tl.arange(0, 2 * S)
-        acc = tl.zeros((BLOCK_M, 2 * S), dtype=tl.float32)
+        acc = tl.zeros((2 * S, BLOCK_M) if SWAP_AB else (BLOCK_M, 2 * S), dtype=tl.float32)
         for k0 in range(0, d, BLOCK_K):
             kk = k0 + offs_k
             k_ok = kk < d
             xt = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_base + offs_2s[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(xt, w, acc, input_precision=DOT_PREC)
-        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, S)), (0, 2, 1)))
+            if SWAP_AB:
+                w = tl.load(w_base + offs_2s[:, None] * d + kk[None, :], mask=k_ok[None, :], other=0.0)
+                acc = tl.dot(w, tl.trans(xt), acc, input_precision=DOT_PREC)
+            else:
+                w = tl.load(w_base + offs_2s[None, :] * d + kk[:, None], mask=k_ok[:, None], other=0.0)
+                acc = tl.dot(xt, w, acc, input_precision=DOT_PREC)
+        if SWAP_AB:
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, S, BLOCK_M)), (2, 1, 0)))  # [BLOCK_M, S] each
+        else:
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, S)), (0, 2, 1)))
     else:
         acc_g = tl.zeros((BLOCK_M, S), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, S), dtype=tl.float32)

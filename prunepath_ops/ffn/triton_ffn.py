@@ -116,6 +116,49 @@ def dense_group_flags(
     return flags, slot_map
 
 
+def launch_grouped_up(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    gates: Tensor,
+    h: Tensor,
+    alignment: tuple[Tensor, Tensor, Tensor],
+    group_flags: Tensor | None,
+    b_max: int,
+    *,
+    gated: bool,
+    act: str,
+    gate_in_h: bool,
+    one_dot: bool,
+    swap_ab: bool,
+    group: int,
+    tiles: tuple[int, int, int, int],
+) -> None:
+    """Launch ``kernels.grouped_up_kernel`` into ``h [T, F]`` (the prefill launcher's step 1; also timed alone
+    by bench/diag/prefill_up_diag.py).
+
+    ``alignment``: ``(sorted_pairs, block_expert, expert_offsets)`` of :func:`align_experts` with
+    ``BLOCK_M = tiles[0]`` and ``b_max`` blocks at most; ``group_flags``: the dense groups to skip
+    (:func:`dense_group_flags`), or None; ``tiles``: ``(BLOCK_M, BLOCK_K, num_stages, num_warps)``.
+    """
+    T, d = x.shape
+    K = gates.shape[1]
+    E = alignment[2].shape[0] - 1
+    S = h.shape[1] // E
+    bm, bk, stages, warps = tiles
+    interp = _interpreting()
+    dummy = w_in
+    grid = (max(1, min(b_max, _num_sms(x.device) * 4)),)
+    kernels.grouped_up_kernel[grid](
+        x, w_in, b_in if b_in is not None else dummy, gates, h, *alignment,
+        group_flags if group_flags is not None else dummy, T, d, K, E, x.stride(0),
+        S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=gate_in_h,
+        ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=bk, DOT_PREC=_dot_precision(x.dtype),
+        DENSE_GROUPS=group_flags is not None, G=group, SWAP_AB=swap_ab,
+        **({} if interp else {"num_warps": warps, "num_stages": stages}),
+    )  # fmt: skip
+
+
 def sparse_ffn_prefill_triton(
     x: Tensor,
     expert_ids: Tensor,
@@ -176,7 +219,7 @@ def sparse_ffn_prefill_triton(
     fraction = DENSE_GROUP_FRACTION if dense_group_fraction is None else dense_group_fraction
     dense = fraction <= 1.0
     gbm, group, gbk, gstages, gwarps = _dense_group_config(x.element_size(), 2 * S if gated else S, interp)
-    flags = dummy
+    flags = None  # the dense groups the grouped kernel skips
     if dense:
         flags, slot_map = dense_group_flags(expert_ids, num_active, expert_counts, group, fraction)
         # The grouped kernel skips these groups' experts: the two kernels write disjoint cells.
@@ -186,14 +229,10 @@ def sparse_ffn_prefill_triton(
             GATE_IN_H=mm, BLOCK_M=gbm, BLOCK_K=gbk, DOT_PREC=_dot_precision(x.dtype),
             **({} if interp else {"num_warps": gwarps, "num_stages": gstages}),
         )  # fmt: skip
-    grid_up = (max(1, min(b_max, _num_sms(x.device) * 4)),)
-    kernels.grouped_up_kernel[grid_up](
-        x, w_in, b_in if b_in is not None else dummy, gates, h, sorted_pairs, block_expert, expert_offsets, flags,
-        T, d, K, E, x.stride(0),
-        S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=mm,
-        ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=bk, DOT_PREC=_dot_precision(x.dtype),
-        DENSE_GROUPS=dense, G=group, SWAP_AB=swap_ab,
-        **({} if interp else {"num_warps": warps, "num_stages": stages}),
+    launch_grouped_up(
+        x, w_in, b_in, gates, h, (sorted_pairs, block_expert, expert_offsets), flags, b_max,
+        gated=gated, act=act, gate_in_h=mm, one_dot=one_dot, swap_ab=swap_ab, group=group,
+        tiles=(bm, bk, stages, warps),
     )  # fmt: skip
     if mm:
         y = torch.mm(h, w_down.view(E * S, d), out=y)  # [T, F] @ [F, d]
