@@ -68,7 +68,17 @@ def test_opcheck():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("T,E,K,bm", CASES + [(4096, 448, 448, 64), (16, 448, 448, 16), (1000, 4096, 8, 16)])
+@pytest.mark.parametrize(
+    "T,E,K,bm",
+    CASES
+    + [
+        (4096, 448, 448, 64),  # Llama-3-8B's E, many chunks
+        (16, 448, 448, 16),  # one partial chunk
+        (1000, 4096, 8, 16),  # large E, few pairs: most experts empty
+        (40, 8192, 16, 256),  # the CUDA kernel's largest E (its offsets fill shared memory), a long -1 tail
+        (300, 7, 7, 3),  # block_m not a power of two: the tail starts at an odd row
+    ],
+)
 def test_cuda_matches_cpu(T, E, K, bm):
     ids, n = random_routing(T, E, K, seed=T)
     want = pp.align_experts(ids, n, E, bm)

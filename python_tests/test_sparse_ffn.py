@@ -208,6 +208,24 @@ def test_decode_chunked_reduction(T, S, rows, use_dot, slot_grid):
 
 @needs_triton
 @pytest.mark.parametrize(
+    "n, dtype",
+    [
+        (0, torch.float32),  # nothing to write, no launch
+        (1, torch.bfloat16),  # a single element: one masked program
+        (3001, torch.float16),  # not a multiple of the block: the last program masked
+        (4096, torch.float32),  # whole blocks only
+    ],
+)
+def test_zero_fill(n, dtype):
+    from prunepath_ops.ffn.triton_ffn import zero_fill
+
+    t = torch.full((n + 5,), 7.0, dtype=dtype, device=DEVICE)
+    zero_fill(t[:n])
+    assert bool((t[:n] == 0).all()) and bool((t[n:] == 7).all())  # nothing written past n
+
+
+@needs_triton
+@pytest.mark.parametrize(
     "down, gated, bias",
     [
         ("mm", True, False),  # gate in the up kernel, cuBLAS-style GEMM over the zero-filled H
@@ -275,7 +293,7 @@ def test_prefill_dense_groups(fraction, gated, bias, down, dtype):
     # The flags against a direct count of the selected cells per expert group, the slot map
     # against the routing (filled for the dense groups' experts only).
     counts = R.align_experts(route[0], route[2], E, block_m)[3]
-    flags, slot_map = dense_group_flags(route[0], route[2], counts, group, min(fraction, 1.0))
+    flags, slot_map, dense_list = dense_group_flags(route[0], route[2], counts, group, min(fraction, 1.0))
     ids, _, n = route
     cells = torch.zeros(T, E, dtype=torch.int32)
     for t in range(T):
@@ -285,6 +303,9 @@ def test_prefill_dense_groups(fraction, gated, bias, down, dtype):
     width = torch.tensor([min(group, E - g * group) for g in range(per_group.numel())])
     want = (per_group > 0) & (per_group.float() >= min(fraction, 1.0) * (T * width).float())
     assert torch.equal(flags.cpu().bool(), want)
+    num_dense = int(want.sum())
+    assert int(dense_list[-1]) == num_dense  # the compact list the dense kernel walks
+    assert torch.equal(dense_list.cpu()[:num_dense].long(), torch.nonzero(want).flatten())
     dense_cols = want.repeat_interleave(group)[:E]
     assert torch.equal(slot_map.cpu()[:, dense_cols], cells[:, dense_cols])  # the only cells written
     if fraction == 0.5:

@@ -19,6 +19,11 @@ experts at random (``bench/sparse_ffn_gpu.py``'s routing). Three tables, every t
 
     python3 bench/diag/prefill_up_diag.py --out /tmp/out      # on the H200, ~2 minutes
     python3 bench/diag/prefill_up_diag.py --ncu                # the default call only, for ncu
+
+4. The same grouped shape fed by TMA: ``torch._grouped_mm`` (CUTLASS) and cuBLAS on the rows of x
+   gathered beforehand (expert-major, the gather not timed): what the up kernel's N = 64 shape
+   costs without cp.async gathers, the ceiling of any gather-free design.
+5. Ways to zero ``H`` (torch's fill kernel, a Triton store stream, ``cudaMemsetAsync``).
 """
 
 from __future__ import annotations
@@ -81,6 +86,33 @@ def gather_dot_kernel(
             w = tl.load(w_base + offs_n[None, :] * d + kk[:, None])
             acc = tl.dot(xt, w, acc)
         tl.store(out_ptr + b * BLOCK_M + offs_m, tl.sum(acc, axis=1), mask=valid)
+
+
+def cuda_memset_async():
+    """``cudaMemsetAsync`` from the CUDA runtime torch loaded, or None (ctypes; diagnosis only)."""
+    import ctypes
+    import glob
+
+    names = ["libcudart.so", "libcudart.so.13", "libcudart.so.12"]
+    names += glob.glob(
+        os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "**", "libcudart.so*"), recursive=True
+    )
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+            fn = lib.cudaMemsetAsync
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+
+        def memset(t: torch.Tensor, fn=fn) -> None:
+            err = fn(t.data_ptr(), 0, t.numel() * t.element_size(), torch.cuda.current_stream().cuda_stream)
+            if err != 0:
+                raise RuntimeError(f"cudaMemsetAsync returned {err}")
+
+        return memset
+    return None
 
 
 def main() -> int:
@@ -178,7 +210,7 @@ def main() -> int:
     _, b_max = align_bounds(T * K, E, bm)
     h = torch.zeros(T, E * S, dtype=x.dtype, device=dev)
     group = triton_ffn._dense_group_config(2, 2 * S, False)[1]
-    flags, _ = triton_ffn.dense_group_flags(route.expert_ids, route.num_active, expert_counts, group, 0.9)
+    flags = triton_ffn.dense_group_flags(route.expert_ids, route.num_active, expert_counts, group, 0.9)[0]
 
     def up():
         triton_ffn.launch_grouped_up(
@@ -189,8 +221,8 @@ def main() -> int:
 
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
     parts = {
-        "align_experts (4 kernels + memset)": lambda: triton_ffn._align(route.expert_ids, route.num_active, E, bm),
-        "zero fill of H [T, F]": lambda: torch.zeros(T, E * S, dtype=x.dtype, device=dev),
+        "align_experts (3 kernels)": lambda: triton_ffn._align(route.expert_ids, route.num_active, E, bm),
+        "zero fill of H [T, F] (triton_ffn.zero_fill)": lambda: triton_ffn.zero_fill(h),
         "dense-group flags + slot map": lambda: triton_ffn.dense_group_flags(
             route.expert_ids, route.num_active, expert_counts, group, 0.9
         ),
@@ -199,14 +231,44 @@ def main() -> int:
     }
     pairs = int(expert_counts.sum())
     blocks = int(expert_offsets[E]) // bm
-    lines += ["", "## 2. The parts alone (default tiles)", "",
+    lines += ["", "## 2. The parts alone (default tiles; median of 3 interleaved rounds)", "",
               f"pairs {pairs}, blocks of {bm} rows {blocks} (padding {blocks * bm / pairs - 1:.1%})", "",
               "| part | eager us | graphed us |", "|---|---:|---:|"]  # fmt: skip
-    for name, fn in parts.items():
-        eager = timed(fn)
-        graphed = timed(capture(fn)[0])
-        payload["parts"][name] = {"eager_us": eager, "graphed_us": graphed}
+    part_times = {name: ([], []) for name in parts}
+    graphs = {name: capture(fn)[0] for name, fn in parts.items()}
+    for _ in range(3):  # interleaved rounds; the median of each
+        for name, fn in parts.items():
+            part_times[name][0].append(timed(fn))
+            part_times[name][1].append(timed(graphs[name]))
+    for name, (eager_v, graphed_v) in part_times.items():
+        eager, graphed = statistics.median(eager_v), statistics.median(graphed_v)
+        payload["parts"][name] = {"eager_us": eager, "graphed_us": graphed, "rounds": [eager_v, graphed_v]}
         lines.append(f"| {name} | {eager:.1f} | {graphed:.1f} |")
+    # Every kernel of the default call, from the profiler (their sum against the call's time
+    # shows the gaps between them).
+    from torch.profiler import ProfilerActivity, profile
+
+    n_prof = 10
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_prof):
+            call()
+        torch.cuda.synchronize()
+    kern = sorted(
+        (
+            (e.key, e.device_time_total / n_prof, e.count // n_prof)
+            for e in prof.key_averages()
+            if e.device_time_total > 0
+        ),
+        key=lambda r: -r[1],
+    )
+    lines += ["", f"Kernels of one default call (torch.profiler, mean of {n_prof} eager calls):", "",
+              "| kernel | launches per call | us per call |", "|---|---:|---:|"]  # fmt: skip
+    for name, us, cnt in kern:
+        lines.append(f"| `{name[:90]}` | {cnt} | {us:.1f} |")
+    lines.append(f"| sum | | {sum(r[1] for r in kern):.1f} |")
+    payload["kernels"] = [{"name": n, "us": u, "launches": c} for n, u, c in kern]
     up_us = payload["parts"]["grouped_up_kernel (swap_ab)"]["graphed_us"]
     x_bytes = pairs * d * 2
     w_bytes = blocks * 2 * S * d * 2
@@ -245,6 +307,66 @@ def main() -> int:
         payload["gather"][f"N{n}_{'g' if gather else 'c'}_bm{cbm}_s{cst}"] = {"us": us, "gb": gb}
         lines.append(f"| {n} | {'gathered' if gather else 'contiguous'} | {cbm} | {cst} | {us:.1f} | {gb:.2f} | "
                      f"{gb / us * 1e3:.2f} | {2 * pairs * n * d / us / 1e6:.0f} |")  # fmt: skip
+    # 4. ceilings of the N = 64 grouped shape: TMA-fed GEMMs on rows gathered beforehand
+    lines += ["", "## 4. The same grouped shape fed by TMA (rows of x gathered beforehand, not timed)", "",
+              "What the up kernel's shape (N = 64 weight columns per expert, 4.5 GB of rows) costs when the rows",
+              "are contiguous and a CUTLASS/cuBLAS kernel loads them with TMA: the ceiling of a gather-free design.", "",
+              "| kernel | us | TFLOP/s (selected pairs) |", "|---|---:|---:|"]  # fmt: skip
+    h = wn = None  # free what the parts above held
+    torch.cuda.empty_cache()
+    tok = torch.repeat_interleave(torch.arange(T, device=dev), route.num_active.long())  # [P] token per pair
+    ids_flat = route.expert_ids[torch.arange(K, device=dev)[None, :] < route.num_active[:, None].long()]
+    order = torch.sort(ids_flat.long() * T + tok, stable=True).indices
+    x_sorted = x[tok[order]]  # [P, d], expert-major
+    ends = torch.cumsum(torch.bincount(ids_flat.long(), minlength=E), 0).to(torch.int32)
+    w_t = p.w_in.view(E, 2 * S, d).transpose(1, 2)  # [E, d, 2S]
+    ceil = {}
+    if hasattr(torch, "_grouped_mm"):
+        ceil["torch._grouped_mm (CUTLASS grouped GEMM, TMA), per-expert weights"] = lambda: torch._grouped_mm(
+            x_sorted, w_t, offs=ends
+        )
+    ceil["torch.mm (cuBLAS), one [d, 64] weight for every row"] = lambda: torch.mm(x_sorted, w_t[0])
+    ceil["torch.mm (cuBLAS), one [d, 128] weight for every row"] = lambda: torch.mm(
+        x_sorted, p.w_in.view(E, 2 * S, d)[:2].reshape(4 * S, d).t()
+    )
+    for name, fn in ceil.items():
+        try:
+            us = timed(capture(fn)[0])
+        except Exception as exc:
+            lines.append(f"| {name} | {type(exc).__name__}: {str(exc)[:60]} | |")
+            continue
+        n = 4 * S if "128" in name else 2 * S
+        payload.setdefault("tma_ceiling", {})[name] = us
+        lines.append(f"| {name} | {us:.1f} | {2 * pairs * n * d / us / 1e6:.0f} |")
+    x_sorted = None
+    torch.cuda.empty_cache()
+
+    # 5. ways to zero H
+    hz = torch.empty(T, E * S, dtype=x.dtype, device=dev)
+    nbytes = hz.numel() * hz.element_size()
+    fills = {
+        "torch.zeros": lambda: torch.zeros(T, E * S, dtype=x.dtype, device=dev),
+        "Tensor.zero_": lambda: hz.zero_(),
+        "triton_ffn.zero_fill (Triton store stream, 8192 per program)": lambda: triton_ffn.zero_fill(hz),
+    }
+    memset = cuda_memset_async()
+    if memset is not None:
+        fills["cudaMemsetAsync"] = lambda: memset(hz)
+    lines += [
+        "",
+        f"## 5. Zeroing H ({nbytes / 1e6:.0f} MB)",
+        "",
+        "| method | graphed us | TB/s written |",
+        "|---|---:|---:|",
+    ]
+    for name, fn in fills.items():
+        try:
+            us = timed(capture(fn)[0])
+        except Exception as exc:
+            lines.append(f"| {name} | {type(exc).__name__}: {str(exc)[:60]} | |")
+            continue
+        payload.setdefault("zero_fill", {})[name] = us
+        lines.append(f"| {name} | {us:.1f} | {nbytes / us / 1e6:.2f} |")
     report = "\n".join(lines) + "\n"
     print(report)
     write_results(args.out, "prefill_up_diag", report, payload)

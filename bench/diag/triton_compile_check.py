@@ -39,8 +39,8 @@ GROUPED = {
 }  # fmt: skip
 DENSE_GROUP = {
     "sig": {"x_ptr": BF16_PTR, "w_in_ptr": BF16_PTR, "b_in_ptr": BF16_PTR, "gates_ptr": FP32_PTR,
-            "slot_map_ptr": I32_PTR, "group_flags_ptr": I8_PTR, "h_ptr": BF16_PTR,
-            "T": I32, "d": I32, "K": I32, "E": I32, "stride_x": I32},
+            "slot_map_ptr": I32_PTR, "dense_list_ptr": I32_PTR, "h_ptr": BF16_PTR,
+            "T": I32, "d": I32, "K": I32, "E": I32, "num_groups": I32, "stride_x": I32},
     "const": {"S": 32, "G": 4, "GATED": True, "HAS_BIAS": False, "ACT": 0, "GATE_IN_H": True, "BLOCK_M": 128,
               "BLOCK_K": 64, "DOT_PREC": "tf32"},
 }  # fmt: skip

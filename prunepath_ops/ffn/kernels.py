@@ -185,9 +185,22 @@ def _grouped_up_block(
 
 
 @triton.jit
+def zero_fill_kernel(ptr, n, BLOCK: tl.constexpr):
+    """Zeros ``n`` elements from ``ptr``, BLOCK per program.
+
+    The prefill's ``[T, F]`` intermediate is zero-filled before the up kernel: this store stream
+    wrote 117 MB in 30 us (3.9 TB/s), torch.zeros' fill kernel in 39 us (3.0 TB/s) (H200,
+    bench/results/prefill_up_diag_s23_call1.md, section 5).
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(ptr + offs, tl.zeros((BLOCK,), dtype=ptr.dtype.element_ty), mask=offs < n)
+
+
+@triton.jit
 def dense_group_flags_kernel(
     expert_counts_ptr,  # [E] int32 pairs per expert (align_experts)
     group_flags_ptr,  # [num_groups] int8 out
+    dense_list_ptr,  # [num_groups + 1] int32 out: the dense groups in increasing order, their number last
     T,
     E,
     num_groups,  # ceil(E / G)
@@ -195,15 +208,23 @@ def dense_group_flags_kernel(
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    """1 where expert group g holds at least ``fraction`` of its cells (and one), else 0; one program."""
+    """1 where expert group g holds at least ``fraction`` of its cells (and one), else 0; one program.
+
+    Also the compact list of those groups, so that dense_group_up_kernel's programs walk only them.
+    """
+    found = 0
     for g0 in range(0, num_groups, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
         g_ok = g < num_groups
         e = g[:, None] * G + tl.arange(0, G)[None, :]
         total = tl.sum(tl.load(expert_counts_ptr + e, mask=g_ok[:, None] & (e < E), other=0), axis=1)
         width = tl.minimum(E - g * G, G)
-        dense = (total > 0) & (total.to(tl.float32) >= fraction * (T * width).to(tl.float32))
+        dense = g_ok & (total > 0) & (total.to(tl.float32) >= fraction * (T * width).to(tl.float32))
         tl.store(group_flags_ptr + g, dense.to(tl.int8), mask=g_ok)
+        d32 = dense.to(tl.int32)
+        tl.store(dense_list_ptr + found + tl.cumsum(d32, axis=0) - 1, g, mask=dense)
+        found += tl.sum(d32, axis=0)
+    tl.store(dense_list_ptr + num_groups, found)
 
 
 @triton.jit
@@ -212,6 +233,7 @@ def slot_map_kernel(
     num_active_ptr,  # [T] int32
     group_flags_ptr,  # [ceil(E / G)] int8
     slot_map_ptr,  # [T, E] int32 out: 1 + the slot of (t, e) for e in a dense group, 0 if t did not select it
+    T,
     K,
     E,
     num_groups,  # ceil(E / G)
@@ -219,32 +241,34 @@ def slot_map_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    """Token ``t``'s row of the slot map, in the cells of dense groups (the only ones read).
+    """The slot map's rows (a grid-stride loop over tokens), in the cells of dense groups (the only ones read).
 
     Nothing to do, and nothing written, when no group is dense (the common case at moderate
-    densities), so the map needs no fill beforehand. Ids outside ``[0, E)`` are skipped. An
+    densities), so the map needs no fill beforehand; a grid of a few programs per SM, not one per
+    token, so that this case costs one small wave. Ids outside ``[0, E)`` are skipped. An
     atomic max, so a routing that breaks the contract (an expert twice among a token's active
     slots) still gives the same map every run (the later slot).
     """
-    t = tl.program_id(0).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
     any_dense = tl.max(tl.load(group_flags_ptr + offs_g, mask=offs_g < num_groups, other=0).to(tl.int32), axis=0)
     if any_dense > 0:
-        for e0 in range(0, E, BLOCK_J):
-            e = e0 + tl.arange(0, BLOCK_J)
-            ok = e < E
-            ok = ok & (tl.load(group_flags_ptr + e // G, mask=ok, other=0) != 0)
-            tl.store(slot_map_ptr + t * E + e, tl.zeros((BLOCK_J,), dtype=tl.int32), mask=ok)
-        # The zeros above before the atomics below (other threads of this program may own them).
-        tl.debug_barrier()
-        n = tl.minimum(tl.maximum(tl.load(num_active_ptr + t), 0), K)
-        for j0 in range(0, K, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            ok = j < n
-            e = tl.load(expert_ids_ptr + t * K + j, mask=ok, other=-1)
-            ok = ok & (e >= 0) & (e < E)
-            ok = ok & (tl.load(group_flags_ptr + e // G, mask=ok, other=0) != 0)
-            tl.atomic_max(slot_map_ptr + t * E + e, j + 1, mask=ok, sem="relaxed")
+        for t32 in range(tl.program_id(0), T, tl.num_programs(0)):
+            t = t32 + tl.zeros((), dtype=tl.int64)  # int64 offsets (t * E, t * K); a plain int when interpreted
+            for e0 in range(0, E, BLOCK_J):
+                e = e0 + tl.arange(0, BLOCK_J)
+                ok = e < E
+                ok = ok & (tl.load(group_flags_ptr + e // G, mask=ok, other=0) != 0)
+                tl.store(slot_map_ptr + t * E + e, tl.zeros((BLOCK_J,), dtype=tl.int32), mask=ok)
+            # The zeros above before the atomics below (other threads of this program may own them).
+            tl.debug_barrier()
+            n = tl.minimum(tl.maximum(tl.load(num_active_ptr + t), 0), K)
+            for j0 in range(0, K, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                ok = j < n
+                e = tl.load(expert_ids_ptr + t * K + j, mask=ok, other=-1)
+                ok = ok & (e >= 0) & (e < E)
+                ok = ok & (tl.load(group_flags_ptr + e // G, mask=ok, other=0) != 0)
+                tl.atomic_max(slot_map_ptr + t * E + e, j + 1, mask=ok, sem="relaxed")
 
 
 @triton.jit
@@ -254,12 +278,13 @@ def dense_group_up_kernel(
     b_in_ptr,  # [E, S] or a dummy
     gates_ptr,  # [T, K] fp32, read when GATE_IN_H
     slot_map_ptr,  # [T, E] int32: 1 + the slot of (t, e) among t's active slots, 0 = not selected (dense groups)
-    group_flags_ptr,  # [ceil(E / G)] int8, 1 = this kernel's group
+    dense_list_ptr,  # [num_groups + 1] int32: the dense groups, their number last (dense_group_flags_kernel)
     h_ptr,  # [T, F] out, dtype of x
     T,
     d,
     K,
     E,
+    num_groups,  # ceil(E / G)
     stride_x,
     S: tl.constexpr,
     G: tl.constexpr,
@@ -271,15 +296,19 @@ def dense_group_up_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Tile (token block ``pid_m``, experts ``[G pid_g, G pid_g + G)``) of H as one GEMM tile.
+    """Tiles (token block, experts ``[G g, G g + G)``) of H as GEMM tiles, for the dense groups g only.
 
-    Runs only for the groups ``group_flags`` marks; every cell of the tile is written: the
-    selected ones as the grouped kernel writes them, the others as zeros (their product is
-    never formed).
+    A grid-stride loop over (dense group, token block) pairs, token blocks fastest (the programs
+    running together share a group's weights): with no dense group the programs exit at once (a
+    grid over every group and token block spent 8.6 us on programs that only read their flag,
+    bench/results/prefill_up_diag_s23_call3.md). Every cell of a tile is written: the selected ones
+    as the grouped kernel writes them, the others as zeros (their product is never formed).
     """
-    pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    if tl.load(group_flags_ptr + pid_g) != 0:
+    m_tiles = tl.cdiv(T, BLOCK_M)
+    num_dense = tl.load(dense_list_ptr + num_groups)
+    for w in range(tl.program_id(0), num_dense * m_tiles, tl.num_programs(0)):
+        pid_m = w % m_tiles
+        pid_g = tl.load(dense_list_ptr + w // m_tiles)
         F = E * S
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < T

@@ -50,6 +50,17 @@ def gate_matrix_t(expert_ids: Tensor, gates: Tensor, num_active: Tensor, E: int)
     return out.scatter_(0, flat.flatten(), g.flatten()).view(E + 1, T)[:E]
 
 
+def zero_fill(t: Tensor) -> None:
+    """Zero a contiguous tensor with :func:`kernels.zero_fill_kernel` (faster than ``Tensor.zero_`` on the H200)."""
+    n = t.numel()
+    if n == 0:
+        return
+    block = 1024 if _interpreting() else 8192
+    kernels.zero_fill_kernel[(triton.cdiv(n, block),)](
+        t, n, BLOCK=block, **({} if _interpreting() else {"num_warps": 8})
+    )
+
+
 def _prefill_tiles(elem: int, w_rows: int, interp: bool) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_K, num_stages, num_warps)`` of the prefill up kernel.
 
@@ -90,30 +101,33 @@ def _dense_group_config(elem: int, rows_in: int, interp: bool) -> tuple[int, int
 
 def dense_group_flags(
     expert_ids: Tensor, num_active: Tensor, expert_counts: Tensor, group: int, fraction: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mark the up projection's dense expert groups on the device.
 
     ``expert_counts [E]``: pairs per expert (``align_experts``). Returns ``group_flags
     [ceil(E / group)]`` int8 (1 where at least ``fraction`` of the group's T x (experts in it)
-    cells are selected, and at least one) and ``slot_map [T, E]`` int32 (for experts of flagged
+    cells are selected, and at least one), ``slot_map [T, E]`` int32 (for experts of flagged
     groups: 1 + the slot of (t, e) among t's active slots, 0 where t did not select e; other
-    cells are not written).
+    cells are not written) and ``dense_list [ceil(E / group) + 1]`` int32 (the flagged groups in
+    increasing order, their number in the last entry; entries past that number are not written).
     """
     T, K = expert_ids.shape
     E = expert_counts.shape[0]
     dev = expert_ids.device
     slot_map = torch.empty(T, E, dtype=torch.int32, device=dev)
-    flags = torch.empty(triton.cdiv(E, group), dtype=torch.int8, device=dev)
+    num_groups = triton.cdiv(E, group)
+    flags = torch.empty(num_groups, dtype=torch.int8, device=dev)
+    dense_list = torch.empty(num_groups + 1, dtype=torch.int32, device=dev)
     if T == 0:
-        return flags.zero_(), slot_map
+        return flags.zero_(), slot_map, dense_list.zero_()
     kernels.dense_group_flags_kernel[(1,)](
-        expert_counts, flags, T, E, flags.numel(), float(fraction), G=group, BLOCK_G=max(2, 256 // group)
+        expert_counts, flags, dense_list, T, E, num_groups, float(fraction), G=group, BLOCK_G=max(2, 256 // group)
     )
-    kernels.slot_map_kernel[(T,)](
-        expert_ids, num_active, flags, slot_map, K, E, flags.numel(), G=group,
-        BLOCK_J=min(512, triton.next_power_of_2(max(K, E))), BLOCK_G=triton.next_power_of_2(flags.numel()),
+    kernels.slot_map_kernel[(min(T, 4 * _num_sms(dev)),)](
+        expert_ids, num_active, flags, slot_map, T, K, E, num_groups, G=group,
+        BLOCK_J=min(512, triton.next_power_of_2(max(K, E))), BLOCK_G=triton.next_power_of_2(num_groups),
     )  # fmt: skip
-    return flags, slot_map
+    return flags, slot_map, dense_list
 
 
 def launch_grouped_up(
@@ -212,7 +226,9 @@ def sparse_ffn_prefill_triton(
     mm = down == "mm"
     # [T, F]: the GEMM reads every cell, so unselected cells must be zeros; the block-sparse
     # kernel reads only selected cells.
-    h = (torch.zeros if mm else torch.empty)(T, E * S, dtype=x.dtype, device=x.device)
+    h = torch.empty(T, E * S, dtype=x.dtype, device=x.device)
+    if mm:
+        zero_fill(h)
     if swap_ab is None:
         swap_ab = gated and one_dot and x.element_size() <= 2
     dummy = w_down
@@ -221,10 +237,13 @@ def sparse_ffn_prefill_triton(
     gbm, group, gbk, gstages, gwarps = _dense_group_config(x.element_size(), 2 * S if gated else S, interp)
     flags = None  # the dense groups the grouped kernel skips
     if dense:
-        flags, slot_map = dense_group_flags(expert_ids, num_active, expert_counts, group, fraction)
+        flags, slot_map, dense_list = dense_group_flags(expert_ids, num_active, expert_counts, group, fraction)
         # The grouped kernel skips these groups' experts: the two kernels write disjoint cells.
-        kernels.dense_group_up_kernel[(triton.cdiv(T, gbm), flags.numel())](
-            x, w_in, b_in if b_in is not None else dummy, gates, slot_map, flags, h, T, d, K, E, x.stride(0),
+        # A grid-stride loop over the dense groups' tiles: two programs per SM at most.
+        tiles = triton.cdiv(T, gbm) * flags.numel()
+        kernels.dense_group_up_kernel[(max(1, min(tiles, 2 * _num_sms(x.device))),)](
+            x, w_in, b_in if b_in is not None else dummy, gates, slot_map, dense_list, h, T, d, K, E, flags.numel(),
+            x.stride(0),
             S=S, G=group, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act],
             GATE_IN_H=mm, BLOCK_M=gbm, BLOCK_K=gbk, DOT_PREC=_dot_precision(x.dtype),
             **({} if interp else {"num_warps": gwarps, "num_stages": gstages}),
