@@ -222,13 +222,24 @@ def run_case(shape: str, w: Weights, T: int, frac: float, xs, dense_us: float, a
         # prefill FFN draws the H200's 690 W cap and its SM clock falls from ~1.9 to ~1.5 GHz within
         # a second of sustained load (bench/results/prefill_clock_diag.md), so a dense time taken
         # once, earlier, on a cooler GPU is not the same machine as the sparse time.
-        dense_call = rotating(dense_fn(w), xs)
-        rounds = [(timer(dense_call)[0], timer(sparse_call)[0]) for _ in range(args.prefill_rounds)]
-        dense_us = statistics.median(r[0] for r in rounds) * 1e3
-        med = statistics.median(r[1] for r in rounds)
-        row.update({"dense_us": dense_us, "dense_us_rounds": [r[0] * 1e3 for r in rounds],
-                    key + "_rounds": [r[1] * 1e3 for r in rounds]})  # fmt: skip
-        row.update({key: med * 1e3})
+        # Also both captured in a CUDA graph: at small shapes the eager call is bound by the host
+        # (Python and the launches of ~10 kernels), the graph replay shows the GPU's time.
+        calls = {"dense_us": rotating(dense_fn(w), xs), key: sparse_call}
+        if xs[0].is_cuda:
+            calls["dense_graph_us"] = cuda_graphed(dense_fn(w), xs[0])
+            calls["sparse_graph_us"] = cuda_graphed(
+                lambda x: prunepath_ops.sparse_ffn(x, route, w.packed, backend=args.backend), xs[0]
+            )
+        times = {name: [] for name in calls}
+        for _ in range(args.prefill_rounds):
+            for name, fn in calls.items():
+                times[name].append(timer(fn)[0] * 1e3)
+        for name, v in times.items():
+            row.update({name: statistics.median(v), name + "_rounds": v})
+        dense_us = row["dense_us"]
+        med = row[key] * 1e-3
+        if "sparse_graph_us" in row:
+            row["speedup_dense_graph"] = row["dense_graph_us"] / row["sparse_graph_us"]
     else:
         med, p20, p80 = timer(sparse_call)
         row.update({key: med * 1e3, key + "_p20": p20 * 1e3, key + "_p80": p80 * 1e3})
@@ -347,13 +358,16 @@ def decode_table(rows: list[dict]) -> str:
 
 
 def prefill_table(rows: list[dict]) -> str:
-    head = ("| shape | T | active | experts/token | sparse us | dense us | vs dense | sparse TFLOP/s (selected) "
+    head = ("| shape | T | active | experts/token | sparse us | dense us | vs dense | sparse us (graph) "
+            "| dense us (graph) | vs dense (graph) | sparse TFLOP/s (selected) "
             "| % of peak | dense TFLOP/s | union MB | floor us | TB/s | rel err |")  # fmt: skip
-    out = [head, "|" + "---|" * 2 + "---:|" * 12]
+    out = [head, "|" + "---|" * 2 + "---:|" * 15]
     for r in rows:
         out.append(
             f"| {r['shape']} | {r['T']} | {r['frac']:.0%} | {r['n_active']} | {_time(r, 'sparse_us')} "
-            f"| {_time(r, 'dense_us')} | {_f(r.get('speedup_dense'), '.2f', 'x')} | {_f(r.get('TFLOPs'), '.0f')} "
+            f"| {_time(r, 'dense_us')} | {_f(r.get('speedup_dense'), '.2f', 'x')} | {_time(r, 'sparse_graph_us')} "
+            f"| {_time(r, 'dense_graph_us')} | {_f(r.get('speedup_dense_graph'), '.2f', 'x')} "
+            f"| {_f(r.get('TFLOPs'), '.0f')} "
             f"| {_f(r.get('pct_tflops'), '.0f')} | {_f(r.get('dense_TFLOPs'), '.0f')} "
             f"| {r['union_bytes'] / 1e6:.1f} | {_time(r, 'floor_us')} | {_f(r.get('TBps'), '.2f')} "
             f"| {_f(r.get('rel_err'), '.1e')} |"
@@ -461,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         "(eager) = a Python call per step (adds the dispatch overhead of the custom op); dense likewise",
         (
             f"- prefill: each row's dense us is the median of {args.prefill_rounds} timings alternating with the row's "
-            f"sparse timings (sparse us: the median of those), so both ran at the same clocks; the dense FFN at T = "
+            f"sparse timings (sparse us: the median of those; likewise the (graph) columns, each FFN captured once in "
+            "a CUDA graph and replayed: GPU time without the host's launches), so both ran at the same clocks; the "
+            "dense FFN at T = "
             "4096 draws the H200's ~690 W cap, its SM clock falling to ~1.5 GHz under sustained load "
             "(bench/results/prefill_clock_diag.md)"
             if args.prefill_rounds > 1
