@@ -89,6 +89,7 @@ for part in "$@"; do
                python3 bench/diag/ncu_topp.py > "$out/ncu_topp_lean.log" 2>&1 ;;
     trace) t 150 python3 bench/diag/decode_expert_trace.py --out "$out" > "$out/decode_expert_trace.log" 2>&1 ;;
     prefilldiag) t ${PREFILLDIAG_TIMEOUT:-300} python3 bench/diag/prefill_up_diag.py --out "$out" > "$out/prefill_up_diag.log" 2>&1 ;;
+    prefillhost) t 120 python3 bench/diag/prefill_host_overhead.py --out "$out" > "$out/prefill_host_overhead.log" 2>&1 ;;
     prefillclock) t 150 python3 bench/diag/prefill_clock_diag.py --out "$out" > "$out/prefill_clock_diag.log" 2>&1 ;;
     ncuup) t 200 ncu --clock-control none -k "regex:grouped_up_kernel" --launch-skip 2 --launch-count 1 --set full \
              python3 bench/diag/prefill_up_diag.py --ncu > "$out/ncu_prefill_up.log" 2>&1 ;;
