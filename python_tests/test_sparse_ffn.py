@@ -216,12 +216,14 @@ def test_decode_chunked_reduction(T, S, rows, use_dot, slot_grid):
         (4096, torch.float32),  # whole blocks only
     ],
 )
-def test_zero_fill(n, dtype):
-    from prunepath_ops.ffn.triton_ffn import zero_fill
+def test_zero_fill(n, dtype, monkeypatch):
+    from prunepath_ops.ffn import triton_ffn
 
-    t = torch.full((n + 5,), 7.0, dtype=dtype, device=DEVICE)
-    zero_fill(t[:n])
-    assert bool((t[:n] == 0).all()) and bool((t[n:] == 7).all())  # nothing written past n
+    for min_bytes in (0, 1 << 40):  # the Triton store stream, then Tensor.zero_
+        monkeypatch.setattr(triton_ffn, "ZERO_FILL_TRITON_MIN_BYTES", min_bytes)
+        t = torch.full((n + 5,), 7.0, dtype=dtype, device=DEVICE)
+        triton_ffn.zero_fill(t[:n])
+        assert bool((t[:n] == 0).all()) and bool((t[n:] == 7).all())  # nothing written past n
 
 
 @needs_triton

@@ -50,10 +50,18 @@ def gate_matrix_t(expert_ids: Tensor, gates: Tensor, num_active: Tensor, E: int)
     return out.scatter_(0, flat.flatten(), g.flatten()).view(E + 1, T)[:E]
 
 
+# Below this many bytes Tensor.zero_ zeroes H: torch's fill costs ~10 us of host time per call against
+# ~24 us for a Triton launch, more than the Triton stream saves on the GPU (~9 us at 117 MB)
+# (H200, bench/results/prefill_host_overhead_smollm2-135m.md, prefill_up_diag_s23_call1.md).
+ZERO_FILL_TRITON_MIN_BYTES = 64 << 20
+
+
 def zero_fill(t: Tensor) -> None:
-    """Zero a contiguous tensor with :func:`kernels.zero_fill_kernel` (faster than ``Tensor.zero_`` on the H200)."""
+    """Zero a contiguous tensor: :func:`kernels.zero_fill_kernel` for large ones (3.9 TB/s on the H200 against
+    ``Tensor.zero_``'s 3.0), ``Tensor.zero_`` below ``ZERO_FILL_TRITON_MIN_BYTES`` and on the CPU."""
     n = t.numel()
-    if n == 0:
+    if n * t.element_size() < ZERO_FILL_TRITON_MIN_BYTES or not (t.is_cuda or _interpreting()):
+        t.zero_()
         return
     block = 1024 if _interpreting() else 8192
     kernels.zero_fill_kernel[(triton.cdiv(n, block),)](
