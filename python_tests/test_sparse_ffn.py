@@ -646,6 +646,38 @@ def test_gpu_decode_trace_records_each_program():
     assert int(sm.max()) < torch.cuda.get_device_properties(0).multi_processor_count
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (%smid and %globaltimer)")
+def test_gpu_prefill_up_trace_records_each_block():
+    from prunepath_ops.ffn import triton_ffn
+    from prunepath_ops.reference.sparse_ffn import align_bounds
+
+    d, F, S, T = 64, 32 * 8, 32, 300
+    _, _, packed = make_ffn(d, F, S, dtype=torch.bfloat16, device="cuda")
+    E = F // S
+    x = torch.randn(T, d, device="cuda").bfloat16()
+    route = pp.topp_route(torch.randn(T, E, device="cuda"), 0.6)
+    tiles = triton_ffn._prefill_tiles(2, 2 * S, False)
+    sorted_pairs, block_expert, offsets, counts = triton_ffn._align(route.expert_ids, route.num_active, E, tiles[0])
+    b_max = align_bounds(T * route.expert_ids.shape[1], E, tiles[0])[1]
+
+    def up(trace):
+        h = torch.zeros(T, E * S, dtype=x.dtype, device="cuda")
+        triton_ffn.launch_grouped_up(
+            x, packed.w_in, None, route.gates, h, (sorted_pairs, block_expert, offsets), None, b_max, gated=True,
+            act="silu", gate_in_h=True, one_dot=True, swap_ab=True, group=4, tiles=tiles, trace=trace,
+        )  # fmt: skip
+        return h
+
+    trace = torch.zeros(b_max, 4, dtype=torch.int64, device="cuda")
+    assert torch.equal(up(trace), up(None))  # tracing leaves the result alone
+    blocks = int(offsets[E]) // tiles[0]
+    sm, start, end, rows = trace[:blocks].cpu().T
+    assert int(rows.sum()) == int(counts.sum())  # every pair in exactly one traced block
+    assert bool((end >= start).all()) and bool((start > 0).all())
+    assert bool((trace[blocks:] == 0).all())  # no block past the device's count
+    assert int(sm.max()) < torch.cuda.get_device_properties(0).multi_processor_count
+
+
 # ----------------------------------------------------------------------------- expert_ffn's CUDA kernel
 # (prunepath::expert_ffn on CUDA: every token's selected neurons split evenly over the SMs;
 # sparse_ffn(backend="cuda"))

@@ -20,10 +20,14 @@ experts at random (``bench/sparse_ffn_gpu.py``'s routing). Three tables, every t
     python3 bench/diag/prefill_up_diag.py --out /tmp/out      # on the H200, ~2 minutes
     python3 bench/diag/prefill_up_diag.py --ncu                # the default call only, for ncu
 
-4. The same grouped shape fed by TMA: ``torch._grouped_mm`` (CUTLASS) and cuBLAS on the rows of x
+4. The up kernel's timeline: one launch traced (SM id and ``%globaltimer`` per block), when each SM
+   ran out of blocks, the time of full and partial blocks.
+5. The up kernel at a few experts per token around the default: whether the number of blocks
+   against whole waves of one block per SM shows in its time.
+6. The same grouped shape fed by TMA: ``torch._grouped_mm`` (CUTLASS) and cuBLAS on the rows of x
    gathered beforehand (expert-major, the gather not timed): what the up kernel's N = 64 shape
    costs without cp.async gathers, the ceiling of any gather-free design.
-5. Ways to zero ``H`` (torch's fill kernel, a Triton store stream, ``cudaMemsetAsync``).
+7. Ways to zero ``H`` (torch's fill kernel, a Triton store stream, ``cudaMemsetAsync``).
 """
 
 from __future__ import annotations
@@ -307,8 +311,73 @@ def main() -> int:
         payload["gather"][f"N{n}_{'g' if gather else 'c'}_bm{cbm}_s{cst}"] = {"us": us, "gb": gb}
         lines.append(f"| {n} | {'gathered' if gather else 'contiguous'} | {cbm} | {cst} | {us:.1f} | {gb:.2f} | "
                      f"{gb / us * 1e3:.2f} | {2 * pairs * n * d / us / 1e6:.0f} |")  # fmt: skip
-    # 4. ceilings of the N = 64 grouped shape: TMA-fed GEMMs on rows gathered beforehand
-    lines += ["", "## 4. The same grouped shape fed by TMA (rows of x gathered beforehand, not timed)", "",
+    # 4. the up kernel's timeline, one traced launch (after the untraced timings above)
+    n_sm = triton_ffn._num_sms(dev)
+    trace = torch.zeros(b_max, 4, dtype=torch.int64, device=dev)
+
+    def up_traced():
+        triton_ffn.launch_grouped_up(
+            x, p.w_in, None, route.gates, h, (sorted_pairs, block_expert, expert_offsets), flags, b_max,
+            gated=True, act="silu", gate_in_h=True, one_dot=True, swap_ab=True, group=group,
+            tiles=(bm, bk, stages, warps), trace=trace,
+        )  # fmt: skip
+
+    for _ in range(3):
+        up_traced()
+    torch.cuda.synchronize()
+    tr = trace[:blocks].cpu()
+    t0, t_end = int(tr[:, 1].min()), int(tr[:, 2].max())
+    sms = sorted(set(tr[:, 0].tolist()))
+    last_end = {sm: int(tr[tr[:, 0] == sm, 2].max()) - t0 for sm in sms}
+    n_tiles = {sm: int((tr[:, 0] == sm).sum()) for sm in sms}
+    busy = {sm: int((tr[tr[:, 0] == sm, 2] - tr[tr[:, 0] == sm, 1]).sum()) for sm in sms}
+    span = t_end - t0
+    dur = (tr[:, 2] - tr[:, 1]).double() / 1e3  # us per tile
+    full = tr[:, 3] == bm
+    ends = sorted(last_end.values())
+    lines += ["", "## 4. The up kernel's timeline (one launch traced: SM id and %globaltimer per block)", "",
+              f"- {blocks} blocks on {len(sms)} SMs ({n_sm} on the device): {blocks / n_sm:.2f} blocks per SM; "
+              f"blocks per SM {min(n_tiles.values())}-{max(n_tiles.values())}",
+              f"- span {span / 1e3:.1f} us; SMs busy {sum(busy.values()) / (len(sms) * span):.1%} of it",
+              f"- the first SM to run out of blocks finished at {ends[0] / 1e3:.1f} us, the median SM at "
+              f"{ends[len(ends) // 2] / 1e3:.1f}, the last at {ends[-1] / 1e3:.1f} (the tail: "
+              f"{(ends[-1] - ends[len(ends) // 2]) / 1e3:.1f} us after the median SM)",
+              f"- time per block: full ({int(full.sum())}) median {dur[full].median():.1f} us; partial "
+              f"({int((~full).sum())}, {float(tr[~full, 3].double().mean()) if (~full).any() else 0:.0f} valid rows on "
+              f"average) median {dur[~full].median() if (~full).any() else float('nan'):.1f} us",
+              "", "SMs by the time they finished their last block:", "",
+              "| finished by (us) | SMs |", "|---:|---:|"]  # fmt: skip
+    edges = [span * f for f in (0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 1.0)]
+    prev = 0
+    for edge in edges:
+        cnt = sum(1 for v in ends if prev < v <= edge) if prev else sum(1 for v in ends if v <= edge)
+        lines.append(f"| {edge / 1e3:.1f} | {cnt} |")
+        prev = edge
+    payload["timeline"] = {"span_ns": span, "last_end_ns": last_end, "tiles": n_tiles, "busy_ns": busy}
+
+    # 5. waves: the up kernel against experts per token around the default (tile count vs SMs)
+    lines += ["", "## 5. The up kernel against experts per token (blocks against whole waves of one block per SM)", "",
+              "| experts/token | pairs | blocks | blocks / SMs | up kernel us (graphed) | us per 1000 pairs |",
+              "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    n0 = int(route.num_active[0])
+    for n in range(n0 - 4, n0 + 5, 2):
+        r2 = fixed_fraction_route(T, E, n / E, dev, 0)
+        al = triton_ffn._align(r2.expert_ids, r2.num_active, E, bm)
+        nb = int(al[2][E]) // bm
+        npairs = int(al[3].sum())
+
+        def up2(r2=r2, al=al):
+            triton_ffn.launch_grouped_up(
+                x, p.w_in, None, r2.gates, h, al[:3], None, b_max, gated=True, act="silu", gate_in_h=True,
+                one_dot=True, swap_ab=True, group=group, tiles=(bm, bk, stages, warps),
+            )  # fmt: skip
+
+        us = statistics.median(timed(capture(up2)[0]) for _ in range(3))
+        payload.setdefault("waves", []).append({"n": n, "pairs": npairs, "blocks": nb, "us": us})
+        lines.append(f"| {n} | {npairs} | {nb} | {nb / n_sm:.2f} | {us:.1f} | {us / npairs * 1e3:.3f} |")
+
+    # 6. ceilings of the N = 64 grouped shape: TMA-fed GEMMs on rows gathered beforehand
+    lines += ["", "## 6. The same grouped shape fed by TMA (rows of x gathered beforehand, not timed)", "",
               "What the up kernel's shape (N = 64 weight columns per expert, 4.5 GB of rows) costs when the rows",
               "are contiguous and a CUTLASS/cuBLAS kernel loads them with TMA: the ceiling of a gather-free design.", "",
               "| kernel | us | TFLOP/s (selected pairs) |", "|---|---:|---:|"]  # fmt: skip
@@ -341,7 +410,7 @@ def main() -> int:
     x_sorted = None
     torch.cuda.empty_cache()
 
-    # 5. ways to zero H
+    # 7. ways to zero H
     hz = torch.empty(T, E * S, dtype=x.dtype, device=dev)
     nbytes = hz.numel() * hz.element_size()
     fills = {
@@ -354,7 +423,7 @@ def main() -> int:
         fills["cudaMemsetAsync"] = lambda: memset(hz)
     lines += [
         "",
-        f"## 5. Zeroing H ({nbytes / 1e6:.0f} MB)",
+        f"## 7. Zeroing H ({nbytes / 1e6:.0f} MB)",
         "",
         "| method | graphed us | TB/s written |",
         "|---|---:|---:|",

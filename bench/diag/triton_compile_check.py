@@ -33,9 +33,9 @@ BF16_PTR, FP32_PTR, I32_PTR, I8_PTR, I32 = "*bf16", "*fp32", "*i32", "*i8", "i32
 GROUPED = {
     "sig": {"x_ptr": BF16_PTR, "w_in_ptr": BF16_PTR, "b_in_ptr": BF16_PTR, "gates_ptr": FP32_PTR, "h_ptr": BF16_PTR,
             "sorted_pairs_ptr": I32_PTR, "block_expert_ptr": I32_PTR, "expert_offsets_ptr": I32_PTR,
-            "group_flags_ptr": I8_PTR, "T": I32, "d": I32, "K": I32, "E": I32, "stride_x": I32},
+            "group_flags_ptr": I8_PTR, "trace_ptr": "*i64", "T": I32, "d": I32, "K": I32, "E": I32, "stride_x": I32},
     "const": {"S": 32, "GATED": True, "HAS_BIAS": False, "ACT": 0, "GATE_IN_H": True, "ONE_DOT": True,
-              "BLOCK_M": 256, "BLOCK_K": 64, "DOT_PREC": "tf32", "G": 4, "SWAP_AB": True},
+              "BLOCK_M": 256, "BLOCK_K": 64, "DOT_PREC": "tf32", "G": 4, "SWAP_AB": True, "TRACE": False},
 }  # fmt: skip
 DENSE_GROUP = {
     "sig": {"x_ptr": BF16_PTR, "w_in_ptr": BF16_PTR, "b_in_ptr": BF16_PTR, "gates_ptr": FP32_PTR,

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from prunepath_ops._pdl import pdl_launch_dependents, pdl_wait
-from prunepath_ops.ffn.kernels import apply_act
+from prunepath_ops.ffn.kernels import _globaltimer, _smid, apply_act
 
 
 @triton.jit
@@ -198,16 +198,6 @@ def decode_expert_kernel(
         tl.store(row + 1, t_start)
         tl.store(row + 2, _globaltimer())
         tl.store(row + 3, (tl.max(sel, axis=0) > 0).to(tl.int64))
-
-
-@triton.jit
-def _globaltimer():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-
-
-@triton.jit
-def _smid():
-    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -57,6 +57,18 @@ def apply_act(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _globaltimer():
+    """The SM's ``%globaltimer`` (ns; diagnostic traces)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _smid():
+    """The id of the SM running this program (diagnostic traces)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def grouped_up_kernel(
     x_ptr,  # [T, d]
     w_in_ptr,  # [E, 2S or S, d]
@@ -67,6 +79,7 @@ def grouped_up_kernel(
     block_expert_ptr,  # [B_max] int32, -1 past the end
     expert_offsets_ptr,  # [E + 1] int32
     group_flags_ptr,  # [ceil(E / G)] int8, 1 = the group's experts done by dense_group_up_kernel; read if DENSE_GROUPS
+    trace_ptr,  # [B_max, 4] int64 (TRACE only): per block, SM id, start and end %globaltimer, valid rows
     T,
     d,
     K,
@@ -84,6 +97,7 @@ def grouped_up_kernel(
     DENSE_GROUPS: tl.constexpr,
     G: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    TRACE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -92,6 +106,8 @@ def grouped_up_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     # A persistent loop: the grid is sized from the static bound, the work from the device count.
     for b in range(pid, num_blocks, num_programs):
+        if TRACE:
+            t_start = _globaltimer()
         e = tl.load(block_expert_ptr + b).to(tl.int64)
         pair = tl.load(sorted_pairs_ptr + b * BLOCK_M + offs_m)
         valid = pair >= 0
@@ -104,6 +120,12 @@ def grouped_up_kernel(
                 x_ptr, w_in_ptr, b_in_ptr, gates_ptr, h_ptr, pair, valid, tok, e, d, stride_x, F,
                 S, GATED, HAS_BIAS, ACT, GATE_IN_H, ONE_DOT, BLOCK_M, BLOCK_K, DOT_PREC, SWAP_AB,
             )  # fmt: skip
+        if TRACE:
+            row = trace_ptr + b.to(tl.int64) * 4
+            tl.store(row, _smid().to(tl.int64))
+            tl.store(row + 1, t_start)
+            tl.store(row + 2, _globaltimer())
+            tl.store(row + 3, tl.sum(valid.to(tl.int64), axis=0))
 
 
 @triton.jit

@@ -155,6 +155,7 @@ def launch_grouped_up(
     swap_ab: bool,
     group: int,
     tiles: tuple[int, int, int, int],
+    trace: Tensor | None = None,
 ) -> None:
     """Launch ``kernels.grouped_up_kernel`` into ``h [T, F]`` (the prefill launcher's step 1; also timed alone
     by bench/diag/prefill_up_diag.py).
@@ -162,6 +163,8 @@ def launch_grouped_up(
     ``alignment``: ``(sorted_pairs, block_expert, expert_offsets)`` of :func:`align_experts` with
     ``BLOCK_M = tiles[0]`` and ``b_max`` blocks at most; ``group_flags``: the dense groups to skip
     (:func:`dense_group_flags`), or None; ``tiles``: ``(BLOCK_M, BLOCK_K, num_stages, num_warps)``.
+    Diagnostics (bench/diag/prefill_up_diag.py): ``trace`` (int64 ``[b_max, 4]``, GPU only) receives each
+    block's SM id, start and end ``%globaltimer`` and valid rows.
     """
     T, d = x.shape
     K = gates.shape[1]
@@ -173,10 +176,10 @@ def launch_grouped_up(
     grid = (max(1, min(b_max, _num_sms(x.device) * 4)),)
     kernels.grouped_up_kernel[grid](
         x, w_in, b_in if b_in is not None else dummy, gates, h, *alignment,
-        group_flags if group_flags is not None else dummy, T, d, K, E, x.stride(0),
-        S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=gate_in_h,
+        group_flags if group_flags is not None else dummy, trace if trace is not None else dummy, T, d, K, E,
+        x.stride(0), S=S, GATED=gated, HAS_BIAS=b_in is not None, ACT=kernels.ACT_CODES[act], GATE_IN_H=gate_in_h,
         ONE_DOT=one_dot, BLOCK_M=bm, BLOCK_K=bk, DOT_PREC=_dot_precision(x.dtype),
-        DENSE_GROUPS=group_flags is not None, G=group, SWAP_AB=swap_ab,
+        DENSE_GROUPS=group_flags is not None, G=group, SWAP_AB=swap_ab, TRACE=trace is not None,
         **({} if interp else {"num_warps": warps, "num_stages": stages}),
     )  # fmt: skip
 
