@@ -20,7 +20,7 @@
 // and load a warp's ids kAlignIdsInFlight at a time: with 8 warps walking 4
 // tokens each, one id load after another, both kernels were chains of dependent
 // L2 round trips (then 4 kernels and a memset of sorted_pairs: 34 us at
-// T = 4096, E = 448, 30 % active; bench/results/prefill_up_diag.md).
+// T = 4096, E = 448, 30 % active; now 26 us: bench/results/README.md, session 23).
 // Precondition (topp_route guarantees it): a token's active slots hold distinct
 // experts. Active ids outside [0, E) are dropped (a kernel cannot raise).
 // Torch-free: raw pointers and a cudaStream_t.
