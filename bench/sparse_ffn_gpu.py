@@ -178,6 +178,16 @@ class Weights:
         self.expert_bytes = 3 * S * d * self.wg.element_size()
 
 
+def llama3_8b_prefill(T: int, active: float, device, seed: int = 0):
+    """The prefill diagnostics' case: Llama-3-8B FFN ``Weights`` (bf16), ``x`` (torch.manual_seed(seed),
+    N(0, 1), bf16, ``[T, 4096]``) and ``fixed_fraction_route(T, 448, active)``."""
+    d, F, S = SHAPES["llama3-8b"]
+    torch.manual_seed(seed)
+    w = Weights(d, F, S, torch.bfloat16, device, seed)
+    x = torch.randn(T, d, device=device).to(torch.bfloat16)
+    return w, x, fixed_fraction_route(T, w.E, active, device, seed)
+
+
 def rotating(fn: Callable, xs: list[torch.Tensor]) -> Callable[[], object]:
     """A zero-argument callable that applies ``fn`` to the next ``x`` of ``xs`` at each call."""
     cycle = itertools.cycle(xs)

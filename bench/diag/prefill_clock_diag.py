@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 from common import environment, header_lines, write_results  # noqa: E402
-from sparse_ffn_gpu import Weights, dense_fn, fixed_fraction_route  # noqa: E402
+from sparse_ffn_gpu import dense_fn, llama3_8b_prefill  # noqa: E402
 
 import prunepath_ops  # noqa: E402
 
@@ -99,12 +99,8 @@ def main() -> int:
     ap.add_argument("--peak-tbps", type=float, default=4.24)
     args = ap.parse_args()
 
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    T, d = args.tokens, 4096
-    w = Weights(d, 14336, 32, torch.bfloat16, dev, 0)
-    x = torch.randn(T, d, device=dev).to(torch.bfloat16)
-    route = fixed_fraction_route(T, w.E, args.active, dev, 0)
+    T = args.tokens
+    w, x, route = llama3_8b_prefill(T, args.active, torch.device("cuda"))
     dense = dense_fn(w)
     fns = {"dense": lambda: dense(x), "sparse": lambda: prunepath_ops.sparse_ffn(x, route, w.packed)}
     for fn in fns.values():  # compile and warm up

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from common import capture, environment, header_lines, write_results  # noqa: E402
-from sparse_ffn_gpu import Weights, dense_fn, fixed_fraction_route  # noqa: E402
+from sparse_ffn_gpu import dense_fn, fixed_fraction_route, llama3_8b_prefill  # noqa: E402
 
 from prunepath_ops.ffn import triton_ffn  # noqa: E402
 from prunepath_ops.ffn.triton_ffn import sparse_ffn_prefill_triton  # noqa: E402
@@ -135,12 +135,9 @@ def main() -> int:
     from triton.testing import do_bench
 
     dev = torch.device("cuda")
-    torch.manual_seed(0)
     T, d = args.tokens, 4096
-    w = Weights(d, 14336, 32, torch.bfloat16, dev, 0)
+    w, x, route = llama3_8b_prefill(T, args.active, dev)
     p, E, S = w.packed, w.E, w.S
-    x = torch.randn(T, d, device=dev).to(torch.bfloat16)
-    route = fixed_fraction_route(T, E, args.active, dev, 0)
     K = route.expert_ids.shape[1]
 
     def call(**kw):

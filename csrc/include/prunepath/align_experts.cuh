@@ -48,6 +48,17 @@ __device__ __forceinline__ int32_t active_of(const AlignParams& p, int64_t t) {
   return clamp_num_active(p.num_active[t], p.k);
 }
 
+// A lane's ids of slots j0 + 32u + lane (u < kAlignIdsInFlight), -1 past the n
+// active slots: all loads issued before any is used.
+__device__ __forceinline__ void load_active_ids(const int32_t* ids, int32_t j0, int32_t n, int lane,
+                                                int32_t (&e)[kAlignIdsInFlight]) {
+#pragma unroll
+  for (int u = 0; u < kAlignIdsInFlight; ++u) {
+    const int32_t j = j0 + u * 32 + lane;
+    e[u] = j < n ? ids[j] : -1;
+  }
+}
+
 __global__ void __launch_bounds__(kAlignThreads)
     align_bitmap_kernel(const AlignParams p, uint32_t* __restrict__ bitmap) {
   extern __shared__ uint32_t bits[];  // [E]
@@ -62,11 +73,7 @@ __global__ void __launch_bounds__(kAlignThreads)
     const int32_t* ids = p.expert_ids + t * p.k;
     for (int32_t j0 = 0; j0 < n; j0 += 32 * kAlignIdsInFlight) {
       int32_t e[kAlignIdsInFlight];
-#pragma unroll
-      for (int u = 0; u < kAlignIdsInFlight; ++u) {
-        const int32_t j = j0 + u * 32 + lane;
-        e[u] = j < n ? ids[j] : -1;
-      }
+      load_active_ids(ids, j0, n, lane, e);
 #pragma unroll
       for (int u = 0; u < kAlignIdsInFlight; ++u) {
         if (e[u] >= 0 && e[u] < E) atomicOr(&bits[e[u]], 1u << i);
@@ -159,11 +166,7 @@ __global__ void __launch_bounds__(kAlignThreads)
     const uint32_t below = (1u << i) - 1u;
     for (int32_t j0 = 0; j0 < n; j0 += 32 * kAlignIdsInFlight) {
       int32_t e[kAlignIdsInFlight];
-#pragma unroll
-      for (int u = 0; u < kAlignIdsInFlight; ++u) {
-        const int32_t j = j0 + u * 32 + lane;
-        e[u] = j < n ? ids[j] : -1;
-      }
+      load_active_ids(ids, j0, n, lane, e);
       // Every row computed before any store: a store to sorted_pairs may alias the
       // int32 inputs for all the compiler knows, which would serialise the loads.
       int32_t row[kAlignIdsInFlight];
