@@ -395,15 +395,21 @@ def main() -> int:
     ceil["torch.mm (cuBLAS), one [d, 128] weight for every row"] = lambda: torch.mm(
         x_sorted, p.w_in.view(E, 2 * S, d)[:2].reshape(4 * S, d).t()
     )
-    for name, fn in ceil.items():
-        try:
-            us = timed(capture(fn)[0])
-        except Exception as exc:
-            lines.append(f"| {name} | {type(exc).__name__}: {str(exc)[:60]} | |")
-            continue
-        n = 4 * S if "128" in name else 2 * S
-        payload.setdefault("tma_ceiling", {})[name] = us
-        lines.append(f"| {name} | {us:.1f} | {2 * pairs * n * d / us / 1e6:.0f} |")
+
+    def graphed_rows(fns: dict, key: str, cell) -> None:
+        """Each of ``fns`` timed graphed into ``payload[key]`` and a table row ``| name | us | cell(name, us) |``."""
+        for name, fn in fns.items():
+            try:
+                us = timed(capture(fn)[0])
+            except Exception as exc:  # e.g. torch._grouped_mm's layout checks
+                lines.append(f"| {name} | {type(exc).__name__}: {str(exc)[:60]} | |")
+                continue
+            payload.setdefault(key, {})[name] = us
+            lines.append(f"| {name} | {us:.1f} | {cell(name, us)} |")
+
+    graphed_rows(
+        ceil, "tma_ceiling", lambda name, us: f"{2 * pairs * (4 if '128' in name else 2) * S * d / us / 1e6:.0f}"
+    )
     x_sorted = None
     torch.cuda.empty_cache()
 
@@ -425,14 +431,7 @@ def main() -> int:
         "| method | graphed us | TB/s written |",
         "|---|---:|---:|",
     ]
-    for name, fn in fills.items():
-        try:
-            us = timed(capture(fn)[0])
-        except Exception as exc:
-            lines.append(f"| {name} | {type(exc).__name__}: {str(exc)[:60]} | |")
-            continue
-        payload.setdefault("zero_fill", {})[name] = us
-        lines.append(f"| {name} | {us:.1f} | {nbytes / us / 1e6:.2f} |")
+    graphed_rows(fills, "zero_fill", lambda name, us: f"{nbytes / us / 1e6:.2f}")
     report = "\n".join(lines) + "\n"
     print(report)
     write_results(args.out, "prefill_up_diag", report, payload)
