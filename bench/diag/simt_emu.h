@@ -226,6 +226,7 @@ T atomicMax(T* a, T v) {
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(static_cast<int>(v)); }
+inline unsigned umin(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned __float_as_uint(float f) {
   unsigned u;
   std::memcpy(&u, &f, 4);

@@ -104,6 +104,12 @@ inline void launch_warp(const ToppRouteParams& p, const void* logits, LogitDType
 template <int IPL, bool L2_AHEAD>
 inline void launch_lean(const ToppRouteParams& p, const void* logits, LogitDType dtype, cudaStream_t stream,
                         double waves_ahead = kLeanPrefetchWaves) {
+  // The lean kernel's slot loops rely on E > 16 IPL (detail::lean_slot_present),
+  // which dispatch_row_width's widths give; a narrower row takes the warp kernel.
+  if (p.num_experts <= 16 * IPL) {
+    launch_warp<IPL>(p, logits, dtype, stream);
+    return;
+  }
   int64_t ahead = 0;  // only the prefetching variant reads it
   if constexpr (L2_AHEAD) {
     const double wave = static_cast<double>(current_device_sm_count()) * lean_kernel_min_blocks(IPL) *

@@ -44,8 +44,7 @@ namespace prunepath {
 constexpr int32_t kToppRouteDeferred = -1;
 // Threshold histogram: 16 binades below the top probability, 32 bins each.
 constexpr int kLeanHistBins = 512;
-static_assert(kLeanHistBins * sizeof(unsigned) <= kToppRouteMaxCandidates * sizeof(unsigned long long),
-              "the histogram and the candidate keys share one buffer");
+static_assert(kLeanHistBins >= kToppRouteMaxCandidates, "the histogram and the candidate list share one buffer");
 
 namespace detail {
 
@@ -73,6 +72,15 @@ __device__ __forceinline__ float div_by_total(float w, float total, float inv_to
 }
 
 __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
+
+// Whether slot i (experts 32i .. 32i + 31) holds any expert. The lean kernel
+// runs with 16 IPL < E <= 32 IPL (dispatch_row_width; launch_lean checks), so
+// slots 0 .. IPL/2 always do: their loop iterations need no uniform branch on E
+// (the branches were ~9 % of the kernel's instructions at E = 448, IPL = 16).
+template <int IPL>
+__device__ __forceinline__ bool lean_slot_present(int i, int E) {
+  return i <= IPL / 2 || i * 32 < E;
+}
 
 // Scans and selects one row whose `count` candidates (a prefix of the full
 // order, closed under probability ties) are sorted in `key` (descending,
@@ -112,14 +120,23 @@ __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t,
   if (n > count) return false;  // min_experts reaches past them
 
   if (check_order) {  // see select_sorted_row: every neighbour pair, not only the kept ones
-    const float next_prob = __shfl_down_sync(kFullMask, prob[0], 1);
-    const int next_expert = __shfl_down_sync(kFullMask, KeyPolicy::expert(key[0]), 1);
+    // The keys order by logit. Neighbours with equal logits have equal
+    // probabilities and are in index order by construction; neighbours with
+    // different logits need strictly decreasing probabilities. (A probability
+    // tie between different 16-bit logits is deferred even when the indices
+    // happen to be in order: rare, and one test less per key than the exact
+    // rule.) Past `count`: key 0 and probability 0, so never flagged, while a
+    // candidate's probability is > 0.
+    using Key = typename KeyPolicy::Key;
+    float next_prob = __shfl_down_sync(kFullMask, prob[0], 1);
+    Key next_key = __shfl_down_sync(kFullMask, key[0], 1);
+    if (lane == 31) next_prob = 0.0f, next_key = 0;
     bool bad = false;
 #pragma unroll
     for (int i = 0; i < C; ++i) {
       const float q = i + 1 < C ? prob[i + 1 < C ? i + 1 : i] : next_prob;
-      const int f = i + 1 < C ? KeyPolicy::expert(key[i + 1 < C ? i + 1 : i]) : next_expert;
-      if (lane * C + i + 1 < count) bad |= prob[i] < q || (prob[i] == q && KeyPolicy::expert(key[i]) > f);
+      const Key k = i + 1 < C ? key[i + 1 < C ? i + 1 : i] : next_key;
+      bad |= !(prob[i] > q) && ((key[i] ^ k) >> KeyPolicy::kValueShift) != 0;
     }
     if (__any_sync(kFullMask, bad)) return false;
   }
@@ -175,10 +192,12 @@ __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t,
       }
     }
   }
-  if (vec4) {
-    for (int pos = 32 * C + 4 * lane; pos < p.k; pos += 128) {
-      *reinterpret_cast<int4*>(out_ids + pos) = make_int4(-1, -1, -1, -1);
-      *reinterpret_cast<float4*>(out_gates + pos) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (vec4) {  // 16-byte words 8C + lane, + 32, ... below k / 4
+    int4* ids4 = reinterpret_cast<int4*>(out_ids) + 8 * C + lane;
+    float4* gates4 = reinterpret_cast<float4*>(out_gates) + 8 * C + lane;
+    for (int left = p.k / 4 - 8 * C - lane; left > 0; left -= 32, ids4 += 32, gates4 += 32) {
+      *ids4 = make_int4(-1, -1, -1, -1);
+      *gates4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
   } else {
     for (int pos = 32 * C + lane; pos < p.k; pos += 32) {
@@ -190,17 +209,22 @@ __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t,
   return true;
 }
 
-// Sorts the `count` candidate keys in `cand` (32-bit keys stored widened) with
-// C keys per lane, then lean_select.
+// Makes the keys of the `count` candidate experts listed in `cand`, sorts them
+// with C keys per lane, then lean_select.
 template <int C, typename KeyPolicy>
 __device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64_t t, int lane,
-                                                 const unsigned long long* cand, int count, const float2* gp,
-                                                 float tau, bool check_order) {
+                                                 const unsigned* cand, int count, const float2* gp, float tau,
+                                                 LogitDType dtype, bool check_order) {
   typename KeyPolicy::Key key[C];
 #pragma unroll
   for (int i = 0; i < C; ++i) {
     const int j = i * 32 + lane;
-    key[i] = j < count ? static_cast<typename KeyPolicy::Key>(cand[j]) : 0;
+    key[i] = 0;
+    if (j < count) {
+      const int e = static_cast<int>(cand[j]);
+      const float2 v = gp[e];
+      key[i] = KeyPolicy::make(v.x, v.y, e, dtype);
+    }
   }
   warp_bitonic_sort_desc<C>(key, lane);
   return lean_select<C, KeyPolicy>(p, t, lane, key, count, gp, tau, check_order);
@@ -209,18 +233,18 @@ __device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64
 // The smallest sort (C keys per lane, C in 1, 2, 4, 8 and 32C <= 32 MAX_C) that
 // holds `count` <= 32 MAX_C candidates.
 template <int MAX_C, typename KeyPolicy>
-__device__ __forceinline__ bool lean_dispatch(const ToppRouteParams& p, int64_t t, int lane,
-                                              const unsigned long long* cand, int count, const float2* gp,
-                                              float tau, bool check_order) {
-  if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
+__device__ __forceinline__ bool lean_dispatch(const ToppRouteParams& p, int64_t t, int lane, const unsigned* cand,
+                                              int count, const float2* gp, float tau, LogitDType dtype,
+                                              bool check_order) {
+  if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order);
   if constexpr (MAX_C >= 2) {
-    if (count <= 64) return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
+    if (count <= 64) return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order);
   }
   if constexpr (MAX_C >= 4) {
-    if (count <= 128) return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
+    if (count <= 128) return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order);
   }
   if constexpr (MAX_C >= 8) {
-    return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, gp, tau, check_order);
+    return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order);
   }
   return false;
 }
@@ -266,9 +290,14 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
                            int64_t ahead) {
   static_assert(IPL >= 4 && IPL <= 32, "E <= 64 goes to topp_route_warp_kernel");
   constexpr int kMaxC = IPL < 8 ? IPL : 8;  // candidate sort: at most 32 * kMaxC <= kToppRouteMaxCandidates
-  // Per warp: the histogram, then the candidate keys (one buffer, 2 KB); and
-  // (logit, probability) of every expert.
-  __shared__ __align__(16) unsigned long long scratch_smem[kToppRouteWarpsPerBlock][kToppRouteMaxCandidates];
+  // The candidate scan reads the probabilities from registers (the weights'
+  // array, reused) or from shared memory: registers won at IPL = 32 (-5 %,
+  // 96 -> 117 of its 128 registers), lost at IPL = 16 (+5 %: the 64-register
+  // budget of 8 blocks per SM; topp_route_lean_tuning_h200.md, session 24).
+  constexpr bool kProbsInRegisters = IPL > 16;
+  // Per warp: the histogram and one spill bin per lane, then the candidate
+  // list (one buffer); and (logit, probability) of every expert.
+  __shared__ __align__(16) unsigned scratch_smem[kToppRouteWarpsPerBlock][kLeanHistBins + 32];
   __shared__ float2 gp_smem[kToppRouteWarpsPerBlock][32 * IPL];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -287,7 +316,7 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     if (lane == 0) p.num_active[t] = kToppRouteDeferred;
     return;
   }
-  unsigned* hist = reinterpret_cast<unsigned*>(scratch_smem[warp]);
+  unsigned* hist = scratch_smem[warp];
 #pragma unroll
   for (int k = 0; k < kLeanHistBins / 128; ++k) {
     reinterpret_cast<uint4*>(hist)[k * 32 + lane] = make_uint4(0u, 0u, 0u, 0u);
@@ -317,7 +346,7 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
 #pragma unroll
     for (int i = 0; i < IPL; ++i) {
       w[i] = 0.0f;
-      if (i * 32 >= E) continue;
+      if (!detail::lean_slot_present<IPL>(i, E)) continue;
       w[i] = expf(g[i] - row_max);
       local_sum += w[i];
     }
@@ -350,13 +379,16 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   auto store_probabilities = [&](auto any_tiny) {
 #pragma unroll
     for (int i = 0; i < IPL; ++i) {
-      if (i * 32 >= E) break;
+      if (!detail::lean_slot_present<IPL>(i, E)) break;
       const int e = i * 32 + lane;
       const float q = decltype(any_tiny)::value ? detail::div_by_total(w[i], total, p_top)
                                                 : detail::div_by_total_fma(w[i], total, p_top);
       gp[e].y = q;
-      const unsigned bin = top - (__float_as_uint(q) >> 18);
-      if (bin < kLeanHistBins) atomicAdd(&hist[bin], __float2uint_rz(q * 0x1p31f));
+      if constexpr (kProbsInRegisters) w[i] = q;
+      // Untracked probabilities go to this lane's spill bin past the 512 (never
+      // read): no branch around the atomic, and no two lanes on one address.
+      const unsigned bin = umin(top - (__float_as_uint(q) >> 18), static_cast<unsigned>(kLeanHistBins + lane));
+      atomicAdd(&hist[bin], __float2uint_rz(q * 0x1p31f));
     }
   };
   __syncwarp();  // the histogram is zeroed
@@ -405,30 +437,35 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     const unsigned theta = top - static_cast<unsigned>(16 * owner + __ffs(reached_bin) - 1);
     __syncwarp();  // the histogram is read: its buffer takes the candidate keys
 
-    // Candidates {bits(p) >> 18 >= theta} = {p >= the chosen bin's lower edge}:
-    // closed under ties, so exactly a prefix of the full order. Compacted in
-    // expert order (deterministic slots).
-    unsigned long long* cand = scratch_smem[warp];
-    int count = 0;
+    // Candidates {bits(p) >> 18 >= theta} = {p >= edge}, edge the chosen bin's
+    // lower edge: closed under ties, so exactly a prefix of the full order.
+    // Each lane counts its own, an exclusive scan of the counts gives its first
+    // slot, and it writes the expert indices there in slot order: the sort does
+    // not care about the order of distinct keys, and a key is made only for the
+    // ~C per lane that the sort loads (lean_sort_select), not for every expert.
+    // (The ballot compaction in expert order it replaces, keys made for all,
+    // was ~21 % of the kernel's instructions: session-24 source profile.)
+    const float edge = __uint_as_float(theta << 18);  // theta > 0, so edge > 0
+    auto probability = [&](int i) { return kProbsInRegisters ? w[i] : gp[i * 32 + lane].y; };
+    int mine = 0;
 #pragma unroll
     for (int i = 0; i < IPL; ++i) {
-      if (i * 32 >= E) break;
-      const int e = i * 32 + lane;
-      // Past E: probability 0 (see store_probabilities), never taken (theta > 0).
-      const float2 v = gp[e];
-      const bool take = (__float_as_uint(v.y) >> 18) >= theta;
-      const unsigned ballot = __ballot_sync(detail::kFullMask, take);
-      const int at = count + __popc(ballot & detail::lanemask_lt(lane));
-      if (take && at < kToppRouteMaxCandidates) {
-        cand[at] = NARROW ? detail::LogitKey32::make(v.x, v.y, e, dtype)
-                          : detail::ProbKey64::make(v.x, v.y, e, dtype);
-      }
-      count += __popc(ballot);
+      if (!detail::lean_slot_present<IPL>(i, E)) break;
+      mine += probability(i) >= edge;  // past E: probability 0, never taken
     }
-    __syncwarp();
+    const int through_me = detail::warp_inclusive_scan(mine, lane);
+    const int count = __shfl_sync(detail::kFullMask, through_me, 31);
     if (count <= 32 * kMaxC) {
+      unsigned* slot = scratch_smem[warp] + (through_me - mine);
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) {
+        if (!detail::lean_slot_present<IPL>(i, E)) break;
+        const int e = i * 32 + lane;
+        if (probability(i) >= edge) *slot++ = static_cast<unsigned>(e);
+      }
+      __syncwarp();
       using Policy = std::conditional_t<NARROW, detail::LogitKey32, detail::ProbKey64>;
-      done = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, cand, count, gp, tau, NARROW);
+      done = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, scratch_smem[warp], count, gp, tau, dtype, NARROW);
     }
   }
   if (!done && lane == 0) p.num_active[t] = kToppRouteDeferred;
