@@ -5,6 +5,7 @@
 # (the device copy's .git can be stale), carry the binary, run it on the GPU machine.
 #   bash bench/diag/topp_lean_ab.sh build BASE_REV OUT_BINARY   # here, ~3 min on 2 cores
 #   OUT_BINARY                                                  # on the GPU machine
+# TREE_NVCC_FLAGS (optional) go to this tree's compile only, e.g. -DPRUNEPATH_ROUTER_EXPF.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 [[ ${1:-} == build && $# -eq 3 ]] || { echo "usage: $0 build BASE_REV OUT_BINARY"; exit 2; }
@@ -21,7 +22,7 @@ done
 flags=(-gencode=arch=compute_90a,code=sm_90a -O3 -lineinfo -std=c++20 --expt-relaxed-constexpr)
 "$nvcc" "${flags[@]}" -Dprunepath=prunepath_base -I"$tmp/base" -c "$root/bench/diag/topp_lean_ab_base.cu" \
   -o "$tmp/base.o" &
-"$nvcc" "${flags[@]}" -DPRUNEPATH_AB_BASE="\"$(git -C "$root" rev-parse --short "$base_rev")\"" \
+"$nvcc" "${flags[@]}" ${TREE_NVCC_FLAGS:-} -DPRUNEPATH_AB_BASE="\"$(git -C "$root" rev-parse --short "$base_rev")\"" \
   -I"$root/csrc/include" -c "$root/bench/diag/topp_lean_ab.cu" -o "$tmp/ab.o"
 wait
 "$nvcc" "${flags[@]}" "$tmp/ab.o" "$tmp/base.o" -o "$bin"

@@ -40,6 +40,28 @@ struct ToppRouteParams {
 // A NaN logit counts as minus infinity (SPEC.md section 3, ours).
 PRUNEPATH_HOST_DEVICE float sanitize_logit(float g) { return g != g ? -INFINITY : g; }
 
+// exp(x) for the routers. On the GPU, 2^(x log2 e) through the SFU
+// (ex2.approx.f32, relative error about 2^-22, plus the rounding of x log2 e:
+// |x| 2^-24 relative, which only grows where the weight e^x is small): 6
+// instructions where expf takes 11, and expf was the largest line of the lean
+// topp_route kernel (session-24 source profile). Not flushed to zero, so a
+// weight below 2^-126 stays nonzero and tau >= 1 still orders it. Every CUDA
+// router calls this one function, so the CUDA kernels agree with each other
+// bit for bit (a token's route does not depend on the batch or the kernel that
+// routes it); against the CPU kernel (expf) probabilities differ by a few ulp,
+// which moves a selection only where a cumulative sum lies that close to tau.
+// PRUNEPATH_ROUTER_EXPF (a build define) keeps expf and the IEEE sigmoid on
+// the GPU too: the A/B runs time the two against each other.
+PRUNEPATH_HOST_DEVICE float router_exp(float x) {
+#if defined(__CUDA_ARCH__) && !defined(PRUNEPATH_ROUTER_EXPF)
+  float y;
+  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+#else
+  return expf(x);
+#endif
+}
+
 // Unnormalised softmax weight of one logit given the row maximum. Two rows
 // that torch.softmax leaves undefined get a definition here (documented in
 // the Python docstring): an all -inf/NaN row is uniform; a row holding +inf
@@ -47,10 +69,23 @@ PRUNEPATH_HOST_DEVICE float sanitize_logit(float g) { return g != g ? -INFINITY 
 PRUNEPATH_HOST_DEVICE float softmax_weight(float g, float row_max) {
   if (row_max == -INFINITY) return 1.0f;
   if (row_max == INFINITY) return g == INFINITY ? 1.0f : 0.0f;
-  return expf(g - row_max);
+  return router_exp(g - row_max);
 }
 
-PRUNEPATH_HOST_DEVICE float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+// The sigmoid gate. On the GPU through the SFU's 2^x and reciprocal (4
+// instructions instead of ~22 with expf and an IEEE division): within 1e-6 of
+// the exact value for every input (the tests hold gates to 2e-6 + 4e-6
+// relative; a gate scales an expert output that is itself rounded to bf16).
+PRUNEPATH_HOST_DEVICE float sigmoid(float g) {
+#if defined(__CUDA_ARCH__) && !defined(PRUNEPATH_ROUTER_EXPF)
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(g * -1.4426950408889634f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
+  return r;
+#else
+  return 1.0f / (1.0f + expf(-g));
+#endif
+}
 
 // The gate of one selected expert; `kept_mass` is the cumulative probability
 // of the whole kept prefix (used by kRenorm only).

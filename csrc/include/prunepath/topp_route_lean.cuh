@@ -149,17 +149,23 @@ __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t,
   kept_mass = __shfl_sync(kFullMask, kept_mass, n > 0 ? (n - 1) / C : 0);
 
   int32_t ids[C];
-  float gates[C];
 #pragma unroll
-  for (int i = 0; i < C; ++i) {
-    const bool kept = lane * C + i < n;
-    const int e = kept ? KeyPolicy::expert(key[i]) : 0;
-    ids[i] = kept ? e : -1;
-    gates[i] = kept ? gate_value(p.gate, gp[e].x, prob[i], kept_mass) : 0.0f;
+  for (int i = 0; i < C; ++i) ids[i] = lane * C + i < n ? KeyPolicy::expert(key[i]) : -1;
+  // gate_value per slot, with its switch on the (uniform) mode taken once.
+  float gates[C];
+  auto fill_gates = [&](auto gate_of) {
+#pragma unroll
+    for (int i = 0; i < C; ++i) gates[i] = ids[i] >= 0 ? gate_of(i) : 0.0f;
+  };
+  switch (p.gate) {
+    case GateMode::kSigmoid: fill_gates([&](int i) { return sigmoid(gp[ids[i]].x); }); break;
+    case GateMode::kProb: fill_gates([&](int i) { return prob[i]; }); break;
+    case GateMode::kRenorm: fill_gates([&](int i) { return prob[i] / kept_mass; }); break;
+    default: fill_gates([](int) { return 1.0f; }); break;
   }
 
   // Sorted slots 0 .. 32C-1 (lane l: l*C .. l*C+C-1, so one warp store covers
-  // 128*C contiguous bytes), then the padding from 32C on, 16 bytes per lane.
+  // 128*C contiguous bytes); the caller pads from 32C on (lean_pad_row).
   int32_t* out_ids = p.expert_ids + t * p.k;
   float* out_gates = p.gates + t * p.k;
   const int base = lane * C;
@@ -192,21 +198,34 @@ __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t,
       }
     }
   }
-  if (vec4) {  // 16-byte words 8C + lane, + 32, ... below k / 4
-    int4* ids4 = reinterpret_cast<int4*>(out_ids) + 8 * C + lane;
-    float4* gates4 = reinterpret_cast<float4*>(out_gates) + 8 * C + lane;
-    for (int left = p.k / 4 - 8 * C - lane; left > 0; left -= 32, ids4 += 32, gates4 += 32) {
-      *ids4 = make_int4(-1, -1, -1, -1);
-      *gates4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (lane == 0) p.num_active[t] = n;
+  return true;
+}
+
+// The -1 / 0 padding of row t from slot `from` (a multiple of 32) to k <= 32 IPL:
+// 16 bytes per lane and store where rows are 16-byte aligned, as IPL / 4
+// predicated stores of each output.
+template <int IPL>
+__device__ __forceinline__ void lean_pad_row(const ToppRouteParams& p, int64_t t, int lane, int from) {
+  int32_t* out_ids = p.expert_ids + t * p.k;
+  float* out_gates = p.gates + t * p.k;
+  if ((p.k & 3) == 0) {
+    int4* ids4 = reinterpret_cast<int4*>(out_ids + from) + lane;
+    float4* gates4 = reinterpret_cast<float4*>(out_gates + from) + lane;
+    const int left = (p.k - from) / 4 - lane;  // this lane's words: 0, 32, ... below `left`
+#pragma unroll
+    for (int w = 0; w < IPL / 4; ++w) {
+      if (32 * w < left) {
+        ids4[32 * w] = make_int4(-1, -1, -1, -1);
+        gates4[32 * w] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
     }
   } else {
-    for (int pos = 32 * C + lane; pos < p.k; pos += 32) {
+    for (int pos = from + lane; pos < p.k; pos += 32) {
       out_ids[pos] = -1;
       out_gates[pos] = 0.0f;
     }
   }
-  if (lane == 0) p.num_active[t] = n;
-  return true;
 }
 
 // Makes the keys of the `count` candidate experts listed in `cand`, sorts them
@@ -231,22 +250,27 @@ __device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64
 }
 
 // The smallest sort (C keys per lane, C in 1, 2, 4, 8 and 32C <= 32 MAX_C) that
-// holds `count` <= 32 MAX_C candidates.
+// holds `count` <= 32 MAX_C candidates. Returns the slots it wrote (32C: the
+// row's padding starts there), or 0 when the candidates did not decide the row.
 template <int MAX_C, typename KeyPolicy>
-__device__ __forceinline__ bool lean_dispatch(const ToppRouteParams& p, int64_t t, int lane, const unsigned* cand,
-                                              int count, const float2* gp, float tau, LogitDType dtype,
-                                              bool check_order) {
-  if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order);
+__device__ __forceinline__ int lean_dispatch(const ToppRouteParams& p, int64_t t, int lane, const unsigned* cand,
+                                             int count, const float2* gp, float tau, LogitDType dtype,
+                                             bool check_order) {
+  if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order) ? 32 : 0;
   if constexpr (MAX_C >= 2) {
-    if (count <= 64) return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order);
+    if (count <= 64) {
+      return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order) ? 64 : 0;
+    }
   }
   if constexpr (MAX_C >= 4) {
-    if (count <= 128) return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order);
+    if (count <= 128) {
+      return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order) ? 128 : 0;
+    }
   }
   if constexpr (MAX_C >= 8) {
-    return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order);
+    return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order) ? 256 : 0;
   }
-  return false;
+  return 0;
 }
 
 }  // namespace detail
@@ -332,7 +356,7 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   float local_max = -INFINITY;
 #pragma unroll
   for (int i = 0; i < IPL; ++i) {
-    if (i * 32 + lane < E) gp[i * 32 + lane].x = g[i];
+    gp[i * 32 + lane].x = g[i];  // past E: -inf into a spare entry, never read
     local_max = fmaxf(local_max, g[i]);
   }
   const float row_max = detail::warp_max(local_max);
@@ -340,14 +364,14 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   double local_sum = 0.0;
   if (row_max != -INFINITY && row_max != INFINITY) {
     // softmax_weight's common case, with its per-element branches hoisted; the
-    // padding (g = -inf) gets expf(-inf) = 0 as it should. Slots wholly past E
+    // padding (g = -inf) gets router_exp(-inf) = 0 as it should. Slots wholly past E
     // are skipped (uniform branches; here and below): adding their zeros would
     // not change the sum.
 #pragma unroll
     for (int i = 0; i < IPL; ++i) {
       w[i] = 0.0f;
       if (!detail::lean_slot_present<IPL>(i, E)) continue;
-      w[i] = expf(g[i] - row_max);
+      w[i] = router_exp(g[i] - row_max);
       local_sum += w[i];
     }
   } else {
@@ -358,7 +382,7 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     }
   }
   const float total = static_cast<float>(detail::warp_sum(local_sum));
-  // The largest probability: the row maximum has weight exactly 1 (expf(0), or
+  // The largest probability: the row maximum has weight exactly 1 (2^0, or
   // 1 by definition for the +-inf rows), and w / total is monotone in w.
   const float p_top = 1.0f / total;
 
@@ -465,7 +489,10 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
       }
       __syncwarp();
       using Policy = std::conditional_t<NARROW, detail::LogitKey32, detail::ProbKey64>;
-      done = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, scratch_smem[warp], count, gp, tau, dtype, NARROW);
+      const int sorted = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, scratch_smem[warp], count, gp, tau, dtype,
+                                                              NARROW);
+      if (sorted > 0 && sorted < p.k) detail::lean_pad_row<IPL>(p, t, lane, sorted);
+      done = sorted > 0;
     }
   }
   if (!done && lane == 0) p.num_active[t] = kToppRouteDeferred;
