@@ -37,8 +37,9 @@ struct ToppRouteParams {
   int32_t* num_active;  // [T]
 };
 
-// A NaN logit counts as minus infinity (SPEC.md section 3, ours).
-PRUNEPATH_HOST_DEVICE float sanitize_logit(float g) { return g != g ? -INFINITY : g; }
+// A NaN logit counts as minus infinity (SPEC.md section 3, ours): fmax returns
+// its other operand for a NaN (one instruction on the GPU, not a test and a select).
+PRUNEPATH_HOST_DEVICE float sanitize_logit(float g) { return fmaxf(g, -INFINITY); }
 
 // exp(x) for the routers. On the GPU, 2^(x log2 e) through the SFU
 // (ex2.approx.f32, relative error about 2^-22, plus the rounding of x log2 e:

@@ -471,21 +471,20 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     // was ~21 % of the kernel's instructions: session-24 source profile.)
     const float edge = __uint_as_float(theta << 18);  // theta > 0, so edge > 0
     auto probability = [&](int i) { return kProbsInRegisters ? w[i] : gp[i * 32 + lane].y; };
-    int mine = 0;
+    unsigned taken = 0;  // bit i: slot i's expert is a candidate
 #pragma unroll
     for (int i = 0; i < IPL; ++i) {
       if (!detail::lean_slot_present<IPL>(i, E)) break;
-      mine += probability(i) >= edge;  // past E: probability 0, never taken
+      if (probability(i) >= edge) taken |= 1u << i;  // past E: probability 0, never taken
     }
+    const int mine = __popc(taken);
     const int through_me = detail::warp_inclusive_scan(mine, lane);
     const int count = __shfl_sync(detail::kFullMask, through_me, 31);
     if (count <= 32 * kMaxC) {
       unsigned* slot = scratch_smem[warp] + (through_me - mine);
 #pragma unroll
       for (int i = 0; i < IPL; ++i) {
-        if (!detail::lean_slot_present<IPL>(i, E)) break;
-        const int e = i * 32 + lane;
-        if (probability(i) >= edge) *slot++ = static_cast<unsigned>(e);
+        if (taken & (1u << i)) *slot++ = static_cast<unsigned>(i * 32 + lane);
       }
       __syncwarp();
       using Policy = std::conditional_t<NARROW, detail::LogitKey32, detail::ProbKey64>;
