@@ -15,14 +15,15 @@
 //      same stream (no host synchronisation, a grid sized for the device, so it
 //      is CUDA-graph safe), re-routes exactly those tokens with the original
 //      full sort. The flag lives in the output itself: no workspace, no memset.
-//   2. One histogram pass instead of two: 512 bins (16 binades below the largest
-//      probability x the top 5 mantissa bits) of fixed-point mass, filled with
-//      shared-memory integer atomics (integer sums do not depend on the order,
-//      so the threshold is deterministic).
-//   3. p = w / total through a hoisted reciprocal and two FMA corrections,
-//      bit-identical to the IEEE division (see div_by_total).
-//   4. Candidates keep (logit, probability) in shared memory, indexed by expert,
-//      so nothing is recomputed after the sort.
+//   2. One histogram pass instead of two: 512 bins (15 binades below the
+//      largest weight x the top 5 mantissa bits) of fixed-point weight, filled
+//      with shared-memory integer atomics (integer sums do not depend on the
+//      order, so the threshold is deterministic).
+//   3. Only the candidates get a probability, p = w / total through a hoisted
+//      reciprocal and two FMA corrections, bit-identical to the IEEE division
+//      (see div_by_total_fma).
+//   4. (logit, weight) stay in shared memory, indexed by expert, so nothing is
+//      recomputed after the sort but the candidates' divisions.
 //   5. Outputs are written with 16-byte stores, coalesced across the warp (the
 //      -1 / 0 padding is most of the bytes this op moves).
 // The selection is the original kernel's: same probabilities (same expression,
@@ -42,7 +43,7 @@ namespace prunepath {
 
 // num_active of a token the lean kernel left to the deferred full-sort pass.
 constexpr int32_t kToppRouteDeferred = -1;
-// Threshold histogram: 16 binades below the top probability, 32 bins each.
+// Threshold histogram: 15 binades below the top weight (1), 32 bins each.
 constexpr int kLeanHistBins = 512;
 static_assert(kLeanHistBins >= kToppRouteMaxCandidates, "the histogram and the candidate list share one buffer");
 
@@ -56,19 +57,12 @@ namespace detail {
 // correctly rounded when y is fl(1 / total); the first correction brings q0
 // there. (An exhaustive check over every w mantissa for 20000 random divisors
 // found the single correction already exact.) The residual must not underflow:
-// w below 2^-80 (a logit ~55 below the row maximum) takes the real division.
-// div_by_total_fma is the correction sequence alone, exact for w = 0 and for
-// w >= 2^-80; is_tiny_weight says which weights need the real division (the
-// lean kernel asks once per row, so the common row has no branch per expert).
+// exact for w = 0 and for w >= 2^-80 (a logit ~55 below the row maximum); the
+// lean kernel divides only candidates, whose weights are >= 2^-15.
 __device__ __forceinline__ float div_by_total_fma(float w, float total, float inv_total) {
   float q = __fmul_rn(w, inv_total);
   q = __fmaf_rn(__fmaf_rn(-total, q, w), inv_total, q);
   return __fmaf_rn(__fmaf_rn(-total, q, w), inv_total, q);
-}
-__device__ __forceinline__ bool is_tiny_weight(float w) { return w != 0.0f && w < 0x1p-80f; }
-__device__ __forceinline__ float div_by_total(float w, float total, float inv_total) {
-  if (is_tiny_weight(w)) return w / total;
-  return div_by_total_fma(w, total, inv_total);
 }
 
 __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
@@ -82,26 +76,39 @@ __device__ __forceinline__ bool lean_slot_present(int i, int E) {
   return i <= IPL / 2 || i * 32 < E;
 }
 
+
+// What the selection needs of one row: (logit, weight) of expert e in gp[e],
+// the normaliser and its reciprocal, tau, the logits' dtype.
+struct LeanRow {
+  const float2* gp;
+  float total, inv_total, tau;
+  LogitDType dtype;
+  // fl(w / total) of a candidate: its weight is >= 2^-15, so the FMA sequence
+  // is exact (div_by_total_fma); 0 stays 0.
+  __device__ float probability(float w) const { return div_by_total_fma(w, total, inv_total); }
+};
+
 // Scans and selects one row whose `count` candidates (a prefix of the full
 // order, closed under probability ties) are sorted in `key` (descending,
-// blocked: lane l holds positions l * C + i); (logit, probability) of expert e
-// is gp[e]. Writes the outputs and returns true, or returns false, writing
-// nothing, when the candidates do not decide the row (the threshold or
-// min_experts reaches past them, or, with `check_order`, two neighbours are out
-// of (probability desc, index asc) order). Same arithmetic as
-// detail::select_sorted_row.
+// blocked: lane l holds positions l * C + i). Writes the outputs and returns
+// true, or returns false, writing nothing, when the candidates do not decide
+// the row (the threshold or min_experts reaches past them, or, with
+// `check_order`, two neighbours are out of (probability desc, index asc)
+// order). Same arithmetic as detail::select_sorted_row.
 template <int C, typename KeyPolicy>
 __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t, int lane,
-                                            const typename KeyPolicy::Key (&key)[C], int count,
-                                            const float2* gp, float tau, bool check_order) {
+                                            const typename KeyPolicy::Key (&key)[C], int count, const LeanRow& row,
+                                            bool check_order) {
   const int E = p.num_experts;
+  const float2* gp = row.gp;
+  const float tau = row.tau;
   // Registers matter here (C = 8 with 64-bit keys is the kernel's peak): the
   // expert is decoded from the key when needed and the logit re-read from gp.
   float prob[C];
   double lane_total = 0.0;
 #pragma unroll
   for (int i = 0; i < C; ++i) {
-    prob[i] = lane * C + i < count ? gp[KeyPolicy::expert(key[i])].y : 0.0f;
+    prob[i] = lane * C + i < count ? row.probability(gp[KeyPolicy::expert(key[i])].y) : 0.0f;
     lane_total += prob[i];
   }
   double running = warp_exclusive_scan(lane_total, lane);
@@ -232,8 +239,8 @@ __device__ __forceinline__ void lean_pad_row(const ToppRouteParams& p, int64_t t
 // with C keys per lane, then lean_select.
 template <int C, typename KeyPolicy>
 __device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64_t t, int lane,
-                                                 const unsigned* cand, int count, const float2* gp, float tau,
-                                                 LogitDType dtype, bool check_order) {
+                                                 const unsigned* cand, int count, const LeanRow& row,
+                                                 bool check_order) {
   typename KeyPolicy::Key key[C];
 #pragma unroll
   for (int i = 0; i < C; ++i) {
@@ -241,12 +248,15 @@ __device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64
     key[i] = 0;
     if (j < count) {
       const int e = static_cast<int>(cand[j]);
-      const float2 v = gp[e];
-      key[i] = KeyPolicy::make(v.x, v.y, e, dtype);
+      const float2 v = row.gp[e];
+      // 16-bit logits key on the logit (the probability is not needed);
+      // exact keys on the probability.
+      const float prob = std::is_same_v<KeyPolicy, ProbKey64> ? row.probability(v.y) : 0.0f;
+      key[i] = KeyPolicy::make(v.x, prob, e, row.dtype);
     }
   }
   warp_bitonic_sort_desc<C>(key, lane);
-  return lean_select<C, KeyPolicy>(p, t, lane, key, count, gp, tau, check_order);
+  return lean_select<C, KeyPolicy>(p, t, lane, key, count, row, check_order);
 }
 
 // The smallest sort (C keys per lane, C in 1, 2, 4, 8 and 32C <= 32 MAX_C) that
@@ -254,21 +264,16 @@ __device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64
 // row's padding starts there), or 0 when the candidates did not decide the row.
 template <int MAX_C, typename KeyPolicy>
 __device__ __forceinline__ int lean_dispatch(const ToppRouteParams& p, int64_t t, int lane, const unsigned* cand,
-                                             int count, const float2* gp, float tau, LogitDType dtype,
-                                             bool check_order) {
-  if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order) ? 32 : 0;
+                                             int count, const LeanRow& row, bool check_order) {
+  if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 32 : 0;
   if constexpr (MAX_C >= 2) {
-    if (count <= 64) {
-      return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order) ? 64 : 0;
-    }
+    if (count <= 64) return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 64 : 0;
   }
   if constexpr (MAX_C >= 4) {
-    if (count <= 128) {
-      return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order) ? 128 : 0;
-    }
+    if (count <= 128) return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 128 : 0;
   }
   if constexpr (MAX_C >= 8) {
-    return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, gp, tau, dtype, check_order) ? 256 : 0;
+    return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 256 : 0;
   }
   return 0;
 }
@@ -314,9 +319,8 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
                            int64_t ahead) {
   static_assert(IPL >= 4 && IPL <= 32, "E <= 64 goes to topp_route_warp_kernel");
   constexpr int kMaxC = IPL < 8 ? IPL : 8;  // candidate sort: at most 32 * kMaxC <= kToppRouteMaxCandidates
-  // The candidate scan reads the probabilities from registers (the weights'
-  // array, reused) or from shared memory: registers won at IPL = 32 (-5 %,
-  // 96 -> 117 of its 128 registers), lost at IPL = 16 (+5 %: the 64-register
+  // The candidate scan reads the weights from registers or from shared memory:
+  // registers won at IPL = 32 (-5 %), lost at IPL = 16 (+5 %: the 64-register
   // budget of 8 blocks per SM; topp_route_lean_tuning_h200.md, session 24).
   constexpr bool kProbsInRegisters = IPL > 16;
   // Per warp: the histogram and one spill bin per lane, then the candidate
@@ -382,51 +386,41 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     }
   }
   const float total = static_cast<float>(detail::warp_sum(local_sum));
-  // The largest probability: the row maximum has weight exactly 1 (2^0, or
-  // 1 by definition for the +-inf rows), and w / total is monotone in w.
-  const float p_top = 1.0f / total;
+  const float inv_total = 1.0f / total;
 
-  // Probabilities, straight into shared memory next to their logits, and into
-  // the threshold histogram:
-  // bin(p) = top - (bits(p) >> 18) orders the probabilities largest first in 32
-  // bins per binade (bits >> 18 is the exponent and the top 5 mantissa bits);
-  // bin 0 holds the top probability; bins past 511 (and p = 0) are not tracked.
-  // Masses are p * 2^31 truncated: the sum of all stays below 2^32, truncation
-  // only lowers it (by < 2^-21 in all), and integer sums do not depend on the
-  // order of the atomics.
-  const unsigned top = (__float_as_uint(p_top) >> 18) | 31u;
-  bool tiny = false;
-#pragma unroll
-  for (int i = 0; i < IPL; ++i) tiny |= detail::is_tiny_weight(w[i]);
-  // No per-lane bounds check: a slot past E has w = 0, so q = 0, which lands in
-  // gp's spare entries (32 * IPL of them) and in no histogram bin.
-  auto store_probabilities = [&](auto any_tiny) {
-#pragma unroll
-    for (int i = 0; i < IPL; ++i) {
-      if (!detail::lean_slot_present<IPL>(i, E)) break;
-      const int e = i * 32 + lane;
-      const float q = decltype(any_tiny)::value ? detail::div_by_total(w[i], total, p_top)
-                                                : detail::div_by_total_fma(w[i], total, p_top);
-      gp[e].y = q;
-      if constexpr (kProbsInRegisters) w[i] = q;
-      // Untracked probabilities go to this lane's spill bin past the 512 (never
-      // read): no branch around the atomic, and no two lanes on one address.
-      const unsigned bin = umin(top - (__float_as_uint(q) >> 18), static_cast<unsigned>(kLeanHistBins + lane));
-      atomicAdd(&hist[bin], __float2uint_rz(q * 0x1p31f));
-    }
-  };
+  // Weights, straight into shared memory next to their logits, and into the
+  // threshold histogram. The row maximum has weight exactly 1 (2^0, or 1 by
+  // definition for the +-inf rows) and w <= 1, so bin(w) = kTopBin -
+  // (bits(w) >> 18) orders the weights largest first in 32 bins per binade
+  // (bits >> 18 is the exponent and the top 5 mantissa bits), bins 31 .. 511
+  // holding the 15 binades below 1; smaller weights (and w = 0) are not tracked.
+  // Binning weights, not probabilities p = w / total, leaves the division to the
+  // ~C candidates per lane (lean_select): -5 % of the kernel's instructions
+  // (session 24). Masses are w * 2^s truncated, 2^s the power of two that puts
+  // total * 2^s in [2^30, 2^31): the sum of all stays below 2^31, truncation
+  // only lowers it (by < E 2^-30 of the total), and integer sums do not depend
+  // on the order of the atomics. A slot past E has w = 0: it lands in gp's
+  // spare entries and in no bin.
+  constexpr unsigned kTopBin = (0x3f800000u >> 18) | 31u;  // bits(1.0f) >> 18, end of its 32 bins
+  // total is in [1, 32 IPL]: the weight 1 of the row maximum, E at most.
+  const float mass_scale = __uint_as_float((127u + 157u - (__float_as_uint(total) >> 23)) << 23);  // 2^(30 - exponent)
   __syncwarp();  // the histogram is zeroed
-  if (__any_sync(detail::kFullMask, tiny)) {
-    store_probabilities(std::true_type{});
-  } else {  // the common row: no logit ~55 below the maximum
-    store_probabilities(std::false_type{});
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) {
+    if (!detail::lean_slot_present<IPL>(i, E)) break;
+    gp[i * 32 + lane].y = w[i];
+    // Untracked weights go to this lane's spill bin past the 512 (never read):
+    // no branch around the atomic, and no two lanes on one address.
+    const unsigned bin = umin(kTopBin - (__float_as_uint(w[i]) >> 18), static_cast<unsigned>(kLeanHistBins + lane));
+    atomicAdd(&hist[bin], __float2uint_rz(w[i] * mass_scale));
   }
   __syncwarp();
 
   // Lane l owns bins 16l .. 16l+15: lane sums, an inclusive scan over lanes, the
   // first lane whose running mass reaches the target, then the first bin inside
-  // it. The target is tau + 1e-5 (as in the original kernel): the candidates then
-  // hold clearly more than tau, so the exact scan crosses tau inside them.
+  // it. The target is (tau + 1e-5) total (as in the original kernel, in weights):
+  // the candidates then hold clearly more than tau, so the exact scan crosses
+  // tau inside them.
   // A lane reads its four 16-byte words starting at word (lane / 2) % 4: read in
   // order, 16 lanes would hit the same four banks (16 wavefronts a load instead
   // of 4; the kernel's main shared-memory conflict in the session-8 Nsight
@@ -444,7 +438,8 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     const unsigned up = __shfl_up_sync(detail::kFullMask, inclusive, d);
     if (lane >= d) inclusive += up;
   }
-  const unsigned target = __float2uint_ru((tau + 1e-5f) * 0x1p31f);  // tau <= 0 gives 0: bin 0
+  // tau <= 0 gives 0: the top bin.
+  const unsigned target = __float2uint_ru((tau + 1e-5f) * total * mass_scale);
   const unsigned reached = __ballot_sync(detail::kFullMask, inclusive >= target);
   bool done = false;
   if (reached != 0u) {  // else the target lies in the untracked tail: full sort
@@ -458,24 +453,32 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     }
     // Lane 15 holds the owner's whole mass, so some lane < 16 reaches the target.
     const unsigned reached_bin = __ballot_sync(detail::kFullMask, lane < 16 && before + bin_incl >= target);
-    const unsigned theta = top - static_cast<unsigned>(16 * owner + __ffs(reached_bin) - 1);
-    __syncwarp();  // the histogram is read: its buffer takes the candidate keys
+    const unsigned theta = kTopBin - static_cast<unsigned>(16 * owner + __ffs(reached_bin) - 1);
+    __syncwarp();  // the histogram is read: its buffer takes the candidate list
 
-    // Candidates {bits(p) >> 18 >= theta} = {p >= edge}, edge the chosen bin's
-    // lower edge: closed under ties, so exactly a prefix of the full order.
-    // Each lane counts its own, an exclusive scan of the counts gives its first
+    // Candidates {w >= edge}, edge the chosen bin's lower edge (>= 2^-15), first
+    // lowered past any float whose probability equals the edge's (at most two:
+    // w -> fl(w / total) is monotone and at most 3-to-1). Then every candidate's
+    // probability is strictly above every other expert's, so the candidates are
+    // exactly a prefix of the full (probability desc, index asc) order.
+    // Each lane marks its own, an exclusive scan of the counts gives its first
     // slot, and it writes the expert indices there in slot order: the sort does
     // not care about the order of distinct keys, and a key is made only for the
     // ~C per lane that the sort loads (lean_sort_select), not for every expert.
     // (The ballot compaction in expert order it replaces, keys made for all,
     // was ~21 % of the kernel's instructions: session-24 source profile.)
-    const float edge = __uint_as_float(theta << 18);  // theta > 0, so edge > 0
-    auto probability = [&](int i) { return kProbsInRegisters ? w[i] : gp[i * 32 + lane].y; };
+    float edge = __uint_as_float(theta << 18);
+    for (;;) {  // uniform: every lane holds the same values
+      const float below = __uint_as_float(__float_as_uint(edge) - 1u);
+      if (detail::div_by_total_fma(below, total, inv_total) != detail::div_by_total_fma(edge, total, inv_total)) break;
+      edge = below;
+    }
+    auto weight = [&](int i) { return kProbsInRegisters ? w[i] : gp[i * 32 + lane].y; };
     unsigned taken = 0;  // bit i: slot i's expert is a candidate
 #pragma unroll
     for (int i = 0; i < IPL; ++i) {
       if (!detail::lean_slot_present<IPL>(i, E)) break;
-      if (probability(i) >= edge) taken |= 1u << i;  // past E: probability 0, never taken
+      if (weight(i) >= edge) taken |= 1u << i;  // past E: weight 0, never taken
     }
     const int mine = __popc(taken);
     const int through_me = detail::warp_inclusive_scan(mine, lane);
@@ -488,8 +491,8 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
       }
       __syncwarp();
       using Policy = std::conditional_t<NARROW, detail::LogitKey32, detail::ProbKey64>;
-      const int sorted = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, scratch_smem[warp], count, gp, tau, dtype,
-                                                              NARROW);
+      const detail::LeanRow row{gp, total, inv_total, tau, dtype};
+      const int sorted = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, scratch_smem[warp], count, row, NARROW);
       if (sorted > 0 && sorted < p.k) detail::lean_pad_row<IPL>(p, t, lane, sorted);
       done = sorted > 0;
     }
