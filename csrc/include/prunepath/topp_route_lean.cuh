@@ -45,7 +45,8 @@ namespace prunepath {
 constexpr int32_t kToppRouteDeferred = -1;
 // Threshold histogram: 15 binades below the top weight (1), 32 bins each.
 constexpr int kLeanHistBins = 512;
-static_assert(kLeanHistBins >= kToppRouteMaxCandidates, "the histogram and the candidate list share one buffer");
+static_assert(kLeanHistBins >= kToppRouteMaxCandidates,
+              "the histogram and the candidate list share one buffer");
 
 namespace detail {
 
@@ -76,7 +77,6 @@ __device__ __forceinline__ bool lean_slot_present(int i, int E) {
   return i <= IPL / 2 || i * 32 < E;
 }
 
-
 // What the selection needs of one row: (logit, weight) of expert e in gp[e],
 // the normaliser and its reciprocal, tau, the logits' dtype.
 struct LeanRow {
@@ -97,8 +97,8 @@ struct LeanRow {
 // order). Same arithmetic as detail::select_sorted_row.
 template <int C, typename KeyPolicy>
 __device__ __forceinline__ bool lean_select(const ToppRouteParams& p, int64_t t, int lane,
-                                            const typename KeyPolicy::Key (&key)[C], int count, const LeanRow& row,
-                                            bool check_order) {
+                                            const typename KeyPolicy::Key (&key)[C], int count,
+                                            const LeanRow& row, bool check_order) {
   const int E = p.num_experts;
   const float2* gp = row.gp;
   const float tau = row.tau;
@@ -263,14 +263,17 @@ __device__ __forceinline__ bool lean_sort_select(const ToppRouteParams& p, int64
 // holds `count` <= 32 MAX_C candidates. Returns the slots it wrote (32C: the
 // row's padding starts there), or 0 when the candidates did not decide the row.
 template <int MAX_C, typename KeyPolicy>
-__device__ __forceinline__ int lean_dispatch(const ToppRouteParams& p, int64_t t, int lane, const unsigned* cand,
-                                             int count, const LeanRow& row, bool check_order) {
+__device__ __forceinline__ int lean_dispatch(const ToppRouteParams& p, int64_t t, int lane,
+                                             const unsigned* cand, int count, const LeanRow& row,
+                                             bool check_order) {
   if (count <= 32) return lean_sort_select<1, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 32 : 0;
   if constexpr (MAX_C >= 2) {
-    if (count <= 64) return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 64 : 0;
+    if (count <= 64)
+      return lean_sort_select<2, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 64 : 0;
   }
   if constexpr (MAX_C >= 4) {
-    if (count <= 128) return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 128 : 0;
+    if (count <= 128)
+      return lean_sort_select<4, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 128 : 0;
   }
   if constexpr (MAX_C >= 8) {
     return lean_sort_select<8, KeyPolicy>(p, t, lane, cand, count, row, check_order) ? 256 : 0;
@@ -403,15 +406,17 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   // spare entries and in no bin.
   constexpr unsigned kTopBin = (0x3f800000u >> 18) | 31u;  // bits(1.0f) >> 18, end of its 32 bins
   // total is in [1, 32 IPL]: the weight 1 of the row maximum, E at most.
-  const float mass_scale = __uint_as_float((127u + 157u - (__float_as_uint(total) >> 23)) << 23);  // 2^(30 - exponent)
-  __syncwarp();  // the histogram is zeroed
+  const float mass_scale =
+      __uint_as_float((127u + 157u - (__float_as_uint(total) >> 23)) << 23);  // 2^(30 - exponent)
+  __syncwarp();                                                               // the histogram is zeroed
 #pragma unroll
   for (int i = 0; i < IPL; ++i) {
     if (!detail::lean_slot_present<IPL>(i, E)) break;
     gp[i * 32 + lane].y = w[i];
     // Untracked weights go to this lane's spill bin past the 512 (never read):
     // no branch around the atomic, and no two lanes on one address.
-    const unsigned bin = umin(kTopBin - (__float_as_uint(w[i]) >> 18), static_cast<unsigned>(kLeanHistBins + lane));
+    const unsigned bin =
+        umin(kTopBin - (__float_as_uint(w[i]) >> 18), static_cast<unsigned>(kLeanHistBins + lane));
     atomicAdd(&hist[bin], __float2uint_rz(w[i] * mass_scale));
   }
   __syncwarp();
@@ -470,7 +475,9 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     float edge = __uint_as_float(theta << 18);
     for (;;) {  // uniform: every lane holds the same values
       const float below = __uint_as_float(__float_as_uint(edge) - 1u);
-      if (detail::div_by_total_fma(below, total, inv_total) != detail::div_by_total_fma(edge, total, inv_total)) break;
+      if (detail::div_by_total_fma(below, total, inv_total) !=
+          detail::div_by_total_fma(edge, total, inv_total))
+        break;
       edge = below;
     }
     auto weight = [&](int i) { return kProbsInRegisters ? w[i] : gp[i * 32 + lane].y; };
@@ -492,7 +499,8 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
       __syncwarp();
       using Policy = std::conditional_t<NARROW, detail::LogitKey32, detail::ProbKey64>;
       const detail::LeanRow row{gp, total, inv_total, tau, dtype};
-      const int sorted = detail::lean_dispatch<kMaxC, Policy>(p, t, lane, scratch_smem[warp], count, row, NARROW);
+      const int sorted =
+          detail::lean_dispatch<kMaxC, Policy>(p, t, lane, scratch_smem[warp], count, row, NARROW);
       if (sorted > 0 && sorted < p.k) detail::lean_pad_row<IPL>(p, t, lane, sorted);
       done = sorted > 0;
     }

@@ -111,7 +111,8 @@ struct LogitKey32 {  // (logit desc, index asc) for 16-bit logits; 0 is padding
   __device__ static Key make(float g, float, int e, LogitDType dtype) {
     return (ordered_bits16(g, dtype) << 16) | static_cast<uint32_t>(0xffff - e);
   }
-  __device__ static int expert(Key k) { return static_cast<int>(~k & 0xffffu); }  // 0xffff - (k & 0xffff), one LOP3
+  // 0xffff - (k & 0xffff) as one LOP3.
+  __device__ static int expert(Key k) { return static_cast<int>(~k & 0xffffu); }
 };
 
 struct ProbKey64 {  // (probability desc, index asc), exact; 0 is padding
