@@ -325,9 +325,9 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   // The candidate scan reads the weights from registers or from shared memory:
   // registers won at IPL = 32 (-5 %), lost at IPL = 16 (+5 %: the 64-register
   // budget of 8 blocks per SM; topp_route_lean_tuning_h200.md, session 24).
-  constexpr bool kProbsInRegisters = IPL > 16;
+  constexpr bool kWeightsInRegisters = IPL > 16;
   // Per warp: the histogram and one spill bin per lane, then the candidate
-  // list (one buffer); and (logit, probability) of every expert.
+  // list (one buffer); and (logit, weight) of every expert.
   __shared__ __align__(16) unsigned scratch_smem[kToppRouteWarpsPerBlock][kLeanHistBins + 32];
   __shared__ float2 gp_smem[kToppRouteWarpsPerBlock][32 * IPL];
   const int warp = threadIdx.x / 32;
@@ -405,10 +405,9 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
   // on the order of the atomics. A slot past E has w = 0: it lands in gp's
   // spare entries and in no bin.
   constexpr unsigned kTopBin = (0x3f800000u >> 18) | 31u;  // bits(1.0f) >> 18, end of its 32 bins
-  // total is in [1, 32 IPL]: the weight 1 of the row maximum, E at most.
-  const float mass_scale =
-      __uint_as_float((127u + 157u - (__float_as_uint(total) >> 23)) << 23);  // 2^(30 - exponent)
-  __syncwarp();                                                               // the histogram is zeroed
+  // 2^(30 - exponent of total); total is in [1, E]: the row maximum's weight 1, E ones at most.
+  const float mass_scale = __uint_as_float((127u + 157u - (__float_as_uint(total) >> 23)) << 23);
+  __syncwarp();  // the histogram is zeroed
 #pragma unroll
   for (int i = 0; i < IPL; ++i) {
     if (!detail::lean_slot_present<IPL>(i, E)) break;
@@ -475,12 +474,11 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     float edge = __uint_as_float(theta << 18);
     for (;;) {  // uniform: every lane holds the same values
       const float below = __uint_as_float(__float_as_uint(edge) - 1u);
-      if (detail::div_by_total_fma(below, total, inv_total) !=
-          detail::div_by_total_fma(edge, total, inv_total))
-        break;
+      const float p_edge = detail::div_by_total_fma(edge, total, inv_total);
+      if (detail::div_by_total_fma(below, total, inv_total) != p_edge) break;
       edge = below;
     }
-    auto weight = [&](int i) { return kProbsInRegisters ? w[i] : gp[i * 32 + lane].y; };
+    auto weight = [&](int i) { return kWeightsInRegisters ? w[i] : gp[i * 32 + lane].y; };
     unsigned taken = 0;  // bit i: slot i's expert is a candidate
 #pragma unroll
     for (int i = 0; i < IPL; ++i) {
