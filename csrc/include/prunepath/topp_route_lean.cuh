@@ -474,8 +474,9 @@ __global__ void __launch_bounds__(kToppRouteWarpsPerBlock * 32, lean_kernel_min_
     float edge = __uint_as_float(theta << 18);
     for (;;) {  // uniform: every lane holds the same values
       const float below = __uint_as_float(__float_as_uint(edge) - 1u);
-      const float p_edge = detail::div_by_total_fma(edge, total, inv_total);
-      if (detail::div_by_total_fma(below, total, inv_total) != p_edge) break;
+      const bool same = detail::div_by_total_fma(below, total, inv_total) ==
+                        detail::div_by_total_fma(edge, total, inv_total);
+      if (!same) break;
       edge = below;
     }
     auto weight = [&](int i) { return kWeightsInRegisters ? w[i] : gp[i * 32 + lane].y; };
