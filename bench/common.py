@@ -111,7 +111,14 @@ def _git(*cmd: str) -> str | None:
         return None
 
 
-def environment(args: argparse.Namespace, timer_desc: str) -> dict:
+def environment(
+    args: argparse.Namespace, timer_desc: str, *, device: str | None = None, peak_tbps: float | None = None
+) -> dict:
+    """Versions, git state, host and GPU of a run. ``device`` / ``peak_tbps`` default to the script's
+    ``--device`` / ``--peak-tbps``; the GPU-only diagnostics, which have neither option, pass them."""
+    device = device or args.device
+    if peak_tbps is None:
+        peak_tbps = getattr(args, "peak_tbps", None)
     try:
         import triton
 
@@ -121,7 +128,7 @@ def environment(args: argparse.Namespace, timer_desc: str) -> dict:
     env = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": "python " + shlex.join(sys.argv),
-        "device": args.device,
+        "device": device,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
@@ -131,7 +138,7 @@ def environment(args: argparse.Namespace, timer_desc: str) -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None,
         "timer": timer_desc,
-        "floor_bandwidth_TBps": args.peak_tbps,
+        "floor_bandwidth_TBps": peak_tbps,
         "host": platform.node(),
         "cpu": platform.processor() or platform.machine(),
         "torch_num_threads": torch.get_num_threads(),
@@ -140,7 +147,7 @@ def environment(args: argparse.Namespace, timer_desc: str) -> dict:
     }
     status = _git("status", "--porcelain", "--untracked-files=no")
     env["git_dirty"] = None if status is None else bool(status)
-    if args.device == "cuda":
+    if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_sms"] = props.multi_processor_count
@@ -190,7 +197,7 @@ def capture(fn: Callable[[], object], warmup: int = 2) -> tuple[Callable[[], Non
 
 def header_lines(title: str, env: dict, args: argparse.Namespace) -> list[str]:
     """The first lines of every report: title, command, date and git state, versions, timer."""
-    where = f", driver {env.get('cuda_driver')}" if args.device == "cuda" else f", {env['torch_num_threads']} threads"
+    where = f", driver {env.get('cuda_driver')}" if env["device"] == "cuda" else f", {env['torch_num_threads']} threads"
     return [
         f"# {title}",
         "",

@@ -35,9 +35,6 @@ def main() -> int:
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 1.0])
     ap.add_argument("--warmup", type=float, default=25)
     ap.add_argument("--rep", type=float, default=200)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--timer", default="do_bench")
-    ap.add_argument("--peak-tbps", type=float, default=4.24)
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -92,7 +89,7 @@ def main() -> int:
             config_rows.append((cfg, float("nan"), repr(exc)[:120]))
         print(config_rows[-1], flush=True)
     triton_ffn._dense_group_config = default_config
-    env = environment(args, "triton.testing.do_bench (L2 flushed, median)")
+    env = environment(args, "triton.testing.do_bench (L2 flushed, median)", device="cuda")
     lines = header_lines("Prefill FFN with dense expert groups on NVIDIA H200", env, args)
     lines += [
         f"- Llama-3-8B FFN (d 4096, F 14336, S 32, E 448), bf16, T = {args.tokens}; routing: every token keeps "

@@ -94,9 +94,6 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="dense/sparse alternations")
     ap.add_argument("--idle", type=float, default=2.0, help="idle seconds before each phase")
     ap.add_argument("--window", type=int, default=10, help="calls per timed window")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--timer", default="events")
-    ap.add_argument("--peak-tbps", type=float, default=4.24)
     args = ap.parse_args()
 
     T = args.tokens
@@ -108,7 +105,7 @@ def main() -> int:
             fn()
     torch.cuda.synchronize()
 
-    env = environment(args, "CUDA events around windows of back-to-back calls")
+    env = environment(args, "CUDA events around windows of back-to-back calls", device="cuda")
     lines = header_lines(
         f"Prefill FFN under sustained load: time per call against the SM clock, {torch.cuda.get_device_name()}",
         env,

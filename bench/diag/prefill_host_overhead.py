@@ -50,9 +50,6 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--active", type=float, default=0.3)
     ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--timer", default="perf_counter")
-    ap.add_argument("--peak-tbps", type=float, default=4.24)
     args = ap.parse_args()
 
     dev = torch.device("cuda")
@@ -63,7 +60,7 @@ def main() -> int:
     x = torch.randn(T, d, device=dev).to(torch.bfloat16)
     route = fixed_fraction_route(T, w.E, args.active, dev, 0)
     E = w.E
-    env = environment(args, "time.perf_counter around back-to-back eager calls, one synchronisation")
+    env = environment(args, "time.perf_counter around back-to-back eager calls, one synchronisation", device="cuda")
     lines = header_lines(f"Host time of an eager prefill call, {args.shape}, {torch.cuda.get_device_name()}", env, args)
     lines += [f"- T = {T}, {args.shape} (d {d}, F {F}, S {S}, E {E}), bf16, {args.active:.0%} active", ""]
 

@@ -128,9 +128,6 @@ def main() -> int:
     ap.add_argument("--rep", type=float, default=150)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the whole-call settings")
     ap.add_argument("--ncu", action="store_true", help="run the default call 3 times and exit (for ncu)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--timer", default="do_bench")
-    ap.add_argument("--peak-tbps", type=float, default=4.24)
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -152,7 +149,7 @@ def main() -> int:
     def timed(fn) -> float:
         return 1e3 * do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
-    env = environment(args, "triton.testing.do_bench (L2 flushed, median)")
+    env = environment(args, "triton.testing.do_bench (L2 flushed, median)", device="cuda")
     lines = header_lines(
         f"Prefill FFN at {args.active:.0%} active: parts and bounds, {torch.cuda.get_device_name()}", env, args
     )
