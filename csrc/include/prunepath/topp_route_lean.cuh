@@ -66,8 +66,6 @@ __device__ __forceinline__ float div_by_total_fma(float w, float total, float in
   return __fmaf_rn(__fmaf_rn(-total, q, w), inv_total, q);
 }
 
-__device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
-
 // Whether slot i (experts 32i .. 32i + 31) holds any expert. The lean kernel
 // runs with 16 IPL < E <= 32 IPL (dispatch_row_width; launch_lean checks), so
 // slots 0 .. IPL/2 always do: their loop iterations need no uniform branch on E
